@@ -1,0 +1,254 @@
+//! One request's passage through the mesh's checks, in DESIGN order:
+//! key (auth, cached) → rate limit (ratelimit.Acquire) → credit hold
+//! (billing.Reserve). The returned [`Admission`] must end in
+//! [`Admission::settle`]; if it is dropped first (client gone, error),
+//! its `Drop` settles what was delivered or releases the hold, in a
+//! spawned task that outlives the request.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Instant;
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use infermesh_proto::v1::{
+    AcquireRequest, CommitRequest, KeyInfo, LimitState, Model, ReleaseAdmissionRequest, ReleaseRequest, ReserveRequest, SettleRequest, Usage,
+};
+use infermesh_service::money::token_cost_nanos;
+use infermesh_service::{ErrorKind, MeshError};
+
+use crate::error::ApiError;
+use crate::mesh::{Mesh, peer_error};
+
+/// The API key from `Authorization: Bearer`, `X-API-Key` or `x-api-key`.
+pub fn api_key(headers: &HeaderMap) -> Result<&str, ApiError> {
+    if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
+        let value = value.to_str().map_err(|_| ApiError::new(ErrorKind::Authentication, "malformed Authorization header"))?;
+        return match value.split_once(' ') {
+            Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => Ok(key.trim()),
+            _ => Err(ApiError::new(ErrorKind::Authentication, "the Authorization header must be `Bearer <key>`")),
+        };
+    }
+    if let Some(value) = headers.get("x-api-key") {
+        return value.to_str().map(str::trim).map_err(|_| ApiError::new(ErrorKind::Authentication, "malformed X-API-Key header"));
+    }
+    Err(ApiError::new(
+        ErrorKind::Authentication,
+        "missing API key: send it as `Authorization: Bearer im_...` or `X-API-Key`; get one from POST /v1/auth/signup",
+    ))
+}
+
+pub async fn authenticate(mesh: &Mesh, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
+    let key = api_key(headers)?;
+    Ok(mesh.verify_key(key).await?)
+}
+
+/// Cost of a request at a model's prices.
+pub fn cost_nanos(model: &Model, prompt_tokens: u64, completion_tokens: u64) -> i64 {
+    let pricing = model.pricing.unwrap_or_default();
+    token_cost_nanos(prompt_tokens, pricing.prompt_nanos_per_mtok)
+        .saturating_add(token_cost_nanos(completion_tokens, pricing.completion_nanos_per_mtok))
+}
+
+/// `X-RateLimit-*` headers for the key's current window.
+pub fn rate_limit_headers(state: &LimitState) -> Vec<(HeaderName, HeaderValue)> {
+    let reset = |ms: u64| format!("{}s", ms.div_ceil(1000));
+    [
+        ("x-ratelimit-limit-requests", state.limit_requests.to_string()),
+        ("x-ratelimit-remaining-requests", state.remaining_requests.to_string()),
+        ("x-ratelimit-reset-requests", reset(state.reset_requests_ms)),
+        ("x-ratelimit-limit-tokens", state.limit_tokens.to_string()),
+        ("x-ratelimit-remaining-tokens", state.remaining_tokens.to_string()),
+        ("x-ratelimit-reset-tokens", reset(state.reset_tokens_ms)),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| Some((HeaderName::from_static(name), HeaderValue::from_str(&value).ok()?)))
+    .collect()
+}
+
+pub struct Admission {
+    mesh: Arc<Mesh>,
+    pub request_id: String,
+    pub key: KeyInfo,
+    pub model: Model,
+    pub limits: LimitState,
+    pub provider: String,
+    started: Instant,
+    prompt_tokens: AtomicU32,
+    completion_tokens: AtomicU32,
+    /// Set once the request has produced (or may have produced) billable
+    /// work, so a drop settles rather than releases.
+    started_work: AtomicBool,
+    finished: AtomicBool,
+}
+
+/// What a settled request cost.
+#[derive(Debug, Clone, Copy)]
+pub struct Settled {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub cost_nanos: i64,
+}
+
+impl Admission {
+    /// Admits a request that may use up to `estimated_prompt_tokens` +
+    /// `max_output_tokens`; refusals carry the rate-limit headers.
+    pub async fn admit(
+        mesh: Arc<Mesh>,
+        key: KeyInfo,
+        model: Model,
+        request_id: String,
+        estimated_prompt_tokens: u32,
+        max_output_tokens: u32,
+    ) -> Result<Admission, (ApiError, Option<LimitState>)> {
+        let estimate = estimated_prompt_tokens.saturating_add(max_output_tokens);
+        let acquired = mesh
+            .ratelimit
+            .clone()
+            .acquire(AcquireRequest { key_id: key.key_id.clone(), request_id: request_id.clone(), estimated_tokens: estimate, limits: key.rate_limit })
+            .await
+            .map_err(|s| (ApiError(peer_error("ratelimit")(s)), None))?
+            .into_inner();
+        let limits = acquired.state.unwrap_or_default();
+        if !acquired.allowed {
+            let err = MeshError::new(
+                ErrorKind::RateLimited,
+                format!(
+                    "rate limit reached for this key: {} requests and {} tokens per minute; retry after {} s",
+                    limits.limit_requests,
+                    limits.limit_tokens,
+                    acquired.retry_after_ms.div_ceil(1000).max(1)
+                ),
+            )
+            .with_retry_after_ms(acquired.retry_after_ms);
+            return Err((ApiError(err), Some(limits)));
+        }
+        let hold = cost_nanos(&model, u64::from(estimated_prompt_tokens), u64::from(max_output_tokens));
+        let reserved = mesh
+            .billing
+            .clone()
+            .reserve(ReserveRequest { request_id: request_id.clone(), account_id: key.account_id.clone(), key_id: key.key_id.clone(), amount_nanos: hold })
+            .await;
+        if let Err(status) = reserved {
+            let mut ratelimit = mesh.ratelimit.clone();
+            let _ = ratelimit.release(ReleaseAdmissionRequest { key_id: key.key_id.clone(), request_id: request_id.clone() }).await;
+            return Err((ApiError(peer_error("billing")(status)), Some(limits)));
+        }
+        Ok(Admission {
+            mesh,
+            request_id,
+            key,
+            model,
+            limits,
+            provider: "infermesh".to_owned(),
+            started: Instant::now(),
+            prompt_tokens: AtomicU32::new(estimated_prompt_tokens),
+            completion_tokens: AtomicU32::new(0),
+            started_work: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+        })
+    }
+
+    /// The worker accepted the prompt: from now on a disconnect is billed.
+    pub fn work_started(&self, prompt_tokens: u32) {
+        self.prompt_tokens.store(prompt_tokens, Ordering::Relaxed);
+        self.started_work.store(true, Ordering::Relaxed);
+    }
+
+    pub fn add_completion_tokens(&self, n: u32) {
+        self.completion_tokens.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn rate_limit_headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        rate_limit_headers(&self.limits)
+    }
+
+    /// Charges `usage` (defaulting to the counts seen so far) and commits
+    /// the actual tokens to the rate limiter. Runs in its own task, so a
+    /// client that goes away mid-settlement cannot cancel it.
+    pub async fn settle(&self, usage: Option<Usage>) -> Result<Settled, ApiError> {
+        self.finished.store(true, Ordering::Relaxed);
+        let usage = usage.unwrap_or(Usage {
+            prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
+            completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
+        });
+        let task = settle_task(self.mesh.clone(), self.request_id.clone(), self.key.key_id.clone(), self.model.clone(), self.provider.clone(), usage, self.started);
+        tokio::spawn(task).await.map_err(|err| ApiError(MeshError::internal(format!("settlement task failed: {err}"))))?
+    }
+}
+
+async fn settle_task(mesh: Arc<Mesh>, request_id: String, key_id: String, model: Model, provider: String, usage: Usage, started: Instant) -> Result<Settled, ApiError> {
+    let cost = cost_nanos(&model, u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
+    let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+    let (mut ratelimit, mut billing) = (mesh.ratelimit.clone(), mesh.billing.clone());
+    let commit = ratelimit.commit(CommitRequest {
+        key_id,
+        request_id: request_id.clone(),
+        actual_tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),
+    });
+    let settle = billing.settle(SettleRequest { request_id, cost_nanos: cost, model: model.id.clone(), provider, usage: Some(usage), latency_ms });
+    let (committed, settled) = tokio::join!(commit, settle);
+    if let Err(status) = committed {
+        tracing::warn!(error = %status.message(), "rate-limit commit failed");
+    }
+    let charged = settled.map_err(peer_error("billing"))?.into_inner().charged_nanos;
+    metrics::counter!("infermesh_tokens_total", "model" => model.id.clone(), "direction" => "prompt").increment(u64::from(usage.prompt_tokens));
+    metrics::counter!("infermesh_tokens_total", "model" => model.id, "direction" => "completion").increment(u64::from(usage.completion_tokens));
+    Ok(Settled { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens, cost_nanos: charged })
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.finished.load(Ordering::Relaxed) {
+            return;
+        }
+        let mesh = self.mesh.clone();
+        let request_id = self.request_id.clone();
+        let key_id = self.key.key_id.clone();
+        if self.started_work.load(Ordering::Relaxed) {
+            // Charge for what was generated before the client left.
+            let usage = Usage { prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed), completion_tokens: self.completion_tokens.load(Ordering::Relaxed) };
+            let task = settle_task(mesh, request_id, key_id, self.model.clone(), self.provider.clone(), usage, self.started);
+            tokio::spawn(async move {
+                if let Err(err) = task.await {
+                    tracing::error!(error = %err.0.message, "settlement after disconnect failed; the hold expires on its own");
+                }
+            });
+        } else {
+            tokio::spawn(async move {
+                let (mut billing, mut ratelimit) = (mesh.billing.clone(), mesh.ratelimit.clone());
+                let release = billing.release(ReleaseRequest { request_id: request_id.clone() });
+                let unlimit = ratelimit.release(ReleaseAdmissionRequest { key_id, request_id });
+                let (released, _) = tokio::join!(release, unlimit);
+                if let Err(status) = released {
+                    tracing::warn!(error = %status.message(), "hold release failed; it expires on its own");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_read_from_every_accepted_header() {
+        let mut headers = HeaderMap::new();
+        assert!(api_key(&headers).is_err());
+        headers.insert("x-api-key", HeaderValue::from_static("im_abc"));
+        assert_eq!(api_key(&headers).unwrap(), "im_abc");
+        headers.insert("authorization", HeaderValue::from_static("Bearer im_xyz"));
+        assert_eq!(api_key(&headers).unwrap(), "im_xyz");
+        headers.insert("authorization", HeaderValue::from_static("Basic abc"));
+        assert!(api_key(&headers).is_err());
+    }
+
+    #[test]
+    fn cost_sums_both_directions() {
+        let model = Model {
+            pricing: Some(infermesh_proto::v1::Pricing { prompt_nanos_per_mtok: 1_000_000, completion_nanos_per_mtok: 2_000_000 }),
+            ..Default::default()
+        };
+        assert_eq!(cost_nanos(&model, 10, 5), 20);
+    }
+}

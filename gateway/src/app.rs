@@ -1,0 +1,74 @@
+//! The HTTP router and its middleware stack.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use infermesh_service::ErrorKind;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::error::ApiError;
+use crate::mesh::Mesh;
+use crate::routes::{account, chat, embeddings, health, models};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub mesh: Arc<Mesh>,
+    pub signup_credit_nanos: i64,
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// Builds the gateway's router.
+///
+/// Layers, outermost first:
+/// 1. metrics + trace: an `http.request` span per request (the root of
+///    the trace every gRPC hop joins) and request count/latency by route
+///    and status;
+/// 2. body limit: bodies over `max_body_bytes` are refused with a 413 in
+///    OpenAI's shape before any handler reads them.
+///
+/// Client routes authenticate inside their handlers (deny by default:
+/// every handler but the open ones below calls `authenticate` first).
+/// Open routes: `/health`, `/readyz`, `/metrics`, `/v1/auth/signup`.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/models", get(models::list_models))
+        .route("/v1/models/{*id}", get(models::get_model))
+        .route("/v1/auth/signup", post(account::signup))
+        .route("/health", get(health::health))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn(observe))
+        .with_state(state)
+}
+
+async fn not_found(request: Request) -> Response {
+    ApiError::new(ErrorKind::NotFound, format!("no route {} {}; see /v1/models, /v1/chat/completions, /v1/embeddings", request.method(), request.uri().path()))
+        .into_response()
+}
+
+async fn method_not_allowed(request: Request) -> Response {
+    let mut response = ApiError::new(ErrorKind::InvalidRequest, format!("method {} is not allowed on {}", request.method(), request.uri().path())).into_response();
+    *response.status_mut() = axum::http::StatusCode::METHOD_NOT_ALLOWED;
+    response
+}
+
+async fn observe(request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let span = tracing::info_span!("http.request", method = %request.method(), route = %route);
+    let started = Instant::now();
+    let response = tracing::Instrument::instrument(next.run(request), span).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("infermesh_http_requests_total", "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!("infermesh_http_request_duration_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+    response
+}

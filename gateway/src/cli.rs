@@ -1,0 +1,167 @@
+//! `infermesh <command>`: every service of the mesh from one binary.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use infermesh_auth::AuthConfig;
+use infermesh_billing::BillingConfig;
+use infermesh_registry::RegistryConfig;
+use infermesh_service::shutdown_signal;
+use infermesh_worker::WorkerConfig;
+use tokio::net::TcpListener;
+
+use crate::up::UpArgs;
+use crate::{GatewayConfig, PeerAddresses};
+
+#[derive(Debug, Parser)]
+#[command(name = "infermesh", version, about = "An OpenAI-compatible inference platform: gateway, auth, billing, registry, rate limits and candle workers.")]
+pub struct Cli {
+    /// OTLP gRPC endpoint for traces (e.g. http://localhost:4317 for Jaeger).
+    #[arg(long = "otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole mesh in one process (each service on its own loopback port).
+    Up(UpArgs),
+    /// The OpenAI HTTP gateway.
+    Gateway(GatewayArgs),
+    /// Accounts and API keys.
+    Auth {
+        #[arg(long, env = "INFERMESH_AUTH_LISTEN", default_value = "127.0.0.1:50051")]
+        listen: String,
+        #[command(flatten)]
+        config: AuthConfig,
+    },
+    /// Prepaid credit.
+    Billing {
+        #[arg(long, env = "INFERMESH_BILLING_LISTEN", default_value = "127.0.0.1:50052")]
+        listen: String,
+        /// NATS server for usage events; none means no events.
+        #[arg(long = "nats-url", env = "INFERMESH_NATS_URL")]
+        nats_url: Option<String>,
+        #[command(flatten)]
+        config: BillingConfig,
+    },
+    /// Model catalogue and worker pool.
+    Registry {
+        #[arg(long, env = "INFERMESH_REGISTRY_LISTEN", default_value = "127.0.0.1:50053")]
+        listen: String,
+        #[command(flatten)]
+        config: RegistryConfig,
+    },
+    /// Per-key rate limits.
+    Ratelimit {
+        #[arg(long, env = "INFERMESH_RATELIMIT_LISTEN", default_value = "127.0.0.1:50054")]
+        listen: String,
+    },
+    /// Inference on candle (CPU, or CUDA when built with `--features cuda`).
+    Worker {
+        #[arg(long, env = "INFERMESH_WORKER_LISTEN", default_value = "127.0.0.1:50055")]
+        listen: String,
+        #[command(flatten)]
+        config: WorkerConfig,
+    },
+    /// Download and verify the default models into the models dir, then exit.
+    FetchModels {
+        #[command(flatten)]
+        config: WorkerConfig,
+    },
+    /// Measure decode speed of the chat model (tokens/s of one stream).
+    Bench(crate::up::BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GatewayArgs {
+    #[arg(long, env = "INFERMESH_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: String,
+    #[arg(long = "auth-addr", env = "INFERMESH_AUTH_ADDR", default_value = "127.0.0.1:50051")]
+    pub auth: String,
+    #[arg(long = "billing-addr", env = "INFERMESH_BILLING_ADDR", default_value = "127.0.0.1:50052")]
+    pub billing: String,
+    #[arg(long = "registry-addr", env = "INFERMESH_REGISTRY_ADDR", default_value = "127.0.0.1:50053")]
+    pub registry: String,
+    #[arg(long = "ratelimit-addr", env = "INFERMESH_RATELIMIT_ADDR", default_value = "127.0.0.1:50054")]
+    pub ratelimit: String,
+    #[command(flatten)]
+    pub config: GatewayConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot listen on {address}: {source}")]
+    Bind { address: String, source: std::io::Error },
+    #[error("{0}")]
+    Service(String),
+}
+
+pub async fn bind(address: &str) -> Result<TcpListener, CliError> {
+    TcpListener::bind(address).await.map_err(|source| CliError::Bind { address: address.to_owned(), source })
+}
+
+fn service_error(err: impl std::fmt::Display) -> CliError {
+    CliError::Service(err.to_string())
+}
+
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Up(args) => crate::up::run(args).await,
+        Command::Gateway(args) => {
+            let listener = bind(&args.http).await?;
+            infermesh_service::announce("gateway", &listener).map_err(service_error)?;
+            let peers = PeerAddresses { auth: args.auth, billing: args.billing, registry: args.registry, ratelimit: args.ratelimit };
+            crate::run(args.config, peers, listener, shutdown_signal()).await.map_err(service_error)
+        }
+        Command::Auth { listen, config } => {
+            let listener = bind(&listen).await?;
+            infermesh_service::announce("auth", &listener).map_err(service_error)?;
+            infermesh_auth::run(config, listener, shutdown_signal()).await.map_err(service_error)
+        }
+        Command::Billing { listen, nats_url, config } => {
+            let bus = match nats_url {
+                Some(url) => Some(infermesh_bus::Bus::connect(&url).await.map_err(service_error)?),
+                None => None,
+            };
+            let listener = bind(&listen).await?;
+            infermesh_service::announce("billing", &listener).map_err(service_error)?;
+            infermesh_billing::run(config, bus, listener, shutdown_signal()).await.map_err(service_error)
+        }
+        Command::Registry { listen, config } => {
+            config.load_catalog().map_err(service_error)?;
+            let listener = bind(&listen).await?;
+            infermesh_service::announce("registry", &listener).map_err(service_error)?;
+            infermesh_registry::run(config, listener, shutdown_signal()).await.map_err(service_error)
+        }
+        Command::Ratelimit { listen } => {
+            let listener = bind(&listen).await?;
+            infermesh_service::announce("ratelimit", &listener).map_err(service_error)?;
+            infermesh_ratelimit::run(listener, shutdown_signal()).await.map_err(service_error)
+        }
+        Command::Worker { listen, config } => {
+            let listener = bind(&listen).await?;
+            infermesh_service::announce("worker", &listener).map_err(service_error)?;
+            infermesh_worker::run(config, listener, shutdown_signal()).await.map_err(service_error)
+        }
+        Command::FetchModels { config } => {
+            let (chat, embedding) = tokio::task::spawn_blocking(move || infermesh_worker::prepare_models(&config))
+                .await
+                .map_err(service_error)?
+                .map_err(service_error)?;
+            println!("chat model: {}\nembedding model: {}", chat.display(), embedding.display());
+            Ok(())
+        }
+        Command::Bench(args) => crate::up::bench(args).await,
+    }
+}
+
+/// `~/.local/share/infermesh` (or `$XDG_DATA_HOME/infermesh`).
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("infermesh")
+}

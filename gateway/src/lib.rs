@@ -1,0 +1,63 @@
+//! The gateway: OpenAI's HTTP surface in front of the mesh's gRPC services,
+//! and the `infermesh` binary that runs any service or all of them.
+//!
+//! - [`app`]: router and middleware; [`routes`]: one module per surface.
+//! - [`openai`]: request bodies and validation; [`error`]: the HTTP edge
+//!   of the error table.
+//! - [`mesh`]: gRPC clients and caches (keys, catalogue, workers).
+//! - [`admission`]: key → rate limit → credit hold → settlement.
+//! - [`cli`]: subcommands; [`up`]: the whole mesh in one process.
+
+pub mod admission;
+pub mod app;
+pub mod cli;
+pub mod error;
+pub mod mesh;
+pub mod openai;
+pub mod routes;
+pub mod up;
+
+use std::future::Future;
+use std::time::Duration;
+
+use infermesh_service::{BootstrapError, CancellationToken};
+use tokio::net::TcpListener;
+
+pub use mesh::PeerAddresses;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct GatewayConfig {
+    /// Largest accepted request body, in bytes.
+    #[arg(long = "max-body-bytes", env = "INFERMESH_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Free credit for a new account, in dollars.
+    #[arg(long = "signup-credit", env = "INFERMESH_SIGNUP_CREDIT", default_value_t = 1.0)]
+    pub signup_credit: f64,
+    /// How long a verified key is trusted before auth is asked again.
+    #[arg(long = "key-cache-ms", env = "INFERMESH_KEY_CACHE_MS", default_value_t = 5_000)]
+    pub key_cache_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
+    #[error("invalid --signup-credit {0}: must be a non-negative dollar amount")]
+    SignupCredit(f64),
+    #[error("HTTP server failed: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+pub async fn run(config: GatewayConfig, peers: PeerAddresses, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+    let signup_credit_nanos = infermesh_service::money::dollars_to_nanos(config.signup_credit)
+        .filter(|n| *n >= 0)
+        .ok_or(RunError::SignupCredit(config.signup_credit))?;
+    let mesh = mesh::Mesh::connect(peers, Duration::from_millis(config.key_cache_ms))?;
+    let stop = CancellationToken::new();
+    tokio::spawn(mesh.clone().watch_catalog(stop.clone()));
+    let _stop = stop.drop_guard();
+    let state = app::AppState { mesh, signup_credit_nanos, metrics: infermesh_telemetry::metrics_handle() };
+    let router = app::router(state, config.max_body_bytes);
+    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}

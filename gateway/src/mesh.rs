@@ -1,0 +1,170 @@
+//! The gateway's handles on the rest of the mesh: one gRPC client per
+//! service, a short-lived cache of verified keys, and the catalogue and
+//! worker pool kept current by the registry's `WatchCatalog` stream, so the
+//! hot path asks the registry nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use infermesh_proto::v1::auth_service_client::AuthServiceClient;
+use infermesh_proto::v1::billing_service_client::BillingServiceClient;
+use infermesh_proto::v1::rate_limit_service_client::RateLimitServiceClient;
+use infermesh_proto::v1::registry_service_client::RegistryServiceClient;
+use infermesh_proto::v1::worker_service_client::WorkerServiceClient;
+use infermesh_proto::v1::{CatalogSnapshot, KeyInfo, Model, VerifyKeyRequest, WatchCatalogRequest, Worker};
+use infermesh_service::{BootstrapError, CancellationToken, ErrorKind, MeshError, TracedChannel};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone)]
+pub struct PeerAddresses {
+    pub auth: String,
+    pub billing: String,
+    pub registry: String,
+    pub ratelimit: String,
+}
+
+pub struct Mesh {
+    pub auth: AuthServiceClient<TracedChannel>,
+    pub billing: BillingServiceClient<TracedChannel>,
+    pub registry: RegistryServiceClient<TracedChannel>,
+    pub ratelimit: RateLimitServiceClient<TracedChannel>,
+    pub peers: PeerAddresses,
+    keys: Mutex<HashMap<[u8; 32], (KeyInfo, Instant)>>,
+    key_ttl: Duration,
+    catalog: RwLock<Option<CatalogSnapshot>>,
+    workers: Mutex<HashMap<String, WorkerServiceClient<TracedChannel>>>,
+}
+
+impl Mesh {
+    pub fn connect(peers: PeerAddresses, key_ttl: Duration) -> Result<Arc<Mesh>, BootstrapError> {
+        Ok(Arc::new(Mesh {
+            auth: AuthServiceClient::new(infermesh_service::channel(&peers.auth)?),
+            billing: BillingServiceClient::new(infermesh_service::channel(&peers.billing)?),
+            registry: RegistryServiceClient::new(infermesh_service::channel(&peers.registry)?),
+            ratelimit: RateLimitServiceClient::new(infermesh_service::channel(&peers.ratelimit)?),
+            peers,
+            keys: Mutex::new(HashMap::new()),
+            key_ttl,
+            catalog: RwLock::new(None),
+            workers: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The key's state, from the cache when verified within the TTL.
+    pub async fn verify_key(&self, key: &str) -> Result<KeyInfo, MeshError> {
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        {
+            let cache = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((info, at)) = cache.get(&digest)
+                && at.elapsed() < self.key_ttl
+            {
+                return Ok(info.clone());
+            }
+        }
+        let info = self.auth.clone().verify_key(VerifyKeyRequest { key: key.to_owned() }).await.map_err(peer_error("auth"))?.into_inner();
+        let mut cache = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        cache.insert(digest, (info.clone(), Instant::now()));
+        Ok(info)
+    }
+
+    pub fn snapshot(&self) -> Option<CatalogSnapshot> {
+        self.catalog.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn with_catalog<T>(&self, f: impl FnOnce(&CatalogSnapshot) -> Result<T, MeshError>) -> Result<T, MeshError> {
+        let guard = self.catalog.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match guard.as_ref() {
+            Some(snapshot) => f(snapshot),
+            None => Err(MeshError::new(ErrorKind::ModelUnavailable, "the model catalogue is not loaded yet; retry in a moment").with_retry_after_ms(1000)),
+        }
+    }
+
+    pub fn resolve_model(&self, name: &str) -> Result<Model, MeshError> {
+        self.with_catalog(|snapshot| {
+            snapshot
+                .models
+                .iter()
+                .find(|m| m.id.eq_ignore_ascii_case(name) || m.aliases.iter().any(|a| a.eq_ignore_ascii_case(name)))
+                .cloned()
+                .ok_or_else(|| {
+                    let known: Vec<&str> = snapshot.models.iter().map(|m| m.id.as_str()).collect();
+                    MeshError::new(ErrorKind::ModelNotFound, format!("the model `{name}` does not exist; available models: {}", known.join(", ")))
+                        .with_param("model")
+                })
+        })
+    }
+
+    /// The least-loaded worker serving `model_id`.
+    pub fn pick_worker(&self, model_id: &str) -> Result<(Worker, WorkerServiceClient<TracedChannel>), MeshError> {
+        let worker = self.with_catalog(|snapshot| {
+            snapshot
+                .workers
+                .iter()
+                .filter(|w| w.models.iter().any(|m| m == model_id))
+                .min_by_key(|w| w.load.map_or(0, |l| l.active_sequences + l.queued))
+                .cloned()
+                .ok_or_else(|| {
+                    MeshError::new(ErrorKind::ModelUnavailable, format!("no healthy worker serves `{model_id}` right now; retry shortly"))
+                        .with_retry_after_ms(2000)
+                })
+        })?;
+        let mut clients = self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let client = match clients.get(&worker.address) {
+            Some(client) => client.clone(),
+            None => {
+                let channel = infermesh_service::channel(&worker.address).map_err(|err| MeshError::internal(err.to_string()))?;
+                let client = WorkerServiceClient::new(channel).max_decoding_message_size(64 << 20);
+                clients.insert(worker.address.clone(), client.clone());
+                client
+            }
+        };
+        Ok((worker, client))
+    }
+
+    /// Follows the registry's catalogue stream for as long as `stop` lets
+    /// it, reconnecting after failures; the last good snapshot stays in use
+    /// while disconnected.
+    pub async fn watch_catalog(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            let attempt = async {
+                let mut stream = self.registry.clone().watch_catalog(WatchCatalogRequest {}).await?.into_inner();
+                while let Some(snapshot) = stream.message().await? {
+                    tracing::debug!(version = snapshot.version, workers = snapshot.workers.len(), "catalogue updated");
+                    *self.catalog.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(snapshot);
+                }
+                Ok::<(), tonic::Status>(())
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                result = attempt => {
+                    if let Err(status) = result {
+                        tracing::debug!(error = %status.message(), "catalogue watch interrupted; reconnecting");
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(300)) => {}
+            }
+        }
+    }
+}
+
+/// Maps a peer's `Status` to a `MeshError`, keeping the peer's kind; a
+/// transport failure names the service that is down.
+pub fn peer_error(service: &'static str) -> impl Fn(tonic::Status) -> MeshError {
+    move |status| {
+        let unreachable = status.metadata().get("x-infermesh-error").is_none()
+            && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled);
+        if unreachable {
+            MeshError::new(ErrorKind::ModelUnavailable, format!("the {service} service is unavailable ({}); retry shortly", status.message()))
+                .with_retry_after_ms(1000)
+        } else {
+            MeshError::from(status)
+        }
+    }
+}

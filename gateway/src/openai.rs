@@ -1,0 +1,298 @@
+//! OpenAI request bodies as clients send them, and their validation.
+//! Response bodies are built with `serde_json::json!` in the routes, next
+//! to the OpenAI schema they follow.
+
+use serde::Deserialize;
+
+use crate::error::ApiError;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<u32>,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// A chat request that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidChat {
+    pub model: String,
+    pub messages: Vec<(String, String)>,
+    pub max_tokens: Option<u32>,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: u32,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub stop: Vec<String>,
+    pub seed: Option<u64>,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+}
+
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+fn in_range(param: &str, value: Option<f32>, low: f32, high: f32) -> Result<(), ApiError> {
+    match value {
+        Some(v) if !(low..=high).contains(&v) || v.is_nan() => {
+            Err(ApiError::invalid(param, format!("`{param}` must be between {low} and {high}; got {v}")))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn text_of(index: usize, content: Option<Content>) -> Result<String, ApiError> {
+    let param = format!("messages[{index}].content");
+    match content {
+        None => Ok(String::new()),
+        Some(Content::Text(text)) => Ok(text),
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for (i, part) in parts.into_iter().enumerate() {
+                match (part.kind.as_str(), part.text) {
+                    ("text", Some(t)) => text.push_str(&t),
+                    ("text", None) => return Err(ApiError::invalid(&format!("{param}[{i}].text"), "a text part needs `text`")),
+                    (other, _) => {
+                        return Err(ApiError::invalid(
+                            &format!("{param}[{i}].type"),
+                            format!("content part type {other:?} is not supported by this model; send text"),
+                        ));
+                    }
+                }
+            }
+            Ok(text)
+        }
+    }
+}
+
+impl ChatRequest {
+    pub fn validate(self) -> Result<ValidChat, ApiError> {
+        if self.model.trim().is_empty() {
+            return Err(ApiError::invalid("model", "`model` must name a model, e.g. infermesh/gemma-3-270m"));
+        }
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid("messages", "`messages` must hold at least one message"));
+        }
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (index, message) in self.messages.into_iter().enumerate() {
+            if !ROLES.contains(&message.role.as_str()) {
+                return Err(ApiError::invalid(
+                    &format!("messages[{index}].role"),
+                    format!("unknown role {:?}; expected one of {}", message.role, ROLES.join(", ")),
+                ));
+            }
+            let role = if message.role == "developer" { "system".to_owned() } else { message.role };
+            messages.push((role, text_of(index, message.content)?));
+        }
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(ApiError::invalid("n", format!("only n=1 is supported; got {n}")));
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        if max_tokens == Some(0) {
+            return Err(ApiError::invalid(
+                if self.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" },
+                "must be at least 1",
+            ));
+        }
+        in_range("temperature", self.temperature, 0.0, 2.0)?;
+        in_range("top_p", self.top_p, 0.0, 1.0)?;
+        in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
+        in_range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
+        let stop = match self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(many)) => many,
+        };
+        if stop.len() > 4 {
+            return Err(ApiError::invalid("stop", format!("at most 4 stop sequences; got {}", stop.len())));
+        }
+        let stream = self.stream.unwrap_or(false);
+        if self.stream_options.is_some() && !stream {
+            return Err(ApiError::invalid("stream_options", "`stream_options` is only allowed when `stream` is true"));
+        }
+        Ok(ValidChat {
+            model: self.model,
+            messages,
+            max_tokens,
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p.unwrap_or(1.0),
+            top_k: self.top_k.unwrap_or(0),
+            stream,
+            include_usage: self.stream_options.is_some_and(|o| o.include_usage),
+            stop,
+            seed: self.seed.map(|s| s as u64),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenBatches(Vec<Vec<u32>>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingRequest {
+    pub model: String,
+    pub input: EmbeddingInput,
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+    #[serde(default)]
+    pub dimensions: Option<u32>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncodingFormat {
+    Float,
+    Base64,
+}
+
+pub struct ValidEmbedding {
+    pub model: String,
+    pub inputs: Vec<String>,
+    pub format: EncodingFormat,
+    pub dimensions: Option<u32>,
+}
+
+/// The most inputs one embeddings request may carry (OpenAI's limit).
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+impl EmbeddingRequest {
+    pub fn validate(self) -> Result<ValidEmbedding, ApiError> {
+        let inputs = match self.input {
+            EmbeddingInput::One(s) => vec![s],
+            EmbeddingInput::Many(many) => many,
+            EmbeddingInput::Tokens(_) | EmbeddingInput::TokenBatches(_) => {
+                return Err(ApiError::invalid("input", "token-id input is not supported for embeddings here; send text"));
+            }
+        };
+        if inputs.is_empty() {
+            return Err(ApiError::invalid("input", "`input` must not be an empty array"));
+        }
+        if inputs.len() > MAX_EMBEDDING_INPUTS {
+            return Err(ApiError::invalid("input", format!("at most {MAX_EMBEDDING_INPUTS} inputs per request; got {}", inputs.len())));
+        }
+        if let Some(i) = inputs.iter().position(String::is_empty) {
+            return Err(ApiError::invalid(&format!("input[{i}]"), "inputs must not be empty strings"));
+        }
+        let format = match self.encoding_format.as_deref() {
+            None | Some("float") => EncodingFormat::Float,
+            Some("base64") => EncodingFormat::Base64,
+            Some(other) => return Err(ApiError::invalid("encoding_format", format!("expected \"float\" or \"base64\"; got {other:?}"))),
+        };
+        Ok(ValidEmbedding { model: self.model, inputs, format, dimensions: self.dimensions })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::parse_json;
+
+    fn chat(body: &str) -> Result<ValidChat, ApiError> {
+        parse_json::<ChatRequest>(body.as_bytes())?.validate()
+    }
+
+    #[test]
+    fn accepts_text_and_parts() {
+        let valid = chat(r#"{"model":"m","messages":[{"role":"developer","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true},"stop":"x"}"#).unwrap();
+        assert_eq!(valid.messages[0], ("system".to_owned(), "ab".to_owned()));
+        assert!(valid.include_usage && valid.stream);
+        assert_eq!(valid.stop, vec!["x".to_owned()]);
+    }
+
+    #[test]
+    fn refuses_out_of_range_values_naming_the_param() {
+        let cases = [
+            (r#"{"model":"m","messages":[]}"#, "messages"),
+            (r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#, "messages[0].role"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#, "temperature"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#, "n"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "max_tokens"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-5}"#, "max_tokens"),
+            (r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#, "messages[0].content[0].type"),
+        ];
+        for (body, param) in cases {
+            let err = chat(body).unwrap_err();
+            assert_eq!(err.0.param.as_deref(), Some(param), "{body}: {}", err.0.message);
+        }
+    }
+
+    #[test]
+    fn embedding_inputs() {
+        let valid = parse_json::<EmbeddingRequest>(br#"{"model":"e","input":["a","b"],"encoding_format":"base64"}"#).unwrap().validate().unwrap();
+        assert_eq!(valid.inputs.len(), 2);
+        assert_eq!(valid.format, EncodingFormat::Base64);
+        assert!(parse_json::<EmbeddingRequest>(br#"{"model":"e","input":[]}"#).unwrap().validate().is_err());
+        assert!(parse_json::<EmbeddingRequest>(br#"{"model":"e","input":"a","encoding_format":"hex"}"#).unwrap().validate().is_err());
+    }
+}

@@ -1,0 +1,74 @@
+//! `POST /v1/embeddings`.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use infermesh_proto::v1::{EmbedRequest, ModelKind, Usage};
+use infermesh_service::money::nanos_to_dollars;
+use serde_json::{Value, json};
+
+use crate::admission::{Admission, authenticate, rate_limit_headers};
+use crate::app::AppState;
+use crate::error::{ApiError, parse_json};
+use crate::mesh::peer_error;
+use crate::openai::{EmbeddingRequest, EncodingFormat};
+use crate::routes::{RawBody, with_headers};
+
+pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, RawBody(body): RawBody) -> Result<Response, ApiError> {
+    let key = authenticate(&state.mesh, &headers).await?;
+    let request = parse_json::<EmbeddingRequest>(&body)?.validate()?;
+    let model = state.mesh.resolve_model(&request.model)?;
+    if model.kind() != ModelKind::Embedding {
+        return Err(ApiError::invalid("model", format!("`{}` is not an embedding model; try infermesh/all-minilm-l6-v2", model.id)));
+    }
+    let (_, mut worker) = state.mesh.pick_worker(&model.id)?;
+    // Each token covers at least one byte (plus [CLS]/[SEP]).
+    let bound: usize = request.inputs.iter().map(|s| s.len() + 2).sum();
+    let request_id = format!("embd-{}", uuid::Uuid::new_v4().simple());
+    let admission = match Admission::admit(state.mesh.clone(), key, model, request_id, u32::try_from(bound).unwrap_or(u32::MAX), 0).await {
+        Ok(admission) => admission,
+        Err((err, limits)) => return Ok(with_headers(err.into_response(), limits.map(|l| rate_limit_headers(&l)).unwrap_or_default())),
+    };
+    let response = worker
+        .embed(EmbedRequest { model: admission.model.id.clone(), inputs: request.inputs })
+        .await
+        .map_err(peer_error("worker"))?
+        .into_inner();
+    let dimensions = response.embeddings.first().map_or(0, |e| e.values.len());
+    if let Some(wanted) = request.dimensions
+        && wanted as usize != dimensions
+    {
+        return Err(ApiError::invalid("dimensions", format!("{} produces {dimensions} dimensions; got dimensions={wanted}", admission.model.id)));
+    }
+    admission.work_started(response.prompt_tokens);
+    let settled = admission.settle(Some(Usage { prompt_tokens: response.prompt_tokens, completion_tokens: 0 })).await?;
+    let data: Vec<Value> = response
+        .embeddings
+        .into_iter()
+        .enumerate()
+        .map(|(index, embedding)| {
+            let vector = match request.format {
+                EncodingFormat::Float => json!(embedding.values),
+                EncodingFormat::Base64 => {
+                    let bytes: Vec<u8> = embedding.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                }
+            };
+            json!({"object": "embedding", "index": index, "embedding": vector})
+        })
+        .collect();
+    let body = json!({
+        "object": "list",
+        "data": data,
+        "model": admission.model.id,
+        "provider": admission.provider,
+        "usage": {
+            "prompt_tokens": settled.prompt_tokens,
+            "total_tokens": settled.prompt_tokens,
+            "cost": nanos_to_dollars(settled.cost_nanos),
+            "is_byok": false,
+        },
+    });
+    Ok(with_headers(axum::Json(body).into_response(), admission.rate_limit_headers()))
+}

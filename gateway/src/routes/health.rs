@@ -1,0 +1,72 @@
+//! Open routes: `/health` (every service's gRPC health and the worker
+//! pool), `/readyz` (200 once a request could be served), `/metrics`.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::app::AppState;
+
+async fn service_status(address: &str) -> &'static str {
+    let Ok(channel) = infermesh_service::channel(address) else {
+        return "unreachable";
+    };
+    let mut client = HealthClient::new(channel);
+    let check = client.check(HealthCheckRequest { service: String::new() });
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(response)) if response.get_ref().status == 1 => "serving",
+        Ok(Ok(_)) => "not_serving",
+        Ok(Err(_)) | Err(_) => "unreachable",
+    }
+}
+
+async fn report(state: &AppState) -> (bool, Value) {
+    let peers = &state.mesh.peers;
+    let (auth, billing, registry, ratelimit) = tokio::join!(
+        service_status(&peers.auth),
+        service_status(&peers.billing),
+        service_status(&peers.registry),
+        service_status(&peers.ratelimit),
+    );
+    let snapshot = state.mesh.snapshot();
+    let workers: Vec<Value> = snapshot
+        .iter()
+        .flat_map(|s| s.workers.iter())
+        .map(|w| {
+            let load = w.load.unwrap_or_default();
+            json!({"id": w.worker_id, "address": w.address, "models": w.models, "active_sequences": load.active_sequences, "queued": load.queued})
+        })
+        .collect();
+    let all_serving = [auth, billing, registry, ratelimit].iter().all(|s| *s == "serving");
+    let ready = all_serving && !workers.is_empty();
+    let body = json!({
+        "status": if ready { "ok" } else { "degraded" },
+        "services": {"auth": auth, "billing": billing, "registry": registry, "ratelimit": ratelimit},
+        "catalog_version": snapshot.as_ref().map(|s| s.version),
+        "models": snapshot.as_ref().map(|s| s.models.len()).unwrap_or(0),
+        "workers": workers,
+    });
+    (ready, body)
+}
+
+pub async fn health(State(state): State<AppState>) -> Response {
+    let (ready, body) = report(&state).await;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(body)).into_response()
+}
+
+pub async fn readyz(State(state): State<AppState>) -> StatusCode {
+    if report(&state).await.0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics recorder not installed").into_response(),
+    }
+}

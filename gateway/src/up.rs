@@ -1,0 +1,224 @@
+//! `infermesh up`: every service in one process, each a real tonic server
+//! on its own loopback port, talking gRPC to the others exactly as separate
+//! processes would. SQLite files live in the data dir; NATS is used when
+//! `--nats-url` is given or `nats-server` is on PATH (started here, with
+//! JetStream storage in the data dir).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use infermesh_auth::AuthConfig;
+use infermesh_billing::BillingConfig;
+use infermesh_registry::RegistryConfig;
+use infermesh_service::{CancellationToken, shutdown_signal};
+use infermesh_worker::WorkerConfig;
+use tokio::process::{Child, Command};
+use tokio::task::JoinSet;
+
+use crate::cli::{CliError, bind, default_data_dir};
+use crate::{GatewayConfig, PeerAddresses};
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Where the OpenAI API listens.
+    #[arg(long, env = "INFERMESH_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: String,
+    /// SQLite files and NATS storage [default: ~/.local/share/infermesh].
+    #[arg(long = "data-dir", env = "INFERMESH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// NATS server for events; when unset, `nats-server` on PATH is started.
+    #[arg(long = "nats-url", env = "INFERMESH_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Run without NATS even if `nats-server` is on PATH.
+    #[arg(long = "no-nats", env = "INFERMESH_NO_NATS")]
+    pub no_nats: bool,
+    /// TOML with the model catalogue (`[[models]]`); the two defaults when unset.
+    #[arg(long, env = "INFERMESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Requests per minute for keys without their own limit.
+    #[arg(long = "default-requests-per-minute", env = "INFERMESH_DEFAULT_RPM", default_value_t = 500)]
+    pub default_requests_per_minute: u32,
+    /// Tokens per minute for keys without their own limit.
+    #[arg(long = "default-tokens-per-minute", env = "INFERMESH_DEFAULT_TPM", default_value_t = 1_000_000)]
+    pub default_tokens_per_minute: u32,
+    #[command(flatten)]
+    pub worker: WorkerConfig,
+    #[command(flatten)]
+    pub gateway: GatewayConfig,
+}
+
+fn on_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(program)).find(|p| p.is_file()))
+}
+
+/// Starts `nats-server` with JetStream on a free loopback port.
+async fn start_nats(binary: &Path, store: &Path) -> Result<(Child, String), CliError> {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| CliError::Bind { address: "127.0.0.1:0".into(), source })?;
+        probe.local_addr().map_err(|e| CliError::Service(e.to_string()))?.port()
+    };
+    let child = Command::new(binary)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(store)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| CliError::Service(format!("cannot start {}: {e}", binary.display())))?;
+    let address: SocketAddr = ([127, 0, 0, 1], port).into();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(address).await.is_err() {
+        if Instant::now() > deadline {
+            return Err(CliError::Service("nats-server did not start within 10 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((child, format!("nats://{address}")))
+}
+
+fn sqlite_url(dir: &Path, name: &str) -> String {
+    format!("sqlite://{}", dir.join(name).display())
+}
+
+pub async fn run(args: UpArgs) -> Result<(), CliError> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&data_dir).map_err(|e| CliError::Service(format!("cannot create {}: {e}", data_dir.display())))?;
+
+    // Fetch the default models first, so a first run shows that step alone.
+    let worker_config = args.worker.clone();
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || infermesh_worker::prepare_models(&worker_config))
+        .await
+        .map_err(|e| CliError::Service(e.to_string()))?
+        .map_err(|e| CliError::Service(e.to_string()))?;
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "models ready");
+
+    let mut _nats_child = None;
+    let nats_url = match (&args.nats_url, args.no_nats, on_path("nats-server")) {
+        (Some(url), _, _) => Some(url.clone()),
+        (None, false, Some(binary)) => {
+            let (child, url) = start_nats(&binary, &data_dir.join("nats")).await?;
+            _nats_child = Some(child);
+            Some(url)
+        }
+        _ => None,
+    };
+    let bus = match &nats_url {
+        Some(url) => Some(infermesh_bus::Bus::connect(url).await.map_err(|e| CliError::Service(e.to_string()))?),
+        None => None,
+    };
+
+    let registry = bind("127.0.0.1:0").await?;
+    let auth = bind("127.0.0.1:0").await?;
+    let billing = bind("127.0.0.1:0").await?;
+    let ratelimit = bind("127.0.0.1:0").await?;
+    let worker = bind("127.0.0.1:0").await?;
+    let http = bind(&args.http).await?;
+    let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).map_err(|e| CliError::Service(e.to_string()));
+    let peers = PeerAddresses { auth: addr(&auth)?, billing: addr(&billing)?, registry: addr(&registry)?, ratelimit: addr(&ratelimit)? };
+
+    let stop = CancellationToken::new();
+    let mut services: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
+    let registry_config = RegistryConfig { catalog: args.config.clone(), worker_lease_ms: 10_000 };
+    let s = stop.clone();
+    services.spawn(async move { ("registry", infermesh_registry::run(registry_config, registry, s.cancelled_owned()).await.map_err(|e| e.to_string())) });
+    let auth_config = AuthConfig {
+        database_url: sqlite_url(&data_dir, "auth.db"),
+        default_requests_per_minute: args.default_requests_per_minute,
+        default_tokens_per_minute: args.default_tokens_per_minute,
+    };
+    let s = stop.clone();
+    services.spawn(async move { ("auth", infermesh_auth::run(auth_config, auth, s.cancelled_owned()).await.map_err(|e| e.to_string())) });
+    let billing_config = BillingConfig { database_url: sqlite_url(&data_dir, "billing.db"), hold_ttl_secs: 900 };
+    let s = stop.clone();
+    services.spawn(async move { ("billing", infermesh_billing::run(billing_config, bus, billing, s.cancelled_owned()).await.map_err(|e| e.to_string())) });
+    let s = stop.clone();
+    services.spawn(async move { ("ratelimit", infermesh_ratelimit::run(ratelimit, s.cancelled_owned()).await.map_err(|e| e.to_string())) });
+    let worker_config = WorkerConfig { registry_addr: Some(peers.registry.clone()), ..args.worker.clone() };
+    let s = stop.clone();
+    services.spawn(async move { ("worker", infermesh_worker::run(worker_config, worker, s.cancelled_owned()).await.map_err(|e| e.to_string())) });
+    let http_address = addr(&http)?;
+    let s = stop.clone();
+    let gateway_config = args.gateway.clone();
+    services.spawn(async move { ("gateway", crate::run(gateway_config, peers, http, s.cancelled_owned()).await.map_err(|e| e.to_string())) });
+
+    println!("infermesh gateway listening on {http_address}");
+    println!(
+        "infermesh up: OpenAI API on http://{http_address}/v1 (data in {}, NATS {})",
+        data_dir.display(),
+        nats_url.as_deref().unwrap_or("off")
+    );
+
+    let mut failure = None;
+    tokio::select! {
+        () = shutdown_signal() => tracing::info!("shutting down"),
+        Some(Ok((name, result))) = services.join_next() => {
+            let why = result.err().unwrap_or_else(|| "exited".into());
+            failure = Some(format!("{name} stopped: {why}"));
+        }
+    }
+    stop.cancel();
+    while let Some(joined) = services.join_next().await {
+        if let Ok((name, Err(err))) = joined {
+            tracing::warn!(service = name, error = %err, "service stopped with an error");
+        }
+    }
+    match failure {
+        Some(why) => Err(CliError::Service(why)),
+        None => Ok(()),
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Prompt to continue.
+    #[arg(long, default_value = "The history of the city of Paris begins")]
+    pub prompt: String,
+    /// Tokens to decode (greedy).
+    #[arg(long, default_value_t = 128)]
+    pub tokens: usize,
+    #[command(flatten)]
+    pub worker: WorkerConfig,
+}
+
+/// Loads the chat model and times load, prefill and greedy decode of one
+/// stream, on the device the worker would use.
+pub async fn bench(args: BenchArgs) -> Result<(), CliError> {
+    let result = tokio::task::spawn_blocking(move || -> Result<String, infermesh_worker::WorkerError> {
+        let (chat_path, _) = infermesh_worker::prepare_models(&args.worker)?;
+        let device = infermesh_worker::engine::device();
+        let load_started = Instant::now();
+        let chat = infermesh_worker::models::ChatModel::load(&args.worker.chat_model_id, &chat_path, &device)?;
+        let load = load_started.elapsed();
+        let prompt = chat.text_prompt(&args.prompt);
+        let mut cache = chat.model.new_cache();
+        let prefill_started = Instant::now();
+        let mut logits = chat.model.forward(&prompt, &mut cache, false)?;
+        let prefill = prefill_started.elapsed();
+        let decode_started = Instant::now();
+        let mut text = Vec::new();
+        for _ in 0..args.tokens {
+            let next = infermesh_worker::gemma3::argmax(&logits)?;
+            text.push(next);
+            logits = chat.model.forward(&[next], &mut cache, false)?;
+        }
+        let decode = decode_started.elapsed();
+        Ok(format!(
+            "device: {device:?}\nmodel load: {:.2} s\nprefill: {} tokens in {:.1} ms ({:.1} tokens/s)\ndecode: {} tokens in {:.2} s ({:.1} tokens/s)\ntext: {:?}",
+            load.as_secs_f64(),
+            prompt.len(),
+            prefill.as_secs_f64() * 1000.0,
+            prompt.len() as f64 / prefill.as_secs_f64(),
+            args.tokens,
+            decode.as_secs_f64(),
+            args.tokens as f64 / decode.as_secs_f64(),
+            chat.tokenizer.decode(&text),
+        ))
+    })
+    .await
+    .map_err(|e| CliError::Service(e.to_string()))?
+    .map_err(|e| CliError::Service(e.to_string()))?;
+    println!("{result}");
+    Ok(())
+}

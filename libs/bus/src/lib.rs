@@ -1,0 +1,107 @@
+//! The NATS JetStream event bus: services announce facts here (usage
+//! settled, keys revoked, catalogue changed) for each other and for billing
+//! and analytics consumers.
+//!
+//! Payloads are protobuf messages from `infermesh.v1`. Every publish carries
+//! a dedupe id (`Nats-Msg-Id`), so an at-least-once publisher (an outbox
+//! that retries) never produces a duplicate inside the stream's window, and
+//! the caller's W3C trace context.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+
+/// Subjects and the JetStream streams that hold them.
+pub mod subjects {
+    /// `infermesh.v1.UsageEvent`, one per settled request.
+    pub const USAGE_SETTLED: &str = "usage.settled.v1";
+    /// Streams created on connect: (name, subject filter).
+    pub const STREAMS: [(&str, &str); 3] = [
+        ("USAGE", "usage.>"),
+        ("CREDIT", "credit.>"),
+        ("KEYS", "keys.>"),
+    ];
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot create JetStream stream {name}: {reason}")]
+    Stream { name: String, reason: String },
+    #[error("publish to {subject} failed: {reason}")]
+    Publish { subject: String, reason: String },
+}
+
+/// A connection to NATS with the infermesh streams in place.
+#[derive(Clone, Debug)]
+pub struct Bus {
+    client: async_nats::Client,
+    jetstream: jetstream::Context,
+}
+
+impl Bus {
+    /// Connects and makes sure every stream in [`subjects::STREAMS`] exists
+    /// (file storage, two-minute dedupe window).
+    pub async fn connect(url: &str) -> Result<Bus, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("infermesh")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|source| BusError::Connect {
+                url: url.to_owned(),
+                source,
+            })?;
+        let jetstream = jetstream::new(client.clone());
+        for (name, filter) in subjects::STREAMS {
+            jetstream
+                .get_or_create_stream(stream::Config {
+                    name: name.to_owned(),
+                    subjects: vec![filter.to_owned()],
+                    storage: stream::StorageType::File,
+                    duplicate_window: Duration::from_secs(120),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|err| BusError::Stream {
+                    name: name.to_owned(),
+                    reason: err.to_string(),
+                })?;
+        }
+        Ok(Bus { client, jetstream })
+    }
+
+    /// Publishes and waits for JetStream's ack, so a returned `Ok` means the
+    /// event is stored.
+    pub async fn publish(&self, subject: &str, dedupe_id: &str, payload: Bytes) -> Result<(), BusError> {
+        let publish_error = |reason: String| BusError::Publish {
+            subject: subject.to_owned(),
+            reason,
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", dedupe_id);
+        for (name, value) in infermesh_telemetry::context_headers() {
+            headers.insert(name.as_str(), value.as_str());
+        }
+        let ack = self
+            .jetstream
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await
+            .map_err(|err| publish_error(err.to_string()))?;
+        ack.await.map_err(|err| publish_error(err.to_string()))?;
+        Ok(())
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.jetstream
+    }
+}

@@ -1,0 +1,135 @@
+//! What every infermesh service shares to run: the error table
+//! ([`error`]), a gRPC server with health, reflection and trace propagation
+//! ([`serve_grpc`]), traced client channels ([`channel`]) and shutdown.
+//!
+//! Each service exposes `run(config, listener, shutdown)`; the binary binds
+//! the listener and `infermesh up` composes several `run`s in one process.
+
+pub mod error;
+pub mod money;
+
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use error::{ErrorKind, MeshError};
+use infermesh_telemetry::PropagateTrace;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+pub use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Routes;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("invalid peer address {address:?}: {reason}")]
+    PeerAddress { address: String, reason: String },
+    #[error("cannot read the listener's address: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A client channel that propagates trace context on every call.
+pub type TracedChannel = InterceptedService<Channel, PropagateTrace>;
+
+/// Dials `address` lazily (the peer may start later than we do), accepting
+/// `host:port` or a full `http://` URI.
+pub fn channel(address: &str) -> Result<TracedChannel, BootstrapError> {
+    let uri = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    let endpoint = Endpoint::from_shared(uri.clone()).map_err(|err| BootstrapError::PeerAddress {
+        address: address.to_owned(),
+        reason: err.to_string(),
+    })?;
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(InterceptedService::new(channel, PropagateTrace))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct GrpcServerSpan;
+
+impl<B> tower_http::trace::MakeSpan<B> for GrpcServerSpan {
+    fn make_span(&mut self, request: &http::Request<B>) -> tracing::Span {
+        let span = tracing::info_span!("grpc.server", rpc = %request.uri().path());
+        infermesh_telemetry::adopt_remote_parent(&span, request.headers());
+        span
+    }
+}
+
+/// Serves `routes` plus `grpc.health.v1` (every listed service SERVING) and
+/// server reflection on `listener` until `shutdown` resolves, then drains.
+///
+/// Layers, outermost first:
+/// 1. trace: a `grpc.server` span per call, child of the caller's
+///    `traceparent`, so the gateway's request and every hop share one trace.
+pub async fn serve_grpc(
+    listener: TcpListener,
+    routes: Routes,
+    health_names: &[&str],
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), BootstrapError> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    for name in health_names.iter().chain(std::iter::once(&"")) {
+        reporter
+            .set_service_status(*name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(infermesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let routes = routes.add_service(health_service).add_service(reflection);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .layer(tower_http::trace::TraceLayer::new_for_grpc().make_span_with(GrpcServerSpan))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// The line a service binary prints on stdout once it accepts connections,
+/// so scripts and tests started with port 0 learn the real port.
+pub fn announce(service: &str, listener: &TcpListener) -> Result<String, BootstrapError> {
+    let address = listener.local_addr()?.to_string();
+    println!("infermesh {service} listening on {address}");
+    Ok(address)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}

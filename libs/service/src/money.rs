@@ -1,0 +1,50 @@
+//! Money is an integer count of nano-dollars everywhere inside; dollars as
+//! floating-point numbers appear only at the HTTP edge.
+
+pub const NANOS_PER_DOLLAR: i64 = 1_000_000_000;
+
+/// Cost of `tokens` at `nanos_per_mtok` nano-dollars per million tokens,
+/// rounded up so the platform never under-charges by a fraction.
+pub fn token_cost_nanos(tokens: u64, nanos_per_mtok: i64) -> i64 {
+    let product = i128::from(tokens) * i128::from(nanos_per_mtok);
+    let cost = (product + 999_999) / 1_000_000;
+    i64::try_from(cost).unwrap_or(i64::MAX)
+}
+
+pub fn nanos_to_dollars(nanos: i64) -> f64 {
+    // Exact for any realistic balance: f64 holds integers up to 2^53 nanos
+    // (~$9M) without loss.
+    nanos as f64 / NANOS_PER_DOLLAR as f64
+}
+
+/// Dollars from the edge (rounded to the nearest nano-dollar).
+pub fn dollars_to_nanos(dollars: f64) -> Option<i64> {
+    let nanos = (dollars * NANOS_PER_DOLLAR as f64).round();
+    (nanos.is_finite() && nanos.abs() < 9.0e18).then_some(nanos as i64)
+}
+
+/// `$0.000123` style, for error messages.
+pub fn format_usd(nanos: i64) -> String {
+    format!("${:.6}", nanos_to_dollars(nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_rounds_up_to_the_nano() {
+        assert_eq!(token_cost_nanos(1, 100_000_000), 100);
+        assert_eq!(token_cost_nanos(3, 1), 1);
+        assert_eq!(token_cost_nanos(0, 5), 0);
+        assert_eq!(token_cost_nanos(1_000_000, 2_000_000_000), 2_000_000_000);
+    }
+
+    #[test]
+    fn dollars_round_trip() {
+        assert_eq!(dollars_to_nanos(1.0), Some(NANOS_PER_DOLLAR));
+        assert_eq!(dollars_to_nanos(nanos_to_dollars(123_456_789)), Some(123_456_789));
+        assert_eq!(dollars_to_nanos(f64::NAN), None);
+        assert_eq!(format_usd(1_500_000), "$0.001500");
+    }
+}

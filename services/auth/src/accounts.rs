@@ -1,0 +1,277 @@
+//! Sign-up, key lifecycle and verification.
+
+use infermesh_proto::v1::{CreatedKey, KeyInfo, RateLimit};
+use infermesh_service::now_unix_ms;
+
+use crate::error::AuthError;
+use crate::keys;
+use crate::store::{KeyRecord, NewKey, Store};
+use crate::AuthConfig;
+
+#[derive(Clone, Debug)]
+pub struct Accounts {
+    store: Store,
+    default_limits: RateLimit,
+}
+
+pub struct NewKeyRequest<'a> {
+    pub account_id: &'a str,
+    pub name: &'a str,
+    pub limit_nanos: Option<i64>,
+    pub expires_at_unix: Option<i64>,
+}
+
+impl Accounts {
+    pub async fn open(config: &AuthConfig) -> Result<Accounts, AuthError> {
+        Ok(Accounts {
+            store: Store::open(&config.database_url).await?,
+            default_limits: RateLimit {
+                requests_per_minute: config.default_requests_per_minute,
+                tokens_per_minute: config.default_tokens_per_minute,
+            },
+        })
+    }
+
+    /// Creates an account with one key named "default". The caller (the
+    /// gateway) grants the free credit through billing.
+    pub async fn signup(&self, email: &str) -> Result<(String, CreatedKey), AuthError> {
+        let email = email.trim().to_ascii_lowercase();
+        if !is_plausible_email(&email) {
+            return Err(AuthError::InvalidEmail(email));
+        }
+        let account_id = format!("acct_{}", uuid::Uuid::new_v4().simple());
+        let (key, record) = self.mint(&NewKeyRequest {
+            account_id: &account_id,
+            name: "default",
+            limit_nanos: None,
+            expires_at_unix: None,
+        });
+        self.store.create_account(&account_id, &email, &record.as_new()).await?;
+        let created = CreatedKey {
+            key,
+            info: Some(self.info(&KeyRecord { is_free_tier: true, ..record.into_record() })),
+        };
+        Ok((account_id, created))
+    }
+
+    pub async fn create_key(&self, request: &NewKeyRequest<'_>) -> Result<CreatedKey, AuthError> {
+        let (key, pending) = self.mint(request);
+        self.store.create_key(&pending.as_new()).await?;
+        let record = self
+            .store
+            .key_by_id(&pending.id)
+            .await?
+            .ok_or_else(|| AuthError::KeyNotFound(pending.id.clone()))?;
+        Ok(CreatedKey {
+            key,
+            info: Some(self.info(&record)),
+        })
+    }
+
+    pub async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyInfo>, AuthError> {
+        let records = self.store.keys_of_account(account_id).await?;
+        Ok(records.iter().map(|r| self.info(r)).collect())
+    }
+
+    pub async fn revoke_key(&self, account_id: &str, key_id: &str) -> Result<(), AuthError> {
+        if self.store.revoke_key(account_id, key_id, now_unix_ms() / 1000).await? {
+            Ok(())
+        } else {
+            Err(AuthError::KeyNotFound(key_id.to_owned()))
+        }
+    }
+
+    /// The key's state if it may be used now; otherwise why not.
+    pub async fn verify(&self, key: &str) -> Result<KeyInfo, AuthError> {
+        if key.is_empty() {
+            return Err(AuthError::MissingKey);
+        }
+        if !keys::is_well_formed(key) {
+            return Err(AuthError::MalformedKey);
+        }
+        let hash = keys::hash(key);
+        let record = self.store.key_by_hash(&hash).await?.ok_or(AuthError::UnknownKey)?;
+        if !keys::constant_time_eq(record.key_hash.as_bytes(), hash.as_bytes()) {
+            return Err(AuthError::UnknownKey);
+        }
+        if record.revoked_at.is_some() {
+            return Err(AuthError::RevokedKey);
+        }
+        if record.disabled {
+            return Err(AuthError::DisabledKey);
+        }
+        if record.expires_at.is_some_and(|at| at <= now_unix_ms() / 1000) {
+            return Err(AuthError::ExpiredKey);
+        }
+        Ok(self.info(&record))
+    }
+
+    pub async fn key_info(&self, key_id: &str) -> Result<KeyInfo, AuthError> {
+        let record = self
+            .store
+            .key_by_id(key_id)
+            .await?
+            .ok_or_else(|| AuthError::KeyNotFound(key_id.to_owned()))?;
+        Ok(self.info(&record))
+    }
+
+    fn mint(&self, request: &NewKeyRequest<'_>) -> (String, PendingKey) {
+        let key = keys::generate();
+        let pending = PendingKey {
+            id: format!("key_{}", uuid::Uuid::new_v4().simple()),
+            account_id: request.account_id.to_owned(),
+            name: request.name.to_owned(),
+            prefix: keys::display_prefix(&key),
+            key_hash: keys::hash(&key),
+            limit_nanos: request.limit_nanos,
+            expires_at: request.expires_at_unix,
+            created_at: now_unix_ms() / 1000,
+        };
+        (key, pending)
+    }
+
+    fn info(&self, record: &KeyRecord) -> KeyInfo {
+        KeyInfo {
+            key_id: record.id.clone(),
+            account_id: record.account_id.clone(),
+            name: record.name.clone(),
+            prefix: record.prefix.clone(),
+            limit_nanos: record.limit_nanos,
+            disabled: record.disabled || record.revoked_at.is_some(),
+            expires_at_unix: record.expires_at,
+            created_at_unix: record.created_at,
+            is_free_tier: record.is_free_tier,
+            rate_limit: Some(RateLimit {
+                requests_per_minute: record
+                    .requests_per_minute
+                    .unwrap_or(self.default_limits.requests_per_minute),
+                tokens_per_minute: record
+                    .tokens_per_minute
+                    .unwrap_or(self.default_limits.tokens_per_minute),
+            }),
+        }
+    }
+}
+
+struct PendingKey {
+    id: String,
+    account_id: String,
+    name: String,
+    prefix: String,
+    key_hash: String,
+    limit_nanos: Option<i64>,
+    expires_at: Option<i64>,
+    created_at: i64,
+}
+
+impl PendingKey {
+    fn as_new(&self) -> NewKey<'_> {
+        NewKey {
+            id: &self.id,
+            account_id: &self.account_id,
+            name: &self.name,
+            prefix: &self.prefix,
+            key_hash: &self.key_hash,
+            limit_nanos: self.limit_nanos,
+            expires_at: self.expires_at,
+            created_at: self.created_at,
+        }
+    }
+
+    fn into_record(self) -> KeyRecord {
+        KeyRecord {
+            id: self.id,
+            account_id: self.account_id,
+            name: self.name,
+            prefix: self.prefix,
+            key_hash: self.key_hash,
+            limit_nanos: self.limit_nanos,
+            disabled: false,
+            revoked_at: None,
+            expires_at: self.expires_at,
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            created_at: self.created_at,
+            is_free_tier: false,
+        }
+    }
+}
+
+fn is_plausible_email(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    email.len() <= 254
+        && !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !email.chars().any(char::is_whitespace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn accounts() -> (tempfile::TempDir, Accounts) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("auth.db").display());
+        let config = AuthConfig {
+            database_url: url,
+            default_requests_per_minute: 7,
+            default_tokens_per_minute: 1000,
+        };
+        let accounts = Accounts::open(&config).await.unwrap();
+        (dir, accounts)
+    }
+
+    #[tokio::test]
+    async fn signup_then_verify_then_revoke() {
+        let (_dir, accounts) = accounts().await;
+        let (account_id, created) = accounts.signup("Me@Example.com").await.unwrap();
+        let info = accounts.verify(&created.key).await.unwrap();
+        assert_eq!(info.account_id, account_id);
+        assert!(info.is_free_tier);
+        assert_eq!(info.rate_limit.unwrap().requests_per_minute, 7);
+        assert!(created.key.starts_with(&info.prefix));
+
+        accounts.revoke_key(&account_id, &info.key_id).await.unwrap();
+        assert!(matches!(accounts.verify(&created.key).await, Err(AuthError::RevokedKey)));
+    }
+
+    #[tokio::test]
+    async fn duplicate_email_is_refused() {
+        let (_dir, accounts) = accounts().await;
+        accounts.signup("a@b.io").await.unwrap();
+        assert!(matches!(accounts.signup("A@b.io").await, Err(AuthError::DuplicateEmail(_))));
+    }
+
+    #[tokio::test]
+    async fn bad_keys_say_why() {
+        let (_dir, accounts) = accounts().await;
+        assert!(matches!(accounts.verify("").await, Err(AuthError::MissingKey)));
+        assert!(matches!(accounts.verify("sk-123").await, Err(AuthError::MalformedKey)));
+        let unknown = crate::keys::generate();
+        assert!(matches!(accounts.verify(&unknown).await, Err(AuthError::UnknownKey)));
+        assert!(matches!(accounts.signup("nope").await, Err(AuthError::InvalidEmail(_))));
+    }
+
+    #[tokio::test]
+    async fn expired_key_is_refused_and_keys_are_listed() {
+        let (_dir, accounts) = accounts().await;
+        let (account_id, _) = accounts.signup("x@y.dev").await.unwrap();
+        let expired = accounts
+            .create_key(&NewKeyRequest {
+                account_id: &account_id,
+                name: "old",
+                limit_nanos: Some(5),
+                expires_at_unix: Some(1),
+            })
+            .await
+            .unwrap();
+        assert!(matches!(accounts.verify(&expired.key).await, Err(AuthError::ExpiredKey)));
+        let listed = accounts.list_keys(&account_id).await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert!(listed.iter().all(|k| k.prefix.len() == 8));
+    }
+}

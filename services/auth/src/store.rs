@@ -1,0 +1,184 @@
+//! Accounts and keys in SQL (SQLite for the embedded default).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{Row, SqlitePool};
+
+use crate::error::AuthError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub account_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub key_hash: String,
+    pub limit_nanos: Option<i64>,
+    pub disabled: bool,
+    pub revoked_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    pub created_at: i64,
+    pub is_free_tier: bool,
+}
+
+pub struct NewKey<'a> {
+    pub id: &'a str,
+    pub account_id: &'a str,
+    pub name: &'a str,
+    pub prefix: &'a str,
+    pub key_hash: &'a str,
+    pub limit_nanos: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+const KEY_COLUMNS: &str = "k.id, k.account_id, k.name, k.prefix, k.key_hash, k.limit_nanos, \
+     k.disabled, k.revoked_at, k.expires_at, k.requests_per_minute, k.tokens_per_minute, \
+     k.created_at, a.is_free_tier";
+
+impl Store {
+    pub async fn open(database_url: &str) -> Result<Store, AuthError> {
+        let options = SqliteConnectOptions::from_str(database_url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    /// Creates the account and its first key in one transaction.
+    pub async fn create_account(
+        &self,
+        account_id: &str,
+        email: &str,
+        first_key: &NewKey<'_>,
+    ) -> Result<(), AuthError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO accounts (id, email, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (email) DO NOTHING",
+        )
+        .bind(account_id)
+        .bind(email)
+        .bind(first_key.created_at)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(AuthError::DuplicateEmail(email.to_owned()));
+        }
+        insert_key(&mut tx, first_key).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn create_key(&self, key: &NewKey<'_>) -> Result<(), AuthError> {
+        let mut tx = self.pool.begin().await?;
+        insert_key(&mut tx, key).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn key_by_hash(&self, key_hash: &str) -> Result<Option<KeyRecord>, AuthError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+             WHERE k.key_hash = $1"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(key_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| key_from_row(&row)).transpose()
+    }
+
+    pub async fn key_by_id(&self, key_id: &str) -> Result<Option<KeyRecord>, AuthError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+             WHERE k.id = $1"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(key_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| key_from_row(&row)).transpose()
+    }
+
+    pub async fn keys_of_account(&self, account_id: &str) -> Result<Vec<KeyRecord>, AuthError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
+             WHERE k.account_id = $1 AND k.revoked_at IS NULL ORDER BY k.created_at, k.id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(account_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    /// Returns false when the account holds no such live key.
+    pub async fn revoke_key(&self, account_id: &str, key_id: &str, now: i64) -> Result<bool, AuthError> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 \
+             WHERE id = $2 AND account_id = $3 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(key_id)
+        .bind(account_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+async fn insert_key(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    key: &NewKey<'_>,
+) -> Result<(), AuthError> {
+    sqlx::query(
+        "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, limit_nanos, expires_at, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(key.id)
+    .bind(key.account_id)
+    .bind(key.name)
+    .bind(key.prefix)
+    .bind(key.key_hash)
+    .bind(key.limit_nanos)
+    .bind(key.expires_at)
+    .bind(key.created_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<KeyRecord, AuthError> {
+    let rpm: Option<i64> = row.try_get("requests_per_minute")?;
+    let tpm: Option<i64> = row.try_get("tokens_per_minute")?;
+    Ok(KeyRecord {
+        id: row.try_get("id")?,
+        account_id: row.try_get("account_id")?,
+        name: row.try_get("name")?,
+        prefix: row.try_get("prefix")?,
+        key_hash: row.try_get("key_hash")?,
+        limit_nanos: row.try_get("limit_nanos")?,
+        disabled: row.try_get("disabled")?,
+        revoked_at: row.try_get("revoked_at")?,
+        expires_at: row.try_get("expires_at")?,
+        requests_per_minute: rpm.and_then(|v| u32::try_from(v).ok()),
+        tokens_per_minute: tpm.and_then(|v| u32::try_from(v).ok()),
+        created_at: row.try_get("created_at")?,
+        is_free_tier: row.try_get("is_free_tier")?,
+    })
+}

@@ -1,0 +1,47 @@
+use infermesh_service::money::format_usd;
+use infermesh_service::{ErrorKind, MeshError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    #[error(
+        "insufficient credit: this request may cost up to {} and the account has {} available; \
+         top up or lower max_tokens",
+        format_usd(*needed_nanos),
+        format_usd(*available_nanos)
+    )]
+    InsufficientCredit {
+        available_nanos: i64,
+        needed_nanos: i64,
+    },
+    #[error("no credit hold for request {0:?}")]
+    UnknownHold(String),
+    #[error("{field} must not be negative (got {value})")]
+    NegativeAmount { field: &'static str, value: i64 },
+    #[error("{0} must not be empty")]
+    MissingField(&'static str),
+    #[error("storage error: {0}")]
+    Storage(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<BillingError> for MeshError {
+    fn from(err: BillingError) -> MeshError {
+        let kind = match &err {
+            BillingError::InsufficientCredit { .. } => ErrorKind::InsufficientQuota,
+            BillingError::UnknownHold(_) => ErrorKind::NotFound,
+            BillingError::NegativeAmount { .. } | BillingError::MissingField(_) => ErrorKind::InvalidRequest,
+            BillingError::Storage(_) | BillingError::Migrate(_) => {
+                tracing::error!(error = %err, "billing storage failure");
+                return MeshError::internal("billing storage failure; retry shortly");
+            }
+        };
+        MeshError::new(kind, err.to_string())
+    }
+}
+
+impl From<BillingError> for tonic::Status {
+    fn from(err: BillingError) -> tonic::Status {
+        MeshError::from(err).into()
+    }
+}

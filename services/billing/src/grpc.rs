@@ -1,0 +1,64 @@
+//! `infermesh.v1.BillingService`: decode, call the [`Ledger`], encode.
+
+use infermesh_proto::v1::billing_service_server::BillingService;
+use infermesh_proto::v1::{
+    Balance, GetBalanceRequest, GrantRequest, ReleaseRequest, ReleaseResponse, ReserveRequest,
+    ReserveResponse, SettleRequest, SettleResponse, Usage,
+};
+use tonic::{Request, Response, Status};
+
+use crate::ledger::{Ledger, Settlement};
+
+pub struct BillingGrpc {
+    ledger: Ledger,
+}
+
+impl BillingGrpc {
+    pub fn new(ledger: Ledger) -> Self {
+        Self { ledger }
+    }
+}
+
+#[tonic::async_trait]
+impl BillingService for BillingGrpc {
+    async fn grant(&self, request: Request<GrantRequest>) -> Result<Response<Balance>, Status> {
+        let GrantRequest { account_id, amount_nanos, idempotency_key, reason } = request.into_inner();
+        let balance = self.ledger.grant(&account_id, amount_nanos, &idempotency_key, &reason).await?;
+        Ok(Response::new(balance))
+    }
+
+    async fn reserve(&self, request: Request<ReserveRequest>) -> Result<Response<ReserveResponse>, Status> {
+        let ReserveRequest { request_id, account_id, key_id, amount_nanos } = request.into_inner();
+        let (held_nanos, available_nanos) = self.ledger.reserve(&request_id, &account_id, &key_id, amount_nanos).await?;
+        Ok(Response::new(ReserveResponse { held_nanos, available_nanos }))
+    }
+
+    async fn settle(&self, request: Request<SettleRequest>) -> Result<Response<SettleResponse>, Status> {
+        let SettleRequest { request_id, cost_nanos, model, provider, usage, latency_ms } = request.into_inner();
+        let Usage { prompt_tokens, completion_tokens } = usage.unwrap_or_default();
+        let charged_nanos = self
+            .ledger
+            .settle(&Settlement {
+                request_id: &request_id,
+                cost_nanos,
+                model: &model,
+                provider: &provider,
+                prompt_tokens,
+                completion_tokens,
+                latency_ms,
+            })
+            .await?;
+        Ok(Response::new(SettleResponse { charged_nanos }))
+    }
+
+    async fn release(&self, request: Request<ReleaseRequest>) -> Result<Response<ReleaseResponse>, Status> {
+        let ReleaseRequest { request_id } = request.into_inner();
+        self.ledger.release(&request_id).await?;
+        Ok(Response::new(ReleaseResponse {}))
+    }
+
+    async fn get_balance(&self, request: Request<GetBalanceRequest>) -> Result<Response<Balance>, Status> {
+        let GetBalanceRequest { account_id } = request.into_inner();
+        Ok(Response::new(self.ledger.balance(&account_id).await?))
+    }
+}

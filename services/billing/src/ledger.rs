@@ -1,0 +1,414 @@
+//! Prepaid credit per account: grants add, holds reserve, settlements
+//! charge. Every change is one SQL transaction on a single writer
+//! connection, so concurrent requests serialise and the available balance
+//! can never go below zero through a hold.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use infermesh_proto::v1::{Balance, UsageEvent};
+use infermesh_service::now_unix_ms;
+use prost::Message;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use tokio::sync::Notify;
+
+use crate::error::BillingError;
+
+pub const USAGE_SUBJECT: &str = infermesh_bus::subjects::USAGE_SETTLED;
+
+#[derive(Clone, Debug)]
+pub struct Ledger {
+    pool: SqlitePool,
+    hold_ttl: Duration,
+    /// Whether settlements write usage events to the outbox (only when a
+    /// publisher drains it).
+    outbox_enabled: bool,
+    outbox_ready: Arc<Notify>,
+}
+
+pub struct Settlement<'a> {
+    pub request_id: &'a str,
+    pub cost_nanos: i64,
+    pub model: &'a str,
+    pub provider: &'a str,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub latency_ms: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub subject: String,
+    pub dedupe_id: String,
+    pub payload: Vec<u8>,
+}
+
+impl Ledger {
+    pub async fn open(database_url: &str, hold_ttl: Duration, outbox_enabled: bool) -> Result<Ledger, BillingError> {
+        let options = SqliteConnectOptions::from_str(database_url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        // One connection: transactions serialise, which is what makes the
+        // balance check and the hold atomic.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Ledger {
+            pool,
+            hold_ttl,
+            outbox_enabled,
+            outbox_ready: Arc::new(Notify::new()),
+        })
+    }
+
+    pub fn outbox_ready(&self) -> Arc<Notify> {
+        self.outbox_ready.clone()
+    }
+
+    /// Adds credit once per `idempotency_key`.
+    pub async fn grant(&self, account_id: &str, amount_nanos: i64, idempotency_key: &str, reason: &str) -> Result<Balance, BillingError> {
+        if amount_nanos < 0 {
+            return Err(BillingError::NegativeAmount { field: "amount_nanos", value: amount_nanos });
+        }
+        require("account_id", account_id)?;
+        require("idempotency_key", idempotency_key)?;
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO grants (idempotency_key, account_id, amount_nanos, reason, created_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(idempotency_key)
+        .bind(account_id)
+        .bind(amount_nanos)
+        .bind(reason)
+        .bind(now_unix_ms())
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 1 {
+            sqlx::query(
+                "INSERT INTO credit_accounts (account_id, granted_nanos) VALUES ($1, $2) \
+                 ON CONFLICT (account_id) DO UPDATE SET granted_nanos = granted_nanos + excluded.granted_nanos",
+            )
+            .bind(account_id)
+            .bind(amount_nanos)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.balance(account_id).await
+    }
+
+    pub async fn balance(&self, account_id: &str) -> Result<Balance, BillingError> {
+        let row = sqlx::query("SELECT granted_nanos, used_nanos, held_nanos FROM credit_accounts WHERE account_id = $1")
+            .bind(account_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let (granted, used, held) = match row {
+            Some(row) => (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?),
+            None => (0, 0, 0),
+        };
+        Ok(Balance {
+            account_id: account_id.to_owned(),
+            granted_nanos: granted,
+            used_nanos: used,
+            held_nanos: held,
+            available_nanos: granted - used - held,
+        })
+    }
+
+    /// Holds `amount_nanos` for `request_id`; a repeat returns the first hold.
+    pub async fn reserve(&self, request_id: &str, account_id: &str, key_id: &str, amount_nanos: i64) -> Result<(i64, i64), BillingError> {
+        if amount_nanos < 0 {
+            return Err(BillingError::NegativeAmount { field: "amount_nanos", value: amount_nanos });
+        }
+        require("request_id", request_id)?;
+        require("account_id", account_id)?;
+        let mut tx = self.pool.begin().await?;
+        let existing = sqlx::query("SELECT amount_nanos FROM holds WHERE request_id = $1")
+            .bind(request_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let available = available_in(&mut tx, account_id).await?;
+        if let Some(row) = existing {
+            return Ok((row.try_get(0)?, available));
+        }
+        if available < amount_nanos {
+            return Err(BillingError::InsufficientCredit { available_nanos: available, needed_nanos: amount_nanos });
+        }
+        let now = now_unix_ms();
+        let ttl_ms = i64::try_from(self.hold_ttl.as_millis()).unwrap_or(i64::MAX);
+        sqlx::query(
+            "INSERT INTO holds (request_id, account_id, key_id, amount_nanos, state, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, 'held', $5, $6)",
+        )
+        .bind(request_id)
+        .bind(account_id)
+        .bind(key_id)
+        .bind(amount_nanos)
+        .bind(now)
+        .bind(now.saturating_add(ttl_ms))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE credit_accounts SET held_nanos = held_nanos + $1 WHERE account_id = $2")
+            .bind(amount_nanos)
+            .bind(account_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((amount_nanos, available - amount_nanos))
+    }
+
+    /// Charges the actual cost and frees the rest of the hold. Settling a
+    /// request twice charges once and returns the first charge.
+    pub async fn settle(&self, settlement: &Settlement<'_>) -> Result<i64, BillingError> {
+        if settlement.cost_nanos < 0 {
+            return Err(BillingError::NegativeAmount { field: "cost_nanos", value: settlement.cost_nanos });
+        }
+        let mut tx = self.pool.begin().await?;
+        let hold = sqlx::query("SELECT account_id, key_id, amount_nanos, state FROM holds WHERE request_id = $1")
+            .bind(settlement.request_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| BillingError::UnknownHold(settlement.request_id.to_owned()))?;
+        let account_id: String = hold.try_get(0)?;
+        let key_id: String = hold.try_get(1)?;
+        let held: i64 = hold.try_get(2)?;
+        let state: String = hold.try_get(3)?;
+        if state == "settled" {
+            let charged = sqlx::query("SELECT cost_nanos FROM usage_records WHERE request_id = $1")
+                .bind(settlement.request_id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+            return Ok(charged);
+        }
+        // An expired or released hold no longer counts in held_nanos.
+        let still_held = if state == "held" { held } else { 0 };
+        sqlx::query(
+            "UPDATE credit_accounts SET held_nanos = held_nanos - $1, used_nanos = used_nanos + $2 \
+             WHERE account_id = $3",
+        )
+        .bind(still_held)
+        .bind(settlement.cost_nanos)
+        .bind(&account_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE holds SET state = 'settled' WHERE request_id = $1")
+            .bind(settlement.request_id)
+            .execute(&mut *tx)
+            .await?;
+        let now = now_unix_ms();
+        sqlx::query(
+            "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, prompt_tokens, \
+             completion_tokens, cost_nanos, latency_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(settlement.request_id)
+        .bind(&account_id)
+        .bind(&key_id)
+        .bind(settlement.model)
+        .bind(settlement.provider)
+        .bind(i64::from(settlement.prompt_tokens))
+        .bind(i64::from(settlement.completion_tokens))
+        .bind(settlement.cost_nanos)
+        .bind(i64::from(settlement.latency_ms))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if self.outbox_enabled {
+            let event = UsageEvent {
+                request_id: settlement.request_id.to_owned(),
+                account_id,
+                key_id,
+                model: settlement.model.to_owned(),
+                provider: settlement.provider.to_owned(),
+                usage: Some(infermesh_proto::v1::Usage {
+                    prompt_tokens: settlement.prompt_tokens,
+                    completion_tokens: settlement.completion_tokens,
+                }),
+                cost_nanos: settlement.cost_nanos,
+                settled_at_unix_ms: now,
+                latency_ms: settlement.latency_ms,
+            };
+            sqlx::query("INSERT INTO outbox (subject, dedupe_id, payload, created_at) VALUES ($1, $2, $3, $4)")
+                .bind(USAGE_SUBJECT)
+                .bind(settlement.request_id)
+                .bind(event.encode_to_vec())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        if self.outbox_enabled {
+            self.outbox_ready.notify_one();
+        }
+        Ok(settlement.cost_nanos)
+    }
+
+    /// Gives a hold back; releasing twice, or after settling, changes nothing.
+    pub async fn release(&self, request_id: &str) -> Result<(), BillingError> {
+        let mut tx = self.pool.begin().await?;
+        let released = sqlx::query(
+            "UPDATE holds SET state = 'released' WHERE request_id = $1 AND state = 'held' \
+             RETURNING account_id, amount_nanos",
+        )
+        .bind(request_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = released {
+            let account_id: String = row.try_get(0)?;
+            let amount: i64 = row.try_get(1)?;
+            sqlx::query("UPDATE credit_accounts SET held_nanos = held_nanos - $1 WHERE account_id = $2")
+                .bind(amount)
+                .bind(&account_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Releases holds whose lease lapsed (their gateway died), so credit is
+    /// never stuck. Returns how many.
+    pub async fn expire_holds(&self) -> Result<u64, BillingError> {
+        let mut tx = self.pool.begin().await?;
+        let expired = sqlx::query(
+            "UPDATE holds SET state = 'expired' WHERE state = 'held' AND expires_at <= $1 \
+             RETURNING account_id, amount_nanos",
+        )
+        .bind(now_unix_ms())
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &expired {
+            let account_id: String = row.try_get(0)?;
+            let amount: i64 = row.try_get(1)?;
+            sqlx::query("UPDATE credit_accounts SET held_nanos = held_nanos - $1 WHERE account_id = $2")
+                .bind(amount)
+                .bind(&account_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(expired.len() as u64)
+    }
+
+    pub async fn outbox_batch(&self, limit: i64) -> Result<Vec<OutboxRow>, BillingError> {
+        let rows = sqlx::query("SELECT seq, subject, dedupe_id, payload FROM outbox ORDER BY seq LIMIT $1")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(OutboxRow {
+                    seq: row.try_get(0)?,
+                    subject: row.try_get(1)?,
+                    dedupe_id: row.try_get(2)?,
+                    payload: row.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn outbox_delete(&self, seq: i64) -> Result<(), BillingError> {
+        sqlx::query("DELETE FROM outbox WHERE seq = $1").bind(seq).execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+async fn available_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, account_id: &str) -> Result<i64, BillingError> {
+    let row = sqlx::query("SELECT granted_nanos - used_nanos - held_nanos FROM credit_accounts WHERE account_id = $1")
+        .bind(account_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(match row {
+        Some(row) => row.try_get(0)?,
+        None => 0,
+    })
+}
+
+fn require(field: &'static str, value: &str) -> Result<(), BillingError> {
+    if value.is_empty() { Err(BillingError::MissingField(field)) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn ledger(ttl: Duration) -> (tempfile::TempDir, Ledger) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("billing.db").display());
+        (dir, Ledger::open(&url, ttl, true).await.unwrap())
+    }
+
+    fn settlement(request_id: &str, cost_nanos: i64) -> Settlement<'_> {
+        Settlement { request_id, cost_nanos, model: "m", provider: "p", prompt_tokens: 3, completion_tokens: 4, latency_ms: 5 }
+    }
+
+    #[tokio::test]
+    async fn grant_is_idempotent() {
+        let (_dir, ledger) = ledger(Duration::from_secs(60)).await;
+        ledger.grant("a", 100, "signup:a", "free").await.unwrap();
+        let balance = ledger.grant("a", 100, "signup:a", "free").await.unwrap();
+        assert_eq!(balance.granted_nanos, 100);
+        assert_eq!(balance.available_nanos, 100);
+    }
+
+    #[tokio::test]
+    async fn reserve_settle_charges_actual_cost_once() {
+        let (_dir, ledger) = ledger(Duration::from_secs(60)).await;
+        ledger.grant("a", 1000, "g", "free").await.unwrap();
+        assert_eq!(ledger.reserve("r1", "a", "k", 600).await.unwrap(), (600, 400));
+        assert_eq!(ledger.reserve("r1", "a", "k", 600).await.unwrap().0, 600, "idempotent");
+        assert_eq!(ledger.balance("a").await.unwrap().held_nanos, 600);
+        assert_eq!(ledger.settle(&settlement("r1", 250)).await.unwrap(), 250);
+        assert_eq!(ledger.settle(&settlement("r1", 999)).await.unwrap(), 250, "idempotent");
+        let balance = ledger.balance("a").await.unwrap();
+        assert_eq!((balance.used_nanos, balance.held_nanos, balance.available_nanos), (250, 0, 750));
+        let outbox = ledger.outbox_batch(10).await.unwrap();
+        assert_eq!(outbox.len(), 1);
+        let event = UsageEvent::decode(outbox[0].payload.as_slice()).unwrap();
+        assert_eq!((event.cost_nanos, event.account_id.as_str()), (250, "a"));
+    }
+
+    #[tokio::test]
+    async fn refuses_what_it_cannot_cover_and_never_goes_negative() {
+        let (_dir, ledger) = ledger(Duration::from_secs(60)).await;
+        ledger.grant("a", 1000, "g", "free").await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let ledger = ledger.clone();
+            tasks.push(tokio::spawn(async move { ledger.reserve(&format!("r{i}"), "a", "k", 100).await.is_ok() }));
+        }
+        let mut admitted = 0;
+        for task in tasks {
+            admitted += usize::from(task.await.unwrap());
+        }
+        assert_eq!(admitted, 10);
+        let err = ledger.reserve("late", "a", "k", 1).await.unwrap_err();
+        assert!(matches!(err, BillingError::InsufficientCredit { available_nanos: 0, needed_nanos: 1 }));
+        assert!(err.to_string().contains("top up"));
+    }
+
+    #[tokio::test]
+    async fn release_and_expiry_free_the_hold() {
+        let (_dir, ledger) = ledger(Duration::from_millis(0)).await;
+        ledger.grant("a", 1000, "g", "free").await.unwrap();
+        ledger.reserve("r1", "a", "k", 300).await.unwrap();
+        ledger.release("r1").await.unwrap();
+        ledger.release("r1").await.unwrap();
+        assert_eq!(ledger.balance("a").await.unwrap().available_nanos, 1000);
+        ledger.reserve("r2", "a", "k", 300).await.unwrap();
+        assert_eq!(ledger.expire_holds().await.unwrap(), 1);
+        assert_eq!(ledger.balance("a").await.unwrap().held_nanos, 0);
+        // A late settlement after expiry still charges what was used.
+        ledger.settle(&settlement("r2", 100)).await.unwrap();
+        let balance = ledger.balance("a").await.unwrap();
+        assert_eq!((balance.used_nanos, balance.held_nanos), (100, 0));
+    }
+}

@@ -1,0 +1,74 @@
+//! The billing service: prepaid credit per account.
+//!
+//! - [`ledger`]: grants, holds, settlements, releases, hold expiry, outbox.
+//! - [`outbox`]: publishes usage events from the outbox to NATS JetStream.
+//! - [`grpc`]: thin `infermesh.v1.BillingService` handlers.
+
+pub mod error;
+pub mod grpc;
+pub mod ledger;
+pub mod outbox;
+
+use std::future::Future;
+use std::time::Duration;
+
+use infermesh_proto::v1::billing_service_server::BillingServiceServer;
+use infermesh_service::{BootstrapError, CancellationToken};
+use tokio::net::TcpListener;
+
+pub use error::BillingError;
+pub use ledger::Ledger;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BillingConfig {
+    /// Where the ledger lives (sqlx URL).
+    #[arg(long = "billing-database-url", env = "INFERMESH_BILLING_DATABASE_URL", default_value = "sqlite://infermesh-billing.db")]
+    pub database_url: String,
+    /// How long a hold lives before it is released on its own (a gateway
+    /// that died mid-request must not keep credit stuck).
+    #[arg(long = "hold-ttl-secs", env = "INFERMESH_HOLD_TTL_SECS", default_value_t = 900)]
+    pub hold_ttl_secs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Billing(#[from] BillingError),
+    #[error(transparent)]
+    Serve(#[from] BootstrapError),
+}
+
+/// Serves billing. With `bus`, each settlement's usage event is published
+/// on NATS from the outbox.
+pub async fn run(
+    config: BillingConfig,
+    bus: Option<infermesh_bus::Bus>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
+    let ledger = Ledger::open(&config.database_url, Duration::from_secs(config.hold_ttl_secs), bus.is_some()).await?;
+    let background = CancellationToken::new();
+    if let Some(bus) = bus {
+        tokio::spawn(outbox::publish_forever(ledger.clone(), bus, background.clone()));
+    }
+    tokio::spawn(expire_holds_forever(ledger.clone(), background.clone()));
+    let _stop_background = background.drop_guard();
+    let routes = tonic::service::Routes::new(BillingServiceServer::new(grpc::BillingGrpc::new(ledger)));
+    infermesh_service::serve_grpc(listener, routes, &["infermesh.v1.BillingService"], shutdown).await?;
+    Ok(())
+}
+
+async fn expire_holds_forever(ledger: Ledger, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match ledger.expire_holds().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(holds = n, "released expired credit holds"),
+            Err(err) => tracing::warn!(error = %err, "hold expiry sweep failed"),
+        }
+    }
+}

