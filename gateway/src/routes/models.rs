@@ -64,6 +64,7 @@ mod tests {
     fn prices_become_exact_dollars_per_token() {
         assert_eq!(per_token(30_000_000), "0.00000003");
         assert_eq!(per_token(0), "0");
-        assert_eq!(per_token(2_500_000_000_000), "2.5");
+        assert_eq!(per_token(2_500_000_000_000), "0.0025");
+        assert_eq!(per_token(2_500_000_000_000_000), "2.5");
     }
 }

@@ -22,7 +22,7 @@ pricing = { prompt = 0.03, completion = 0.06 }
 
 [[models]]
 id = "infermesh/all-minilm-l6-v2"
-aliases = ["all-minilm-l6-v2", "all-MiniLM-L6-v2"]
+aliases = ["all-minilm-l6-v2"]
 owned_by = "sentence-transformers"
 kind = "embedding"
 description = "all-MiniLM-L6-v2 sentence embeddings, 384 dimensions"
@@ -121,8 +121,9 @@ impl Catalog {
     fn check_unique_names(&self) -> Result<(), RegistryError> {
         let mut seen = std::collections::HashSet::new();
         for model in &self.models {
-            for name in std::iter::once(&model.id).chain(&model.aliases) {
-                if !seen.insert(name.to_ascii_lowercase()) {
+            let own: std::collections::BTreeSet<String> = std::iter::once(&model.id).chain(&model.aliases).map(|n| n.to_ascii_lowercase()).collect();
+            for name in own {
+                if !seen.insert(name.clone()) {
                     return Err(RegistryError::Config(format!("name {name:?} is used by two models")));
                 }
             }

@@ -343,10 +343,10 @@ mod tests {
 
     #[test]
     fn decode_mask_respects_window_and_cache_offset() {
-        // Decoding position 1000 with a cache that starts at 489.
-        let mask = attention_mask(1, 1000, 489, 512, Some(512), 1, &Device::Cpu).unwrap();
+        // Decoding position 1000 with a cache that starts at 488.
+        let mask = attention_mask(1, 1000, 488, 513, Some(512), 1, &Device::Cpu).unwrap();
         let row = &visible(&mask)[0];
-        assert!(!row[0], "position 489 is 511+ behind");
+        assert!(!row[0], "position 488 is 512 behind: outside the window");
         assert!(row[1..].iter().all(|v| *v));
         let global = attention_mask(2, 5, 0, 7, None, 2, &Device::Cpu).unwrap();
         let rows = visible(&global);
