@@ -125,7 +125,6 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
         "created": created,
         "model": admission.model.id,
         "provider": admission.provider,
-        "system_fingerprint": null,
         "choices": [{
             "index": 0,
             "message": {"role": "assistant", "content": content, "refusal": null, "annotations": []},
@@ -145,7 +144,6 @@ fn chunk(admission: &Admission, created: u64, choices: Value, usage: Option<Valu
         "created": created,
         "model": admission.model.id,
         "provider": admission.provider,
-        "system_fingerprint": null,
         "choices": choices,
     });
     if include_usage {

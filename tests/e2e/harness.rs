@@ -1,0 +1,124 @@
+//! Helpers for end-to-end tests: spawn the real `infermesh` binary (and a
+//! real `nats-server`), learn the ports they bound from their stdout, and
+//! drive them over HTTP or with the official `openai` Python SDK.
+
+#![allow(dead_code, reason = "each test target uses a different subset")]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_infermesh");
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The venv made by `scripts/setup.sh`; its bin dir also holds nats-server.
+pub fn venv_bin(program: &str) -> PathBuf {
+    let path = std::env::var_os("INFERMESH_VENV").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv")).join("bin").join(program);
+    assert!(path.exists(), "{} is missing: run scripts/setup.sh first", path.display());
+    path
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub address: String,
+}
+
+fn quiet(command: &mut Command) -> &mut Command {
+    let logs = std::env::var_os("INFERMESH_TEST_LOGS").is_some();
+    command
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::piped())
+        .stderr(if logs { Stdio::inherit() } else { Stdio::null() })
+        .kill_on_drop(true)
+}
+
+/// Runs `infermesh <args>` and waits for its `listening on` line.
+pub async fn spawn(service: &str, args: &[&str]) -> Proc {
+    let mut command = Command::new(BIN);
+    command.args(args);
+    let mut child = quiet(&mut command).spawn().expect("spawn infermesh");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let needle = format!("infermesh {service} listening on ");
+    let address = tokio::time::timeout(Duration::from_secs(300), async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            if let Some(address) = line.strip_prefix(&needle) {
+                return address.to_owned();
+            }
+        }
+        panic!("infermesh {service} exited before listening");
+    })
+    .await
+    .expect("service did not start within 300 s");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Proc { child, address }
+}
+
+/// A real nats-server with JetStream on a free port.
+pub async fn spawn_nats(store: &Path) -> Proc {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut command = Command::new(venv_bin("nats-server"));
+    command.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"]).arg(store);
+    let child = quiet(&mut command).spawn().expect("spawn nats-server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Proc { child, address: format!("nats://127.0.0.1:{port}") }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+/// Waits until `/readyz` says every service is up and a worker registered.
+pub async fn wait_ready(base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Ok(response) = http().get(format!("{base}/readyz")).send().await
+            && response.status().is_success()
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{base} never became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Signs up over HTTP, returning the new key.
+pub async fn signup(base: &str, email: &str) -> String {
+    let response = http().post(format!("{base}/v1/auth/signup")).body(format!(r#"{{"email":"{email}"}}"#)).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.unwrap();
+    let key = body["key"].as_str().expect("signup returns a key").to_owned();
+    assert!(key.starts_with("im_") && key.len() >= 35, "{key}");
+    assert!(body["credit"].as_f64().unwrap() > 0.0, "{body}");
+    key
+}
+
+/// Runs tests/e2e/openai_client.py (official SDK + OpenAI schemas) and
+/// returns its RESULT object.
+pub async fn run_openai_client(base: &str, key: &str) -> Value {
+    let output = Command::new(venv_bin("python"))
+        .arg(repo().join("tests/e2e/openai_client.py"))
+        .arg(format!("{base}/v1"))
+        .arg(key)
+        .arg(repo().join("tests/fixtures/openai_schemas.json"))
+        .output()
+        .await
+        .expect("run the python client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "openai client failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).expect("RESULT line");
+    serde_json::from_str(line).unwrap()
+}

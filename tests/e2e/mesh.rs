@@ -1,0 +1,181 @@
+//! End-to-end: the real `infermesh` binary, the real models, real gRPC
+//! between services, a real nats-server, driven by the official `openai`
+//! Python SDK and raw HTTP.
+
+#[path = "harness.rs"]
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use harness::{http, run_openai_client, signup, spawn, spawn_nats, wait_ready};
+use infermesh_proto::v1::UsageEvent;
+use prost::Message;
+use serde_json::Value;
+
+async fn active_sequences(base: &str) -> u64 {
+    let health: Value = http().get(format!("{base}/health")).send().await.unwrap().json().await.unwrap();
+    health["workers"].as_array().unwrap().iter().map(|w| w["active_sequences"].as_u64().unwrap()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_serves_the_openai_sdk_and_stops_generating_when_the_client_leaves() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap();
+    let up = spawn("gateway", &["up", "--http", "127.0.0.1:0", "--data-dir", data_dir, "--no-nats"]).await;
+    let base = format!("http://{}", up.address);
+    wait_ready(&base).await;
+    let key = signup(&base, "sdk@example.com").await;
+
+    let result = run_openai_client(&base, &key).await;
+    assert!(result["chat"]["cost"].as_f64().unwrap() > 0.0);
+
+    // A stream the client abandons must stop at the worker, long before
+    // its 4,000 tokens would be done.
+    let response = http()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .body(r#"{"model":"infermesh/gemma-3-270m","messages":[{"role":"user","content":"Tell a long story."}],"max_tokens":4000,"stream":true}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"") || seen.matches("data: ").count() < 3 {
+        seen.push_str(&String::from_utf8_lossy(&body.next().await.unwrap().unwrap()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while active_sequences(&base).await == 0 {
+        assert!(Instant::now() < deadline, "the worker never reported the stream as active");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(body);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while active_sequences(&base).await > 0 {
+        assert!(Instant::now() < deadline, "generation kept running after the client disconnected");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn separate_processes_publish_a_usage_event_per_request_on_nats() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path();
+    let sqlite = |name: &str| format!("sqlite://{}", dir.join(name).display());
+    let nats = spawn_nats(&dir.join("nats")).await;
+    let registry = spawn("registry", &["registry", "--listen", "127.0.0.1:0"]).await;
+    let auth = spawn("auth", &["auth", "--listen", "127.0.0.1:0", "--auth-database-url", &sqlite("auth.db")]).await;
+    let billing = spawn(
+        "billing",
+        &["billing", "--listen", "127.0.0.1:0", "--billing-database-url", &sqlite("billing.db"), "--nats-url", &nats.address],
+    )
+    .await;
+    let ratelimit = spawn("ratelimit", &["ratelimit", "--listen", "127.0.0.1:0"]).await;
+    let _worker = spawn("worker", &["worker", "--listen", "127.0.0.1:0", "--registry-addr", &registry.address]).await;
+    let gateway = spawn(
+        "gateway",
+        &[
+            "gateway",
+            "--http",
+            "127.0.0.1:0",
+            "--auth-addr",
+            &auth.address,
+            "--billing-addr",
+            &billing.address,
+            "--registry-addr",
+            &registry.address,
+            "--ratelimit-addr",
+            &ratelimit.address,
+        ],
+    )
+    .await;
+    let base = format!("http://{}", gateway.address);
+    wait_ready(&base).await;
+    let key = signup(&base, "procs@example.com").await;
+    let result = run_openai_client(&base, &key).await;
+
+    // Every settled request leaves one event in the USAGE stream, deduped
+    // by request id, with exactly the cost the response reported.
+    let client = async_nats::connect(&nats.address).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let expected = [
+        (result["chat"]["id"].as_str().unwrap().to_owned(), result["chat"]["cost"].as_f64().unwrap()),
+        (result["stream"]["id"].as_str().unwrap().to_owned(), result["stream"]["cost"].as_f64().unwrap()),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut events = std::collections::HashMap::new();
+    while expected.iter().any(|(id, _)| !events.contains_key(id)) {
+        assert!(Instant::now() < deadline, "usage events missing; got {:?}", events.keys().collect::<Vec<_>>());
+        let mut stream = jetstream.get_stream("USAGE").await.unwrap();
+        let consumer = stream.create_consumer(async_nats::jetstream::consumer::pull::Config::default()).await.unwrap();
+        let _ = stream.info().await;
+        let mut batch = consumer.fetch().max_messages(100).expires(Duration::from_secs(1)).messages().await.unwrap();
+        while let Some(message) = batch.next().await {
+            let message = message.unwrap();
+            let event = UsageEvent::decode(message.payload.clone()).unwrap();
+            let dedupe = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).map(|v| v.as_str().to_owned());
+            assert_eq!(dedupe.as_deref(), Some(event.request_id.as_str()));
+            assert_eq!(message.subject.as_str(), "usage.settled.v1");
+            events.insert(event.request_id.clone(), event);
+        }
+    }
+    for (id, cost) in expected {
+        let event = &events[&id];
+        assert_eq!(event.cost_nanos, (cost * 1e9).round() as i64, "{id}: event cost vs usage.cost");
+        assert_eq!(event.model, "infermesh/gemma-3-270m");
+        assert!(event.usage.unwrap().completion_tokens > 0);
+    }
+    drop(nats);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credit_and_rate_limits_are_enforced_with_openai_errors() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap();
+    // $0.000001 of credit and 2 requests a minute per key.
+    let up = spawn(
+        "gateway",
+        &["up", "--http", "127.0.0.1:0", "--data-dir", data_dir, "--no-nats", "--signup-credit", "0.000001", "--default-requests-per-minute", "2"],
+    )
+    .await;
+    let base = format!("http://{}", up.address);
+    wait_ready(&base).await;
+    let key = signup(&base, "limits@example.com").await;
+    let embed = || http().post(format!("{base}/v1/embeddings")).header("x-api-key", &key).body(r#"{"model":"all-minilm-l6-v2","input":"hi"}"#).send();
+
+    let first = embed().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-ratelimit-limit-requests"], "2");
+    assert_eq!(first.headers()["x-ratelimit-remaining-requests"], "1");
+
+    // The hold for 1,000 output tokens exceeds the credit: 402, and the
+    // refused request does not count against the rate limit.
+    let broke = http()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .body(r#"{"model":"infermesh/gemma-3-270m","messages":[{"role":"user","content":"hi"}],"max_tokens":1000}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(broke.status(), 402);
+    let body: Value = broke.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "insufficient_quota");
+    assert!(body["error"]["message"].as_str().unwrap().contains("top up"), "{body}");
+
+    assert_eq!(embed().await.unwrap().status(), 200);
+    let limited = embed().await.unwrap();
+    assert_eq!(limited.status(), 429);
+    let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(limited.headers()["x-ratelimit-remaining-requests"], "0");
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+
+    // Oversized bodies are refused in OpenAI's shape.
+    let huge = format!(r#"{{"model":"all-minilm-l6-v2","input":"{}"}}"#, "a".repeat(5 * 1024 * 1024));
+    let too_big = http().post(format!("{base}/v1/embeddings")).header("x-api-key", &key).body(huge).send().await.unwrap();
+    assert_eq!(too_big.status(), 413);
+    let body: Value = too_big.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+}

@@ -1,0 +1,167 @@
+"""Drives a running infermesh gateway with the official `openai` SDK and
+checks every response body against OpenAI's own JSON Schemas.
+
+Usage: openai_client.py BASE_URL API_KEY SCHEMAS_JSON
+Prints one line `RESULT {json}` with what the caller needs to cross-check
+(request ids and costs); exits non-zero on the first failed check.
+"""
+
+import base64
+import json
+import struct
+import sys
+
+import urllib.error
+import urllib.request
+import jsonschema
+import openai
+
+base_url, api_key, schemas_path = sys.argv[1], sys.argv[2], sys.argv[3]
+with open(schemas_path) as f:
+    schemas = json.load(f)
+
+
+def check(name, body):
+    """Validate `body` against the named schema from the OpenAI spec."""
+    schema = {"$ref": f"#/$defs/{name}", "$defs": schemas["$defs"]}
+    jsonschema.Draft202012Validator(schema).validate(body)
+
+
+class Raw:
+    """A raw HTTP response: status and parsed JSON body."""
+
+    def __init__(self, status, body):
+        self.status_code = status
+        self._body = body
+
+    def json(self):
+        return json.loads(self._body)
+
+    @property
+    def text(self):
+        return self._body.decode(errors="replace")
+
+
+def raw(method, path, content=None, json_body=None):
+    data = json.dumps(json_body).encode() if json_body is not None else content
+    request = urllib.request.Request(f"{base_url}{path}", data=data, method=method,
+                                     headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return Raw(response.status, response.read())
+    except urllib.error.HTTPError as err:
+        return Raw(err.code, err.read())
+
+
+client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+result = {}
+
+# Non-streaming chat.
+chat = client.chat.completions.create(
+    model="infermesh/gemma-3-270m",
+    messages=[{"role": "user", "content": "Name a colour."}],
+    max_tokens=16,
+)
+check("CreateChatCompletionResponse", json.loads(chat.to_json()))
+assert chat.object == "chat.completion"
+assert chat.id.startswith("chatcmpl-"), chat.id
+assert chat.choices[0].message.role == "assistant"
+assert chat.choices[0].message.content, "empty completion"
+assert chat.choices[0].finish_reason in ("stop", "length")
+usage = chat.usage
+assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+cost = usage.model_extra["cost"]
+assert cost > 0, usage
+assert usage.model_extra["is_byok"] is False
+assert chat.model_extra["provider"] == "infermesh"
+result["chat"] = {"id": chat.id, "cost": cost, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+
+# Streaming chat with include_usage: every chunk valid, usage last, then [DONE].
+stream = client.chat.completions.create(
+    model="gemma-3-270m",
+    messages=[{"role": "user", "content": "Say hello."}],
+    max_tokens=12,
+    stream=True,
+    stream_options={"include_usage": True},
+)
+text, chunks, final_usage, finish, stream_id = "", 0, None, None, None
+for chunk in stream:
+    chunks += 1
+    stream_id = chunk.id
+    check("CreateChatCompletionStreamResponse", json.loads(chunk.to_json()))
+    if chunk.choices:
+        delta = chunk.choices[0].delta
+        text += delta.content or ""
+        finish = chunk.choices[0].finish_reason or finish
+    if chunk.usage is not None:
+        final_usage = chunk.usage
+assert chunks >= 3, chunks
+assert text, "stream produced no text"
+assert finish in ("stop", "length"), finish
+assert final_usage is not None and final_usage.completion_tokens > 0, final_usage
+assert final_usage.model_extra["cost"] > 0
+result["stream"] = {"id": stream_id, "cost": final_usage.model_extra["cost"], "text": text}
+
+# Embeddings, float and base64.
+emb = client.embeddings.create(model="infermesh/all-minilm-l6-v2", input=["The cat sat.", "A feline rested.", "Stock prices fell."])
+check("CreateEmbeddingResponse", json.loads(emb.to_json()))
+vectors = [d.embedding for d in emb.data]
+assert len(vectors) == 3 and all(len(v) == 384 for v in vectors)
+for v in vectors:
+    norm = sum(x * x for x in v) ** 0.5
+    assert abs(norm - 1.0) < 1e-3, norm
+dot = lambda a, b: sum(x * y for x, y in zip(a, b))
+assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2]), "similar sentences should be closer"
+b64 = raw("POST", "/embeddings", json_body={"model": "infermesh/all-minilm-l6-v2", "input": "The cat sat.", "encoding_format": "base64"}).json()
+decoded = struct.unpack("<384f", base64.b64decode(b64["data"][0]["embedding"]))
+assert max(abs(a - b) for a, b in zip(decoded, vectors[0])) < 1e-6
+sdk_b64 = client.embeddings.create(model="infermesh/all-minilm-l6-v2", input="The cat sat.", encoding_format="base64")
+assert len(sdk_b64.data[0].embedding) in (384, 2048), "the SDK decodes or passes base64 through"
+
+# Models.
+models = client.models.list()
+listed = raw("GET", "/models").json()
+check("ListModelsResponse", listed)
+ids = {m.id for m in models.data}
+assert {"infermesh/gemma-3-270m", "infermesh/all-minilm-l6-v2"} <= ids, ids
+for m in listed["data"]:
+    assert float(m["pricing"]["prompt"]) >= 0 and m["context_length"] > 0 and m["capabilities"], m
+one = client.models.retrieve("infermesh/gemma-3-270m")
+check("Model", json.loads(one.to_json()))
+assert one.id == "infermesh/gemma-3-270m"
+
+# Errors: each in OpenAI's shape, raised as the SDK's own exception types.
+def error_body(response):
+    body = response.json()
+    check("ErrorResponse", body)
+    return body["error"]
+
+try:
+    openai.OpenAI(base_url=base_url, api_key="im_" + "x" * 40, max_retries=0).chat.completions.create(
+        model="infermesh/gemma-3-270m", messages=[{"role": "user", "content": "hi"}])
+    raise AssertionError("a bad key was accepted")
+except openai.AuthenticationError as err:
+    assert err.status_code == 401
+    assert error_body(err.response)["type"] == "authentication_error"
+
+try:
+    client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    raise AssertionError("an unknown model was accepted")
+except openai.NotFoundError as err:
+    assert error_body(err.response)["code"] == "model_not_found"
+
+try:
+    client.chat.completions.create(model="infermesh/gemma-3-270m", messages=[{"role": "user", "content": "hi"}], temperature=7)
+    raise AssertionError("temperature 7 was accepted")
+except openai.BadRequestError as err:
+    assert error_body(err.response)["param"] == "temperature"
+
+malformed = raw("POST", "/chat/completions", content=b'{"model": "infermesh/gemma-3-270m", "messages": [')
+assert malformed.status_code == 400, malformed.status_code
+assert error_body(malformed)["type"] == "invalid_request_error"
+
+wrong_type = raw("POST", "/chat/completions", json_body={"model": "infermesh/gemma-3-270m", "messages": "hello"})
+assert wrong_type.status_code == 400 and error_body(wrong_type)["param"] == "messages", wrong_type.text
+
+print("RESULT " + json.dumps(result), flush=True)
