@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use infermesh_proto::v1::{
-    AcquireRequest, CommitRequest, KeyInfo, LimitState, Model, ReleaseAdmissionRequest, ReleaseRequest, ReserveRequest, SettleRequest, Usage,
+    AcquireRequest, CommitRequest, KeyInfo, LimitState, Model, ReleaseAdmissionRequest, ReleaseRequest, ReserveRequest,
+    SettleRequest, Usage,
 };
 use infermesh_service::money::token_cost_nanos;
 use infermesh_service::{ErrorKind, MeshError};
@@ -22,14 +23,18 @@ use crate::mesh::{Mesh, peer_error};
 /// The API key from `Authorization: Bearer`, `X-API-Key` or `x-api-key`.
 pub fn api_key(headers: &HeaderMap) -> Result<&str, ApiError> {
     if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
-        let value = value.to_str().map_err(|_| ApiError::new(ErrorKind::Authentication, "malformed Authorization header"))?;
+        let value =
+            value.to_str().map_err(|_| ApiError::new(ErrorKind::Authentication, "malformed Authorization header"))?;
         return match value.split_once(' ') {
             Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") => Ok(key.trim()),
             _ => Err(ApiError::new(ErrorKind::Authentication, "the Authorization header must be `Bearer <key>`")),
         };
     }
     if let Some(value) = headers.get("x-api-key") {
-        return value.to_str().map(str::trim).map_err(|_| ApiError::new(ErrorKind::Authentication, "malformed X-API-Key header"));
+        return value
+            .to_str()
+            .map(str::trim)
+            .map_err(|_| ApiError::new(ErrorKind::Authentication, "malformed X-API-Key header"));
     }
     Err(ApiError::new(
         ErrorKind::Authentication,
@@ -104,7 +109,12 @@ impl Admission {
         let acquired = mesh
             .ratelimit
             .clone()
-            .acquire(AcquireRequest { key_id: key.key_id.clone(), request_id: request_id.clone(), estimated_tokens: estimate, limits: key.rate_limit })
+            .acquire(AcquireRequest {
+                key_id: key.key_id.clone(),
+                request_id: request_id.clone(),
+                estimated_tokens: estimate,
+                limits: key.rate_limit,
+            })
             .await
             .map_err(|s| (ApiError(peer_error("ratelimit")(s)), None))?
             .into_inner();
@@ -126,11 +136,18 @@ impl Admission {
         let reserved = mesh
             .billing
             .clone()
-            .reserve(ReserveRequest { request_id: request_id.clone(), account_id: key.account_id.clone(), key_id: key.key_id.clone(), amount_nanos: hold })
+            .reserve(ReserveRequest {
+                request_id: request_id.clone(),
+                account_id: key.account_id.clone(),
+                key_id: key.key_id.clone(),
+                amount_nanos: hold,
+            })
             .await;
         if let Err(status) = reserved {
             let mut ratelimit = mesh.ratelimit.clone();
-            let _ = ratelimit.release(ReleaseAdmissionRequest { key_id: key.key_id.clone(), request_id: request_id.clone() }).await;
+            let _ = ratelimit
+                .release(ReleaseAdmissionRequest { key_id: key.key_id.clone(), request_id: request_id.clone() })
+                .await;
             return Err((ApiError(peer_error("billing")(status)), Some(limits)));
         }
         Ok(Admission {
@@ -171,12 +188,30 @@ impl Admission {
             prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
             completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
         });
-        let task = settle_task(self.mesh.clone(), self.request_id.clone(), self.key.key_id.clone(), self.model.clone(), self.provider.clone(), usage, self.started);
-        tokio::spawn(task).await.map_err(|err| ApiError(MeshError::internal(format!("settlement task failed: {err}"))))?
+        let task = settle_task(
+            self.mesh.clone(),
+            self.request_id.clone(),
+            self.key.key_id.clone(),
+            self.model.clone(),
+            self.provider.clone(),
+            usage,
+            self.started,
+        );
+        tokio::spawn(task)
+            .await
+            .map_err(|err| ApiError(MeshError::internal(format!("settlement task failed: {err}"))))?
     }
 }
 
-async fn settle_task(mesh: Arc<Mesh>, request_id: String, key_id: String, model: Model, provider: String, usage: Usage, started: Instant) -> Result<Settled, ApiError> {
+async fn settle_task(
+    mesh: Arc<Mesh>,
+    request_id: String,
+    key_id: String,
+    model: Model,
+    provider: String,
+    usage: Usage,
+    started: Instant,
+) -> Result<Settled, ApiError> {
     let cost = cost_nanos(&model, u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
     let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
     let (mut ratelimit, mut billing) = (mesh.ratelimit.clone(), mesh.billing.clone());
@@ -185,14 +220,23 @@ async fn settle_task(mesh: Arc<Mesh>, request_id: String, key_id: String, model:
         request_id: request_id.clone(),
         actual_tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),
     });
-    let settle = billing.settle(SettleRequest { request_id, cost_nanos: cost, model: model.id.clone(), provider, usage: Some(usage), latency_ms });
+    let settle = billing.settle(SettleRequest {
+        request_id,
+        cost_nanos: cost,
+        model: model.id.clone(),
+        provider,
+        usage: Some(usage),
+        latency_ms,
+    });
     let (committed, settled) = tokio::join!(commit, settle);
     if let Err(status) = committed {
         tracing::warn!(error = %status.message(), "rate-limit commit failed");
     }
     let charged = settled.map_err(peer_error("billing"))?.into_inner().charged_nanos;
-    metrics::counter!("infermesh_tokens_total", "model" => model.id.clone(), "direction" => "prompt").increment(u64::from(usage.prompt_tokens));
-    metrics::counter!("infermesh_tokens_total", "model" => model.id, "direction" => "completion").increment(u64::from(usage.completion_tokens));
+    metrics::counter!("infermesh_tokens_total", "model" => model.id.clone(), "direction" => "prompt")
+        .increment(u64::from(usage.prompt_tokens));
+    metrics::counter!("infermesh_tokens_total", "model" => model.id, "direction" => "completion")
+        .increment(u64::from(usage.completion_tokens));
     Ok(Settled { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens, cost_nanos: charged })
 }
 
@@ -206,8 +250,12 @@ impl Drop for Admission {
         let key_id = self.key.key_id.clone();
         if self.started_work.load(Ordering::Relaxed) {
             // Charge for what was generated before the client left.
-            let usage = Usage { prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed), completion_tokens: self.completion_tokens.load(Ordering::Relaxed) };
-            let task = settle_task(mesh, request_id, key_id, self.model.clone(), self.provider.clone(), usage, self.started);
+            let usage = Usage {
+                prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
+                completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
+            };
+            let task =
+                settle_task(mesh, request_id, key_id, self.model.clone(), self.provider.clone(), usage, self.started);
             tokio::spawn(async move {
                 if let Err(err) = task.await {
                     tracing::error!(error = %err.0.message, "settlement after disconnect failed; the hold expires on its own");
@@ -246,7 +294,10 @@ mod tests {
     #[test]
     fn cost_sums_both_directions() {
         let model = Model {
-            pricing: Some(infermesh_proto::v1::Pricing { prompt_nanos_per_mtok: 1_000_000, completion_nanos_per_mtok: 2_000_000 }),
+            pricing: Some(infermesh_proto::v1::Pricing {
+                prompt_nanos_per_mtok: 1_000_000,
+                completion_nanos_per_mtok: 2_000_000,
+            }),
             ..Default::default()
         };
         assert_eq!(cost_nanos(&model, 10, 5), 20);

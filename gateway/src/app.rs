@@ -52,23 +52,36 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
 }
 
 async fn not_found(request: Request) -> Response {
-    ApiError::new(ErrorKind::NotFound, format!("no route {} {}; see /v1/models, /v1/chat/completions, /v1/embeddings", request.method(), request.uri().path()))
-        .into_response()
+    ApiError::new(
+        ErrorKind::NotFound,
+        format!(
+            "no route {} {}; see /v1/models, /v1/chat/completions, /v1/embeddings",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+    .into_response()
 }
 
 async fn method_not_allowed(request: Request) -> Response {
-    let mut response = ApiError::new(ErrorKind::InvalidRequest, format!("method {} is not allowed on {}", request.method(), request.uri().path())).into_response();
+    let mut response = ApiError::new(
+        ErrorKind::InvalidRequest,
+        format!("method {} is not allowed on {}", request.method(), request.uri().path()),
+    )
+    .into_response();
     *response.status_mut() = axum::http::StatusCode::METHOD_NOT_ALLOWED;
     response
 }
 
 async fn observe(request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let route =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let span = tracing::info_span!("http.request", method = %request.method(), route = %route);
     let started = Instant::now();
     let response = tracing::Instrument::instrument(next.run(request), span).await;
     let status = response.status().as_u16().to_string();
     metrics::counter!("infermesh_http_requests_total", "route" => route.clone(), "status" => status).increment(1);
-    metrics::histogram!("infermesh_http_request_duration_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+    metrics::histogram!("infermesh_http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
     response
 }

@@ -14,7 +14,11 @@ use crate::up::UpArgs;
 use crate::{GatewayConfig, PeerAddresses};
 
 #[derive(Debug, Parser)]
-#[command(name = "infermesh", version, about = "An OpenAI-compatible inference platform: gateway, auth, billing, registry, rate limits and candle workers.")]
+#[command(
+    name = "infermesh",
+    version,
+    about = "An OpenAI-compatible inference platform: gateway, auth, billing, registry, rate limits and candle workers."
+)]
 pub struct Cli {
     /// OTLP gRPC endpoint for traces (e.g. http://localhost:4317 for Jaeger).
     #[arg(long = "otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
@@ -112,7 +116,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Gateway(args) => {
             let listener = bind(&args.http).await?;
             infermesh_service::announce("gateway", &listener).map_err(service_error)?;
-            let peers = PeerAddresses { auth: args.auth, billing: args.billing, registry: args.registry, ratelimit: args.ratelimit };
+            let peers = PeerAddresses {
+                auth: args.auth,
+                billing: args.billing,
+                registry: args.registry,
+                ratelimit: args.ratelimit,
+            };
             crate::run(args.config, peers, listener, shutdown_signal()).await.map_err(service_error)
         }
         Command::Auth { listen, config } => {

@@ -48,7 +48,12 @@ pub enum RunError {
     Http(#[from] std::io::Error),
 }
 
-pub async fn run(config: GatewayConfig, peers: PeerAddresses, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
+pub async fn run(
+    config: GatewayConfig,
+    peers: PeerAddresses,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
     let signup_credit_nanos = infermesh_service::money::dollars_to_nanos(config.signup_credit)
         .filter(|n| *n >= 0)
         .ok_or(RunError::SignupCredit(config.signup_credit))?;

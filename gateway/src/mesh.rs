@@ -62,7 +62,13 @@ impl Mesh {
                 return Ok(info.clone());
             }
         }
-        let info = self.auth.clone().verify_key(VerifyKeyRequest { key: key.to_owned() }).await.map_err(peer_error("auth"))?.into_inner();
+        let info = self
+            .auth
+            .clone()
+            .verify_key(VerifyKeyRequest { key: key.to_owned() })
+            .await
+            .map_err(peer_error("auth"))?
+            .into_inner();
         let mut cache = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if cache.len() > 100_000 {
             cache.clear();
@@ -79,7 +85,11 @@ impl Mesh {
         let guard = self.catalog.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         match guard.as_ref() {
             Some(snapshot) => f(snapshot),
-            None => Err(MeshError::new(ErrorKind::ModelUnavailable, "the model catalogue is not loaded yet; retry in a moment").with_retry_after_ms(1000)),
+            None => Err(MeshError::new(
+                ErrorKind::ModelUnavailable,
+                "the model catalogue is not loaded yet; retry in a moment",
+            )
+            .with_retry_after_ms(1000)),
         }
     }
 
@@ -92,8 +102,11 @@ impl Mesh {
                 .cloned()
                 .ok_or_else(|| {
                     let known: Vec<&str> = snapshot.models.iter().map(|m| m.id.as_str()).collect();
-                    MeshError::new(ErrorKind::ModelNotFound, format!("the model `{name}` does not exist; available models: {}", known.join(", ")))
-                        .with_param("model")
+                    MeshError::new(
+                        ErrorKind::ModelNotFound,
+                        format!("the model `{name}` does not exist; available models: {}", known.join(", ")),
+                    )
+                    .with_param("model")
                 })
         })
     }
@@ -108,15 +121,19 @@ impl Mesh {
                 .min_by_key(|w| w.load.map_or(0, |l| l.active_sequences + l.queued))
                 .cloned()
                 .ok_or_else(|| {
-                    MeshError::new(ErrorKind::ModelUnavailable, format!("no healthy worker serves `{model_id}` right now; retry shortly"))
-                        .with_retry_after_ms(2000)
+                    MeshError::new(
+                        ErrorKind::ModelUnavailable,
+                        format!("no healthy worker serves `{model_id}` right now; retry shortly"),
+                    )
+                    .with_retry_after_ms(2000)
                 })
         })?;
         let mut clients = self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let client = match clients.get(&worker.address) {
             Some(client) => client.clone(),
             None => {
-                let channel = infermesh_service::channel(&worker.address).map_err(|err| MeshError::internal(err.to_string()))?;
+                let channel =
+                    infermesh_service::channel(&worker.address).map_err(|err| MeshError::internal(err.to_string()))?;
                 let client = WorkerServiceClient::new(channel).max_decoding_message_size(64 << 20);
                 clients.insert(worker.address.clone(), client.clone());
                 client
@@ -159,10 +176,16 @@ impl Mesh {
 pub fn peer_error(service: &'static str) -> impl Fn(tonic::Status) -> MeshError {
     move |status| {
         let unreachable = status.metadata().get("x-infermesh-error").is_none()
-            && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled);
+            && matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
+            );
         if unreachable {
-            MeshError::new(ErrorKind::ModelUnavailable, format!("the {service} service is unavailable ({}); retry shortly", status.message()))
-                .with_retry_after_ms(1000)
+            MeshError::new(
+                ErrorKind::ModelUnavailable,
+                format!("the {service} service is unavailable ({}); retry shortly", status.message()),
+            )
+            .with_retry_after_ms(1000)
         } else {
             MeshError::from(status)
         }

@@ -111,7 +111,9 @@ fn text_of(index: usize, content: Option<Content>) -> Result<String, ApiError> {
             for (i, part) in parts.into_iter().enumerate() {
                 match (part.kind.as_str(), part.text) {
                     ("text", Some(t)) => text.push_str(&t),
-                    ("text", None) => return Err(ApiError::invalid(&format!("{param}[{i}].text"), "a text part needs `text`")),
+                    ("text", None) => {
+                        return Err(ApiError::invalid(&format!("{param}[{i}].text"), "a text part needs `text`"));
+                    }
                     (other, _) => {
                         return Err(ApiError::invalid(
                             &format!("{param}[{i}].type"),
@@ -232,14 +234,20 @@ impl EmbeddingRequest {
             EmbeddingInput::One(s) => vec![s],
             EmbeddingInput::Many(many) => many,
             EmbeddingInput::Tokens(_) | EmbeddingInput::TokenBatches(_) => {
-                return Err(ApiError::invalid("input", "token-id input is not supported for embeddings here; send text"));
+                return Err(ApiError::invalid(
+                    "input",
+                    "token-id input is not supported for embeddings here; send text",
+                ));
             }
         };
         if inputs.is_empty() {
             return Err(ApiError::invalid("input", "`input` must not be an empty array"));
         }
         if inputs.len() > MAX_EMBEDDING_INPUTS {
-            return Err(ApiError::invalid("input", format!("at most {MAX_EMBEDDING_INPUTS} inputs per request; got {}", inputs.len())));
+            return Err(ApiError::invalid(
+                "input",
+                format!("at most {MAX_EMBEDDING_INPUTS} inputs per request; got {}", inputs.len()),
+            ));
         }
         if let Some(i) = inputs.iter().position(String::is_empty) {
             return Err(ApiError::invalid(&format!("input[{i}]"), "inputs must not be empty strings"));
@@ -247,7 +255,12 @@ impl EmbeddingRequest {
         let format = match self.encoding_format.as_deref() {
             None | Some("float") => EncodingFormat::Float,
             Some("base64") => EncodingFormat::Base64,
-            Some(other) => return Err(ApiError::invalid("encoding_format", format!("expected \"float\" or \"base64\"; got {other:?}"))),
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "encoding_format",
+                    format!("expected \"float\" or \"base64\"; got {other:?}"),
+                ));
+            }
         };
         Ok(ValidEmbedding { model: self.model, inputs, format, dimensions: self.dimensions })
     }
@@ -279,7 +292,10 @@ mod tests {
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#, "n"),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "max_tokens"),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-5}"#, "max_tokens"),
-            (r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#, "messages[0].content[0].type"),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
+                "messages[0].content[0].type",
+            ),
         ];
         for (body, param) in cases {
             let err = chat(body).unwrap_err();
@@ -289,10 +305,18 @@ mod tests {
 
     #[test]
     fn embedding_inputs() {
-        let valid = parse_json::<EmbeddingRequest>(br#"{"model":"e","input":["a","b"],"encoding_format":"base64"}"#).unwrap().validate().unwrap();
+        let valid = parse_json::<EmbeddingRequest>(br#"{"model":"e","input":["a","b"],"encoding_format":"base64"}"#)
+            .unwrap()
+            .validate()
+            .unwrap();
         assert_eq!(valid.inputs.len(), 2);
         assert_eq!(valid.format, EncodingFormat::Base64);
         assert!(parse_json::<EmbeddingRequest>(br#"{"model":"e","input":[]}"#).unwrap().validate().is_err());
-        assert!(parse_json::<EmbeddingRequest>(br#"{"model":"e","input":"a","encoding_format":"hex"}"#).unwrap().validate().is_err());
+        assert!(
+            parse_json::<EmbeddingRequest>(br#"{"model":"e","input":"a","encoding_format":"hex"}"#)
+                .unwrap()
+                .validate()
+                .is_err()
+        );
     }
 }

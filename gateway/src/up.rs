@@ -49,13 +49,15 @@ pub struct UpArgs {
 }
 
 fn on_path(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(program)).find(|p| p.is_file()))
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(program)).find(|p| p.is_file()))
 }
 
 /// Starts `nats-server` with JetStream on a free loopback port.
 async fn start_nats(binary: &Path, store: &Path) -> Result<(Child, String), CliError> {
     let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| CliError::Bind { address: "127.0.0.1:0".into(), source })?;
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(|source| CliError::Bind { address: "127.0.0.1:0".into(), source })?;
         probe.local_addr().map_err(|e| CliError::Service(e.to_string()))?.port()
     };
     let child = Command::new(binary)
@@ -83,7 +85,8 @@ fn sqlite_url(dir: &Path, name: &str) -> String {
 
 pub async fn run(args: UpArgs) -> Result<(), CliError> {
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    std::fs::create_dir_all(&data_dir).map_err(|e| CliError::Service(format!("cannot create {}: {e}", data_dir.display())))?;
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| CliError::Service(format!("cannot create {}: {e}", data_dir.display())))?;
 
     // Fetch the default models first, so a first run shows that step alone.
     let worker_config = args.worker.clone();
@@ -115,33 +118,58 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     let ratelimit = bind("127.0.0.1:0").await?;
     let worker = bind("127.0.0.1:0").await?;
     let http = bind(&args.http).await?;
-    let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).map_err(|e| CliError::Service(e.to_string()));
-    let peers = PeerAddresses { auth: addr(&auth)?, billing: addr(&billing)?, registry: addr(&registry)?, ratelimit: addr(&ratelimit)? };
+    let addr = |l: &tokio::net::TcpListener| {
+        l.local_addr().map(|a| a.to_string()).map_err(|e| CliError::Service(e.to_string()))
+    };
+    let peers = PeerAddresses {
+        auth: addr(&auth)?,
+        billing: addr(&billing)?,
+        registry: addr(&registry)?,
+        ratelimit: addr(&ratelimit)?,
+    };
 
     let stop = CancellationToken::new();
     let mut services: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
     let registry_config = RegistryConfig { catalog: args.config.clone(), worker_lease_ms: 10_000 };
     let s = stop.clone();
-    services.spawn(async move { ("registry", infermesh_registry::run(registry_config, registry, s.cancelled_owned()).await.map_err(|e| e.to_string())) });
+    services.spawn(async move {
+        (
+            "registry",
+            infermesh_registry::run(registry_config, registry, s.cancelled_owned()).await.map_err(|e| e.to_string()),
+        )
+    });
     let auth_config = AuthConfig {
         database_url: sqlite_url(&data_dir, "auth.db"),
         default_requests_per_minute: args.default_requests_per_minute,
         default_tokens_per_minute: args.default_tokens_per_minute,
     };
     let s = stop.clone();
-    services.spawn(async move { ("auth", infermesh_auth::run(auth_config, auth, s.cancelled_owned()).await.map_err(|e| e.to_string())) });
+    services.spawn(async move {
+        ("auth", infermesh_auth::run(auth_config, auth, s.cancelled_owned()).await.map_err(|e| e.to_string()))
+    });
     let billing_config = BillingConfig { database_url: sqlite_url(&data_dir, "billing.db"), hold_ttl_secs: 900 };
     let s = stop.clone();
-    services.spawn(async move { ("billing", infermesh_billing::run(billing_config, bus, billing, s.cancelled_owned()).await.map_err(|e| e.to_string())) });
+    services.spawn(async move {
+        (
+            "billing",
+            infermesh_billing::run(billing_config, bus, billing, s.cancelled_owned()).await.map_err(|e| e.to_string()),
+        )
+    });
     let s = stop.clone();
-    services.spawn(async move { ("ratelimit", infermesh_ratelimit::run(ratelimit, s.cancelled_owned()).await.map_err(|e| e.to_string())) });
+    services.spawn(async move {
+        ("ratelimit", infermesh_ratelimit::run(ratelimit, s.cancelled_owned()).await.map_err(|e| e.to_string()))
+    });
     let worker_config = WorkerConfig { registry_addr: Some(peers.registry.clone()), ..args.worker.clone() };
     let s = stop.clone();
-    services.spawn(async move { ("worker", infermesh_worker::run(worker_config, worker, s.cancelled_owned()).await.map_err(|e| e.to_string())) });
+    services.spawn(async move {
+        ("worker", infermesh_worker::run(worker_config, worker, s.cancelled_owned()).await.map_err(|e| e.to_string()))
+    });
     let http_address = addr(&http)?;
     let s = stop.clone();
     let gateway_config = args.gateway.clone();
-    services.spawn(async move { ("gateway", crate::run(gateway_config, peers, http, s.cancelled_owned()).await.map_err(|e| e.to_string())) });
+    services.spawn(async move {
+        ("gateway", crate::run(gateway_config, peers, http, s.cancelled_owned()).await.map_err(|e| e.to_string()))
+    });
 
     println!("infermesh gateway listening on {http_address}");
     println!(

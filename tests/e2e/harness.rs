@@ -20,7 +20,11 @@ pub fn repo() -> PathBuf {
 
 /// The venv made by `scripts/setup.sh`; its bin dir also holds nats-server.
 pub fn venv_bin(program: &str) -> PathBuf {
-    let path = std::env::var_os("INFERMESH_VENV").map(PathBuf::from).unwrap_or_else(|| repo().join(".venv")).join("bin").join(program);
+    let path = std::env::var_os("INFERMESH_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv"))
+        .join("bin")
+        .join(program);
     assert!(path.exists(), "{} is missing: run scripts/setup.sh first", path.display());
     path
 }
@@ -97,7 +101,8 @@ pub async fn wait_ready(base: &str) {
 
 /// Signs up over HTTP, returning the new key.
 pub async fn signup(base: &str, email: &str) -> String {
-    let response = http().post(format!("{base}/v1/auth/signup")).body(format!(r#"{{"email":"{email}"}}"#)).send().await.unwrap();
+    let response =
+        http().post(format!("{base}/v1/auth/signup")).body(format!(r#"{{"email":"{email}"}}"#)).send().await.unwrap();
     assert_eq!(response.status(), 201);
     let body: Value = response.json().await.unwrap();
     let key = body["key"].as_str().expect("signup returns a key").to_owned();

@@ -2,6 +2,8 @@
 //! between services, a real nats-server, driven by the official `openai`
 //! Python SDK and raw HTTP.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a failed step should fail the test loudly")]
+
 #[path = "harness.rs"]
 mod harness;
 
@@ -68,7 +70,15 @@ async fn separate_processes_publish_a_usage_event_per_request_on_nats() {
     let auth = spawn("auth", &["auth", "--listen", "127.0.0.1:0", "--auth-database-url", &sqlite("auth.db")]).await;
     let billing = spawn(
         "billing",
-        &["billing", "--listen", "127.0.0.1:0", "--billing-database-url", &sqlite("billing.db"), "--nats-url", &nats.address],
+        &[
+            "billing",
+            "--listen",
+            "127.0.0.1:0",
+            "--billing-database-url",
+            &sqlite("billing.db"),
+            "--nats-url",
+            &nats.address,
+        ],
     )
     .await;
     let ratelimit = spawn("ratelimit", &["ratelimit", "--listen", "127.0.0.1:0"]).await;
@@ -136,13 +146,30 @@ async fn credit_and_rate_limits_are_enforced_with_openai_errors() {
     // $0.000001 of credit and 2 requests a minute per key.
     let up = spawn(
         "gateway",
-        &["up", "--http", "127.0.0.1:0", "--data-dir", data_dir, "--no-nats", "--signup-credit", "0.000001", "--default-requests-per-minute", "2"],
+        &[
+            "up",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_dir,
+            "--no-nats",
+            "--signup-credit",
+            "0.000001",
+            "--default-requests-per-minute",
+            "2",
+        ],
     )
     .await;
     let base = format!("http://{}", up.address);
     wait_ready(&base).await;
     let key = signup(&base, "limits@example.com").await;
-    let embed = || http().post(format!("{base}/v1/embeddings")).header("x-api-key", &key).body(r#"{"model":"all-minilm-l6-v2","input":"hi"}"#).send();
+    let embed = || {
+        http()
+            .post(format!("{base}/v1/embeddings"))
+            .header("x-api-key", &key)
+            .body(r#"{"model":"all-minilm-l6-v2","input":"hi"}"#)
+            .send()
+    };
 
     let first = embed().await.unwrap();
     assert_eq!(first.status(), 200);
@@ -174,7 +201,8 @@ async fn credit_and_rate_limits_are_enforced_with_openai_errors() {
 
     // Oversized bodies are refused in OpenAI's shape.
     let huge = format!(r#"{{"model":"all-minilm-l6-v2","input":"{}"}}"#, "a".repeat(5 * 1024 * 1024));
-    let too_big = http().post(format!("{base}/v1/embeddings")).header("x-api-key", &key).body(huge).send().await.unwrap();
+    let too_big =
+        http().post(format!("{base}/v1/embeddings")).header("x-api-key", &key).body(huge).send().await.unwrap();
     assert_eq!(too_big.status(), 413);
     let body: Value = too_big.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");

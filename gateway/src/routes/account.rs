@@ -21,7 +21,8 @@ struct Signup {
 
 pub async fn signup(State(state): State<AppState>, RawBody(body): RawBody) -> Result<Response, ApiError> {
     let Signup { email } = parse_json(&body)?;
-    let created = state.mesh.auth.clone().signup(SignupRequest { email }).await.map_err(peer_error("auth"))?.into_inner();
+    let created =
+        state.mesh.auth.clone().signup(SignupRequest { email }).await.map_err(peer_error("auth"))?.into_inner();
     let key = created.key.unwrap_or_default();
     let info = key.info.unwrap_or_default();
     // Idempotent by account: a retried grant never doubles the credit.

@@ -9,7 +9,8 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use infermesh_proto::v1::{
-    ChatMessage, ChatMessages, FinishReason, GenerateRequest, ModelKind, SamplingParams, generate_event, generate_request,
+    ChatMessage, ChatMessages, FinishReason, GenerateRequest, ModelKind, SamplingParams, generate_event,
+    generate_request,
 };
 use infermesh_service::money::nanos_to_dollars;
 use infermesh_service::{ErrorKind, MeshError};
@@ -48,19 +49,37 @@ pub fn usage_json(settled: &Settled) -> Value {
     })
 }
 
-pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap, RawBody(body): RawBody) -> Result<Response, ApiError> {
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
     let key = authenticate(&state.mesh, &headers).await?;
     let chat = parse_json::<ChatRequest>(&body)?.validate()?;
     let model = state.mesh.resolve_model(&chat.model)?;
     if model.kind() != ModelKind::Chat {
-        return Err(ApiError::invalid("model", format!("`{}` is an embedding model; use POST /v1/embeddings", model.id)));
+        return Err(ApiError::invalid(
+            "model",
+            format!("`{}` is an embedding model; use POST /v1/embeddings", model.id),
+        ));
     }
     let (_, mut worker) = state.mesh.pick_worker(&model.id)?;
     let prompt_bound = prompt_token_bound(&chat);
     let context = model.context_length;
-    let max_tokens = chat.max_tokens.unwrap_or_else(|| model.max_output_tokens.min(context.saturating_sub(prompt_bound.min(context - 1))));
+    let max_tokens = chat
+        .max_tokens
+        .unwrap_or_else(|| model.max_output_tokens.min(context.saturating_sub(prompt_bound.min(context - 1))));
     let request_id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let admission = match Admission::admit(state.mesh.clone(), key, model, request_id.clone(), prompt_bound.min(context), max_tokens).await {
+    let admission = match Admission::admit(
+        state.mesh.clone(),
+        key,
+        model,
+        request_id.clone(),
+        prompt_bound.min(context),
+        max_tokens,
+    )
+    .await
+    {
         Ok(admission) => Arc::new(admission),
         Err((err, limits)) => {
             let headers = limits.map(|l| crate::admission::rate_limit_headers(&l)).unwrap_or_default();
@@ -71,7 +90,11 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
         request_id: request_id.clone(),
         model: admission.model.id.clone(),
         prompt: Some(generate_request::Prompt::Chat(ChatMessages {
-            messages: chat.messages.iter().map(|(role, content)| ChatMessage { role: role.clone(), content: content.clone() }).collect(),
+            messages: chat
+                .messages
+                .iter()
+                .map(|(role, content)| ChatMessage { role: role.clone(), content: content.clone() })
+                .collect(),
         })),
         max_tokens,
         sampling: Some(SamplingParams {
@@ -117,7 +140,12 @@ pub async fn chat_completions(State(state): State<AppState>, headers: HeaderMap,
             Some(generate_event::Event::Started(_)) | None => {}
         }
     }
-    let done = finished.ok_or_else(|| ApiError::new(ErrorKind::UpstreamError, "the worker stopped before finishing; you were charged only for tokens generated"))?;
+    let done = finished.ok_or_else(|| {
+        ApiError::new(
+            ErrorKind::UpstreamError,
+            "the worker stopped before finishing; you were charged only for tokens generated",
+        )
+    })?;
     let settled = admission.settle(done.usage).await?;
     let body = json!({
         "id": admission.request_id,

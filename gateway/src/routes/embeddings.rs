@@ -15,21 +15,36 @@ use crate::mesh::peer_error;
 use crate::openai::{EmbeddingRequest, EncodingFormat};
 use crate::routes::{RawBody, with_headers};
 
-pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, RawBody(body): RawBody) -> Result<Response, ApiError> {
+pub async fn embeddings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
     let key = authenticate(&state.mesh, &headers).await?;
     let request = parse_json::<EmbeddingRequest>(&body)?.validate()?;
     let model = state.mesh.resolve_model(&request.model)?;
     if model.kind() != ModelKind::Embedding {
-        return Err(ApiError::invalid("model", format!("`{}` is not an embedding model; try infermesh/all-minilm-l6-v2", model.id)));
+        return Err(ApiError::invalid(
+            "model",
+            format!("`{}` is not an embedding model; try infermesh/all-minilm-l6-v2", model.id),
+        ));
     }
     let (_, mut worker) = state.mesh.pick_worker(&model.id)?;
     // Each token covers at least one byte (plus [CLS]/[SEP]).
     let bound: usize = request.inputs.iter().map(|s| s.len() + 2).sum();
     let request_id = format!("embd-{}", uuid::Uuid::new_v4().simple());
-    let admission = match Admission::admit(state.mesh.clone(), key, model, request_id, u32::try_from(bound).unwrap_or(u32::MAX), 0).await {
-        Ok(admission) => admission,
-        Err((err, limits)) => return Ok(with_headers(err.into_response(), limits.map(|l| rate_limit_headers(&l)).unwrap_or_default())),
-    };
+    let admission =
+        match Admission::admit(state.mesh.clone(), key, model, request_id, u32::try_from(bound).unwrap_or(u32::MAX), 0)
+            .await
+        {
+            Ok(admission) => admission,
+            Err((err, limits)) => {
+                return Ok(with_headers(
+                    err.into_response(),
+                    limits.map(|l| rate_limit_headers(&l)).unwrap_or_default(),
+                ));
+            }
+        };
     let response = worker
         .embed(EmbedRequest { model: admission.model.id.clone(), inputs: request.inputs })
         .await
@@ -39,7 +54,10 @@ pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, RawBo
     if let Some(wanted) = request.dimensions
         && wanted as usize != dimensions
     {
-        return Err(ApiError::invalid("dimensions", format!("{} produces {dimensions} dimensions; got dimensions={wanted}", admission.model.id)));
+        return Err(ApiError::invalid(
+            "dimensions",
+            format!("{} produces {dimensions} dimensions; got dimensions={wanted}", admission.model.id),
+        ));
     }
     admission.work_started(response.prompt_tokens);
     let settled = admission.settle(Some(Usage { prompt_tokens: response.prompt_tokens, completion_tokens: 0 })).await?;

@@ -66,7 +66,9 @@ pub async fn readyz(State(state): State<AppState>) -> StatusCode {
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match &state.metrics {
-        Some(handle) => ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response(),
+        Some(handle) => {
+            ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+        }
         None => (StatusCode::NOT_FOUND, "metrics recorder not installed").into_response(),
     }
 }

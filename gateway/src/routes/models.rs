@@ -45,12 +45,18 @@ pub fn model_json(model: &Model) -> Value {
 
 pub async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     authenticate(&state.mesh, &headers).await?;
-    let snapshot = state.mesh.snapshot().ok_or_else(|| ApiError::new(infermesh_service::ErrorKind::ModelUnavailable, "the model catalogue is not loaded yet"))?;
+    let snapshot = state.mesh.snapshot().ok_or_else(|| {
+        ApiError::new(infermesh_service::ErrorKind::ModelUnavailable, "the model catalogue is not loaded yet")
+    })?;
     let data: Vec<Value> = snapshot.models.iter().map(model_json).collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
-pub async fn get_model(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn get_model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     authenticate(&state.mesh, &headers).await?;
     let model = state.mesh.resolve_model(&id)?;
     Ok(Json(model_json(&model)))

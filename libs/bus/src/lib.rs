@@ -17,20 +17,13 @@ pub mod subjects {
     /// `infermesh.v1.UsageEvent`, one per settled request.
     pub const USAGE_SETTLED: &str = "usage.settled.v1";
     /// Streams created on connect: (name, subject filter).
-    pub const STREAMS: [(&str, &str); 3] = [
-        ("USAGE", "usage.>"),
-        ("CREDIT", "credit.>"),
-        ("KEYS", "keys.>"),
-    ];
+    pub const STREAMS: [(&str, &str); 3] = [("USAGE", "usage.>"), ("CREDIT", "credit.>"), ("KEYS", "keys.>")];
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("cannot connect to NATS at {url}: {source}")]
-    Connect {
-        url: String,
-        source: async_nats::ConnectError,
-    },
+    Connect { url: String, source: async_nats::ConnectError },
     #[error("cannot create JetStream stream {name}: {reason}")]
     Stream { name: String, reason: String },
     #[error("publish to {subject} failed: {reason}")]
@@ -53,10 +46,7 @@ impl Bus {
             .connection_timeout(Duration::from_secs(5))
             .connect(url)
             .await
-            .map_err(|source| BusError::Connect {
-                url: url.to_owned(),
-                source,
-            })?;
+            .map_err(|source| BusError::Connect { url: url.to_owned(), source })?;
         let jetstream = jetstream::new(client.clone());
         for (name, filter) in subjects::STREAMS {
             jetstream
@@ -68,10 +58,7 @@ impl Bus {
                     ..Default::default()
                 })
                 .await
-                .map_err(|err| BusError::Stream {
-                    name: name.to_owned(),
-                    reason: err.to_string(),
-                })?;
+                .map_err(|err| BusError::Stream { name: name.to_owned(), reason: err.to_string() })?;
         }
         Ok(Bus { client, jetstream })
     }
@@ -79,10 +66,7 @@ impl Bus {
     /// Publishes and waits for JetStream's ack, so a returned `Ok` means the
     /// event is stored.
     pub async fn publish(&self, subject: &str, dedupe_id: &str, payload: Bytes) -> Result<(), BusError> {
-        let publish_error = |reason: String| BusError::Publish {
-            subject: subject.to_owned(),
-            reason,
-        };
+        let publish_error = |reason: String| BusError::Publish { subject: subject.to_owned(), reason };
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", dedupe_id);
         for (name, value) in infermesh_telemetry::context_headers() {

@@ -10,5 +10,4 @@ pub mod v1 {
 }
 
 /// The encoded `FileDescriptorSet`, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/infermesh_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/infermesh_descriptor.bin"));

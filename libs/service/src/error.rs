@@ -53,83 +53,29 @@ impl ErrorKind {
     ];
 
     pub const fn class(self) -> ErrorClass {
-        const fn row(
-            http_status: u16,
-            grpc_code: Code,
-            openai_type: &'static str,
-            code: &'static str,
-        ) -> ErrorClass {
-            ErrorClass {
-                http_status,
-                grpc_code,
-                openai_type,
-                code,
-            }
+        const fn row(http_status: u16, grpc_code: Code, openai_type: &'static str, code: &'static str) -> ErrorClass {
+            ErrorClass { http_status, grpc_code, openai_type, code }
         }
         match self {
-            ErrorKind::InvalidRequest => row(
-                400,
-                Code::InvalidArgument,
-                "invalid_request_error",
-                "invalid_request_error",
-            ),
-            ErrorKind::ContextLengthExceeded => row(
-                400,
-                Code::OutOfRange,
-                "invalid_request_error",
-                "context_length_exceeded",
-            ),
-            ErrorKind::PayloadTooLarge => row(
-                413,
-                Code::InvalidArgument,
-                "invalid_request_error",
-                "payload_too_large",
-            ),
-            ErrorKind::Authentication => row(
-                401,
-                Code::Unauthenticated,
-                "authentication_error",
-                "invalid_api_key",
-            ),
-            ErrorKind::InsufficientQuota => row(
-                402,
-                Code::FailedPrecondition,
-                "insufficient_quota",
-                "insufficient_quota",
-            ),
-            ErrorKind::PermissionDenied => row(
-                403,
-                Code::PermissionDenied,
-                "permission_denied",
-                "permission_denied",
-            ),
-            ErrorKind::ModelNotFound => row(
-                404,
-                Code::NotFound,
-                "invalid_request_error",
-                "model_not_found",
-            ),
+            ErrorKind::InvalidRequest => {
+                row(400, Code::InvalidArgument, "invalid_request_error", "invalid_request_error")
+            }
+            ErrorKind::ContextLengthExceeded => {
+                row(400, Code::OutOfRange, "invalid_request_error", "context_length_exceeded")
+            }
+            ErrorKind::PayloadTooLarge => row(413, Code::InvalidArgument, "invalid_request_error", "payload_too_large"),
+            ErrorKind::Authentication => row(401, Code::Unauthenticated, "authentication_error", "invalid_api_key"),
+            ErrorKind::InsufficientQuota => {
+                row(402, Code::FailedPrecondition, "insufficient_quota", "insufficient_quota")
+            }
+            ErrorKind::PermissionDenied => row(403, Code::PermissionDenied, "permission_denied", "permission_denied"),
+            ErrorKind::ModelNotFound => row(404, Code::NotFound, "invalid_request_error", "model_not_found"),
             ErrorKind::NotFound => row(404, Code::NotFound, "invalid_request_error", "not_found"),
             ErrorKind::Conflict => row(409, Code::AlreadyExists, "invalid_request_error", "conflict"),
-            ErrorKind::RateLimited => row(
-                429,
-                Code::ResourceExhausted,
-                "rate_limit_exceeded",
-                "rate_limit_exceeded",
-            ),
-            ErrorKind::ModelUnavailable => row(
-                503,
-                Code::Unavailable,
-                "model_unavailable",
-                "model_unavailable",
-            ),
+            ErrorKind::RateLimited => row(429, Code::ResourceExhausted, "rate_limit_exceeded", "rate_limit_exceeded"),
+            ErrorKind::ModelUnavailable => row(503, Code::Unavailable, "model_unavailable", "model_unavailable"),
             ErrorKind::UpstreamError => row(502, Code::Unknown, "upstream_error", "upstream_error"),
-            ErrorKind::UpstreamTimeout => row(
-                504,
-                Code::DeadlineExceeded,
-                "upstream_error",
-                "upstream_timeout",
-            ),
+            ErrorKind::UpstreamTimeout => row(504, Code::DeadlineExceeded, "upstream_error", "upstream_timeout"),
             ErrorKind::Internal => row(500, Code::Internal, "server_error", "internal_error"),
         }
     }
@@ -180,12 +126,7 @@ const PARAM_METADATA: &str = "x-infermesh-param";
 
 impl MeshError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            retry_after_ms: None,
-            param: None,
-        }
+        Self { kind, message: message.into(), retry_after_ms: None, param: None }
     }
 
     pub fn with_retry_after_ms(mut self, ms: u64) -> Self {
@@ -253,9 +194,7 @@ mod tests {
     #[test]
     fn every_kind_survives_a_grpc_round_trip() {
         for kind in ErrorKind::ALL {
-            let err = MeshError::new(kind, "why")
-                .with_retry_after_ms(1500)
-                .with_param("model");
+            let err = MeshError::new(kind, "why").with_retry_after_ms(1500).with_param("model");
             let back = MeshError::from(Status::from(err.clone()));
             assert_eq!(back, err);
         }

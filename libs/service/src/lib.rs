@@ -16,8 +16,8 @@ use infermesh_telemetry::PropagateTrace;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 pub use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
 use tonic::service::Routes;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,19 +38,10 @@ pub type TracedChannel = InterceptedService<Channel, PropagateTrace>;
 /// Dials `address` lazily (the peer may start later than we do), accepting
 /// `host:port` or a full `http://` URI.
 pub fn channel(address: &str) -> Result<TracedChannel, BootstrapError> {
-    let uri = if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    };
-    let endpoint = Endpoint::from_shared(uri.clone()).map_err(|err| BootstrapError::PeerAddress {
-        address: address.to_owned(),
-        reason: err.to_string(),
-    })?;
-    let channel = endpoint
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .connect_lazy();
+    let uri = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
+    let endpoint = Endpoint::from_shared(uri.clone())
+        .map_err(|err| BootstrapError::PeerAddress { address: address.to_owned(), reason: err.to_string() })?;
+    let channel = endpoint.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true).connect_lazy();
     Ok(InterceptedService::new(channel, PropagateTrace))
 }
 
@@ -79,9 +70,7 @@ pub async fn serve_grpc(
 ) -> Result<(), BootstrapError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     for name in health_names.iter().chain(std::iter::once(&"")) {
-        reporter
-            .set_service_status(*name, tonic_health::ServingStatus::Serving)
-            .await;
+        reporter.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
     }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(infermesh_proto::FILE_DESCRIPTOR_SET)
@@ -107,9 +96,7 @@ pub fn announce(service: &str, listener: &TcpListener) -> Result<String, Bootstr
 
 /// Milliseconds since the Unix epoch.
 pub fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Resolves on SIGINT or SIGTERM.

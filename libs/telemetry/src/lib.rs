@@ -22,10 +22,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("cannot build the OTLP exporter for {endpoint}: {source}")]
-    Exporter {
-        endpoint: String,
-        source: opentelemetry_otlp::ExporterBuildError,
-    },
+    Exporter { endpoint: String, source: opentelemetry_otlp::ExporterBuildError },
 }
 
 /// Flushes buffered spans when dropped; keep it alive for the process.
@@ -48,28 +45,19 @@ static INSTALLED: OnceLock<()> = OnceLock::new();
 /// Installs logging (`RUST_LOG`, default `info`) and, with `otlp_endpoint`,
 /// span export. Later calls in the same process (as under `infermesh up`)
 /// are no-ops, so every service may call it.
-pub fn init(
-    service_name: &str,
-    otlp_endpoint: Option<&str>,
-) -> Result<TelemetryGuard, TelemetryError> {
+pub fn init(service_name: &str, otlp_endpoint: Option<&str>) -> Result<TelemetryGuard, TelemetryError> {
     if INSTALLED.get().is_some() {
         return Ok(TelemetryGuard { provider: None });
     }
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let mut builder = SdkTracerProvider::builder().with_resource(
-        opentelemetry_sdk::Resource::builder()
-            .with_service_name(service_name.to_owned())
-            .build(),
-    );
+    let mut builder = SdkTracerProvider::builder()
+        .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service_name.to_owned()).build());
     if let Some(endpoint) = otlp_endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(endpoint)
             .build()
-            .map_err(|source| TelemetryError::Exporter {
-                endpoint: endpoint.to_owned(),
-                source,
-            })?;
+            .map_err(|source| TelemetryError::Exporter { endpoint: endpoint.to_owned(), source })?;
         builder = builder.with_batch_exporter(exporter);
     }
     let provider = builder.build();
@@ -77,26 +65,16 @@ pub fn init(
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs go to stderr: stdout carries machine-readable lines (bound addresses).
     let fmt_layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let installed = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt_layer)
-        .with(otel_layer)
-        .try_init()
-        .is_ok();
+    let installed = tracing_subscriber::registry().with(filter).with(fmt_layer).with(otel_layer).try_init().is_ok();
     let _ = INSTALLED.set(());
-    Ok(TelemetryGuard {
-        provider: installed.then_some(provider),
-    })
+    Ok(TelemetryGuard { provider: installed.then_some(provider) })
 }
 
 struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
 
 impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(key), Ok(value)) = (
-            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
-            value.parse(),
-        ) {
+        if let (Ok(key), Ok(value)) = (tonic::metadata::MetadataKey::from_bytes(key.as_bytes()), value.parse()) {
             self.0.insert(key, value);
         }
     }
@@ -141,9 +119,8 @@ pub fn context_headers() -> Vec<(String, String)> {
 
 /// Makes `span` a child of the trace named in incoming headers, if any.
 pub fn adopt_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&HeaderExtractor(headers))
-    });
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&HeaderExtractor(headers)));
     let _ = span.set_parent(parent);
 }
 
@@ -152,10 +129,7 @@ pub fn adopt_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
 pub struct PropagateTrace;
 
 impl tonic::service::Interceptor for PropagateTrace {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         inject_context(request.metadata_mut());
         Ok(request)
     }
@@ -166,9 +140,7 @@ static METRICS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// The process-wide Prometheus recorder, installed on first use; `None` if
 /// another recorder was installed first.
 pub fn metrics_handle() -> Option<PrometheusHandle> {
-    METRICS
-        .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
-        .clone()
+    METRICS.get_or_init(|| PrometheusBuilder::new().install_recorder().ok()).clone()
 }
 
 #[cfg(test)]
@@ -182,10 +154,7 @@ mod tests {
         let _entered = root.enter();
         let mut metadata = tonic::metadata::MetadataMap::new();
         inject_context(&mut metadata);
-        let traceparent = metadata
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let traceparent = metadata.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let Some(traceparent) = traceparent else {
             panic!("no traceparent injected");
         };

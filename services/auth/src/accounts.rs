@@ -3,10 +3,10 @@
 use infermesh_proto::v1::{CreatedKey, KeyInfo, RateLimit};
 use infermesh_service::now_unix_ms;
 
+use crate::AuthConfig;
 use crate::error::AuthError;
 use crate::keys;
 use crate::store::{KeyRecord, NewKey, Store};
-use crate::AuthConfig;
 
 #[derive(Clone, Debug)]
 pub struct Accounts {
@@ -47,25 +47,17 @@ impl Accounts {
             expires_at_unix: None,
         });
         self.store.create_account(&account_id, &email, &record.as_new()).await?;
-        let created = CreatedKey {
-            key,
-            info: Some(self.info(&KeyRecord { is_free_tier: true, ..record.into_record() })),
-        };
+        let created =
+            CreatedKey { key, info: Some(self.info(&KeyRecord { is_free_tier: true, ..record.into_record() })) };
         Ok((account_id, created))
     }
 
     pub async fn create_key(&self, request: &NewKeyRequest<'_>) -> Result<CreatedKey, AuthError> {
         let (key, pending) = self.mint(request);
         self.store.create_key(&pending.as_new()).await?;
-        let record = self
-            .store
-            .key_by_id(&pending.id)
-            .await?
-            .ok_or_else(|| AuthError::KeyNotFound(pending.id.clone()))?;
-        Ok(CreatedKey {
-            key,
-            info: Some(self.info(&record)),
-        })
+        let record =
+            self.store.key_by_id(&pending.id).await?.ok_or_else(|| AuthError::KeyNotFound(pending.id.clone()))?;
+        Ok(CreatedKey { key, info: Some(self.info(&record)) })
     }
 
     pub async fn list_keys(&self, account_id: &str) -> Result<Vec<KeyInfo>, AuthError> {
@@ -107,11 +99,7 @@ impl Accounts {
     }
 
     pub async fn key_info(&self, key_id: &str) -> Result<KeyInfo, AuthError> {
-        let record = self
-            .store
-            .key_by_id(key_id)
-            .await?
-            .ok_or_else(|| AuthError::KeyNotFound(key_id.to_owned()))?;
+        let record = self.store.key_by_id(key_id).await?.ok_or_else(|| AuthError::KeyNotFound(key_id.to_owned()))?;
         Ok(self.info(&record))
     }
 
@@ -142,12 +130,8 @@ impl Accounts {
             created_at_unix: record.created_at,
             is_free_tier: record.is_free_tier,
             rate_limit: Some(RateLimit {
-                requests_per_minute: record
-                    .requests_per_minute
-                    .unwrap_or(self.default_limits.requests_per_minute),
-                tokens_per_minute: record
-                    .tokens_per_minute
-                    .unwrap_or(self.default_limits.tokens_per_minute),
+                requests_per_minute: record.requests_per_minute.unwrap_or(self.default_limits.requests_per_minute),
+                tokens_per_minute: record.tokens_per_minute.unwrap_or(self.default_limits.tokens_per_minute),
             }),
         }
     }
@@ -216,11 +200,7 @@ mod tests {
     async fn accounts() -> (tempfile::TempDir, Accounts) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("auth.db").display());
-        let config = AuthConfig {
-            database_url: url,
-            default_requests_per_minute: 7,
-            default_tokens_per_minute: 1000,
-        };
+        let config = AuthConfig { database_url: url, default_requests_per_minute: 7, default_tokens_per_minute: 1000 };
         let accounts = Accounts::open(&config).await.unwrap();
         (dir, accounts)
     }

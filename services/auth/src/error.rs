@@ -44,11 +44,7 @@ impl From<AuthError> for MeshError {
             }
         };
         let mesh = MeshError::new(kind, err.to_string());
-        if matches!(err, AuthError::InvalidEmail(_)) {
-            mesh.with_param("email")
-        } else {
-            mesh
-        }
+        if matches!(err, AuthError::InvalidEmail(_)) { mesh.with_param("email") } else { mesh }
     }
 }
 

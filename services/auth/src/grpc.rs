@@ -2,8 +2,8 @@
 
 use infermesh_proto::v1::auth_service_server::AuthService;
 use infermesh_proto::v1::{
-    CreateKeyRequest, CreatedKey, GetKeyInfoRequest, KeyInfo, ListKeysRequest, ListKeysResponse,
-    RevokeKeyRequest, RevokeKeyResponse, SignupRequest, SignupResponse, VerifyKeyRequest,
+    CreateKeyRequest, CreatedKey, GetKeyInfoRequest, KeyInfo, ListKeysRequest, ListKeysResponse, RevokeKeyRequest,
+    RevokeKeyResponse, SignupRequest, SignupResponse, VerifyKeyRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -24,27 +24,14 @@ impl AuthService for AuthGrpc {
     async fn signup(&self, request: Request<SignupRequest>) -> Result<Response<SignupResponse>, Status> {
         let SignupRequest { email } = request.into_inner();
         let (account_id, key) = self.accounts.signup(&email).await?;
-        Ok(Response::new(SignupResponse {
-            account_id,
-            key: Some(key),
-        }))
+        Ok(Response::new(SignupResponse { account_id, key: Some(key) }))
     }
 
     async fn create_key(&self, request: Request<CreateKeyRequest>) -> Result<Response<CreatedKey>, Status> {
-        let CreateKeyRequest {
-            account_id,
-            name,
-            limit_nanos,
-            expires_at_unix,
-        } = request.into_inner();
+        let CreateKeyRequest { account_id, name, limit_nanos, expires_at_unix } = request.into_inner();
         let created = self
             .accounts
-            .create_key(&NewKeyRequest {
-                account_id: &account_id,
-                name: &name,
-                limit_nanos,
-                expires_at_unix,
-            })
+            .create_key(&NewKeyRequest { account_id: &account_id, name: &name, limit_nanos, expires_at_unix })
             .await?;
         Ok(Response::new(created))
     }

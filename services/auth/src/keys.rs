@@ -14,11 +14,7 @@ const DISPLAY_PREFIX_CHARS: usize = 8;
 /// A fresh key: `im_` + 40 base62 characters (~238 bits).
 pub fn generate() -> String {
     // ThreadRng is a CSPRNG reseeded from the OS.
-    let random: String = rand::rng()
-        .sample_iter(&Alphanumeric)
-        .take(RANDOM_CHARS)
-        .map(char::from)
-        .collect();
+    let random: String = rand::rng().sample_iter(&Alphanumeric).take(RANDOM_CHARS).map(char::from).collect();
     format!("{KEY_PREFIX}{random}")
 }
 
@@ -33,9 +29,8 @@ pub fn display_prefix(key: &str) -> String {
 }
 
 pub fn is_well_formed(key: &str) -> bool {
-    key.strip_prefix(KEY_PREFIX).is_some_and(|rest| {
-        rest.len() >= MIN_RANDOM_CHARS && rest.bytes().all(|b| b.is_ascii_alphanumeric())
-    })
+    key.strip_prefix(KEY_PREFIX)
+        .is_some_and(|rest| rest.len() >= MIN_RANDOM_CHARS && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 /// Equality whose time does not depend on where the inputs differ.

@@ -23,7 +23,11 @@ pub use error::AuthError;
 #[derive(clap::Args, Debug, Clone)]
 pub struct AuthConfig {
     /// Where accounts and keys live (sqlx URL).
-    #[arg(long = "auth-database-url", env = "INFERMESH_AUTH_DATABASE_URL", default_value = "sqlite://infermesh-auth.db")]
+    #[arg(
+        long = "auth-database-url",
+        env = "INFERMESH_AUTH_DATABASE_URL",
+        default_value = "sqlite://infermesh-auth.db"
+    )]
     pub database_url: String,
     /// Requests per minute for a key with no limit of its own.
     #[arg(long = "default-requests-per-minute", env = "INFERMESH_DEFAULT_RPM", default_value_t = 500)]

@@ -51,21 +51,13 @@ impl Store {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Store { pool })
     }
 
     /// Creates the account and its first key in one transaction.
-    pub async fn create_account(
-        &self,
-        account_id: &str,
-        email: &str,
-        first_key: &NewKey<'_>,
-    ) -> Result<(), AuthError> {
+    pub async fn create_account(&self, account_id: &str, email: &str, first_key: &NewKey<'_>) -> Result<(), AuthError> {
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO accounts (id, email, created_at) VALUES ($1, $2, $3) \
@@ -96,10 +88,7 @@ impl Store {
             "SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
              WHERE k.key_hash = $1"
         );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(key_hash)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(key_hash).fetch_optional(&self.pool).await?;
         row.map(|row| key_from_row(&row)).transpose()
     }
 
@@ -108,10 +97,7 @@ impl Store {
             "SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
              WHERE k.id = $1"
         );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(key_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(key_id).fetch_optional(&self.pool).await?;
         row.map(|row| key_from_row(&row)).transpose()
     }
 
@@ -120,10 +106,7 @@ impl Store {
             "SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
              WHERE k.account_id = $1 AND k.revoked_at IS NULL ORDER BY k.created_at, k.id"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(account_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(account_id).fetch_all(&self.pool).await?;
         rows.iter().map(key_from_row).collect()
     }
 
@@ -142,10 +125,7 @@ impl Store {
     }
 }
 
-async fn insert_key(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    key: &NewKey<'_>,
-) -> Result<(), AuthError> {
+async fn insert_key(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, key: &NewKey<'_>) -> Result<(), AuthError> {
     sqlx::query(
         "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, limit_nanos, expires_at, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",

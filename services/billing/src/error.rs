@@ -9,10 +9,7 @@ pub enum BillingError {
         format_usd(*needed_nanos),
         format_usd(*available_nanos)
     )]
-    InsufficientCredit {
-        available_nanos: i64,
-        needed_nanos: i64,
-    },
+    InsufficientCredit { available_nanos: i64, needed_nanos: i64 },
     #[error("no credit hold for request {0:?}")]
     UnknownHold(String),
     #[error("{field} must not be negative (got {value})")]

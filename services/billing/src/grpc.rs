@@ -2,8 +2,8 @@
 
 use infermesh_proto::v1::billing_service_server::BillingService;
 use infermesh_proto::v1::{
-    Balance, GetBalanceRequest, GrantRequest, ReleaseRequest, ReleaseResponse, ReserveRequest,
-    ReserveResponse, SettleRequest, SettleResponse, Usage,
+    Balance, GetBalanceRequest, GrantRequest, ReleaseRequest, ReleaseResponse, ReserveRequest, ReserveResponse,
+    SettleRequest, SettleResponse, Usage,
 };
 use tonic::{Request, Response, Status};
 
@@ -29,7 +29,8 @@ impl BillingService for BillingGrpc {
 
     async fn reserve(&self, request: Request<ReserveRequest>) -> Result<Response<ReserveResponse>, Status> {
         let ReserveRequest { request_id, account_id, key_id, amount_nanos } = request.into_inner();
-        let (held_nanos, available_nanos) = self.ledger.reserve(&request_id, &account_id, &key_id, amount_nanos).await?;
+        let (held_nanos, available_nanos) =
+            self.ledger.reserve(&request_id, &account_id, &key_id, amount_nanos).await?;
         Ok(Response::new(ReserveResponse { held_nanos, available_nanos }))
     }
 

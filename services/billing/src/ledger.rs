@@ -55,17 +55,9 @@ impl Ledger {
             .busy_timeout(Duration::from_secs(5));
         // One connection: transactions serialise, which is what makes the
         // balance check and the hold atomic.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await?;
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Ledger {
-            pool,
-            hold_ttl,
-            outbox_enabled,
-            outbox_ready: Arc::new(Notify::new()),
-        })
+        Ok(Ledger { pool, hold_ttl, outbox_enabled, outbox_ready: Arc::new(Notify::new()) })
     }
 
     pub fn outbox_ready(&self) -> Arc<Notify> {
@@ -73,7 +65,13 @@ impl Ledger {
     }
 
     /// Adds credit once per `idempotency_key`.
-    pub async fn grant(&self, account_id: &str, amount_nanos: i64, idempotency_key: &str, reason: &str) -> Result<Balance, BillingError> {
+    pub async fn grant(
+        &self,
+        account_id: &str,
+        amount_nanos: i64,
+        idempotency_key: &str,
+        reason: &str,
+    ) -> Result<Balance, BillingError> {
         if amount_nanos < 0 {
             return Err(BillingError::NegativeAmount { field: "amount_nanos", value: amount_nanos });
         }
@@ -106,10 +104,11 @@ impl Ledger {
     }
 
     pub async fn balance(&self, account_id: &str) -> Result<Balance, BillingError> {
-        let row = sqlx::query("SELECT granted_nanos, used_nanos, held_nanos FROM credit_accounts WHERE account_id = $1")
-            .bind(account_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT granted_nanos, used_nanos, held_nanos FROM credit_accounts WHERE account_id = $1")
+                .bind(account_id)
+                .fetch_optional(&self.pool)
+                .await?;
         let (granted, used, held) = match row {
             Some(row) => (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?),
             None => (0, 0, 0),
@@ -124,7 +123,13 @@ impl Ledger {
     }
 
     /// Holds `amount_nanos` for `request_id`; a repeat returns the first hold.
-    pub async fn reserve(&self, request_id: &str, account_id: &str, key_id: &str, amount_nanos: i64) -> Result<(i64, i64), BillingError> {
+    pub async fn reserve(
+        &self,
+        request_id: &str,
+        account_id: &str,
+        key_id: &str,
+        amount_nanos: i64,
+    ) -> Result<(i64, i64), BillingError> {
         if amount_nanos < 0 {
             return Err(BillingError::NegativeAmount { field: "amount_nanos", value: amount_nanos });
         }
@@ -347,7 +352,15 @@ mod tests {
     }
 
     fn settlement(request_id: &str, cost_nanos: i64) -> Settlement<'_> {
-        Settlement { request_id, cost_nanos, model: "m", provider: "p", prompt_tokens: 3, completion_tokens: 4, latency_ms: 5 }
+        Settlement {
+            request_id,
+            cost_nanos,
+            model: "m",
+            provider: "p",
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            latency_ms: 5,
+        }
     }
 
     #[tokio::test]

@@ -22,7 +22,11 @@ pub use ledger::Ledger;
 #[derive(clap::Args, Debug, Clone)]
 pub struct BillingConfig {
     /// Where the ledger lives (sqlx URL).
-    #[arg(long = "billing-database-url", env = "INFERMESH_BILLING_DATABASE_URL", default_value = "sqlite://infermesh-billing.db")]
+    #[arg(
+        long = "billing-database-url",
+        env = "INFERMESH_BILLING_DATABASE_URL",
+        default_value = "sqlite://infermesh-billing.db"
+    )]
     pub database_url: String,
     /// How long a hold lives before it is released on its own (a gateway
     /// that died mid-request must not keep credit stuck).

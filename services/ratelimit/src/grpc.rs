@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use infermesh_proto::v1::rate_limit_service_server::RateLimitService;
 use infermesh_proto::v1::{
-    AcquireRequest, AcquireResponse, CommitRequest, CommitResponse, LimitState, RateLimit,
-    ReleaseAdmissionRequest, ReleaseAdmissionResponse,
+    AcquireRequest, AcquireResponse, CommitRequest, CommitResponse, LimitState, RateLimit, ReleaseAdmissionRequest,
+    ReleaseAdmissionResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -35,7 +35,9 @@ impl RateLimitService for RateLimitGrpc {
         let RateLimit { requests_per_minute, tokens_per_minute } = limits.unwrap_or_default();
         let limits = Limits { requests_per_minute, tokens_per_minute };
         let response = match self.limiter.acquire(&key_id, &request_id, estimated_tokens, limits) {
-            Decision::Allowed(state) => AcquireResponse { allowed: true, retry_after_ms: 0, state: Some(to_proto(state)) },
+            Decision::Allowed(state) => {
+                AcquireResponse { allowed: true, retry_after_ms: 0, state: Some(to_proto(state)) }
+            }
             Decision::Refused { retry_after, state } => AcquireResponse {
                 allowed: false,
                 retry_after_ms: u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),
@@ -51,7 +53,10 @@ impl RateLimitService for RateLimitGrpc {
         Ok(Response::new(CommitResponse {}))
     }
 
-    async fn release(&self, request: Request<ReleaseAdmissionRequest>) -> Result<Response<ReleaseAdmissionResponse>, Status> {
+    async fn release(
+        &self,
+        request: Request<ReleaseAdmissionRequest>,
+    ) -> Result<Response<ReleaseAdmissionResponse>, Status> {
         let ReleaseAdmissionRequest { key_id, request_id } = request.into_inner();
         self.limiter.release(&key_id, &request_id);
         Ok(Response::new(ReleaseAdmissionResponse {}))

@@ -94,7 +94,11 @@ impl Limiter {
             let requests_full = limits.requests_per_minute != 0 && window.requests >= limits.requests_per_minute;
             // A single request larger than the whole budget is admitted
             // against an empty window rather than refused forever.
-            let estimate = if limits.tokens_per_minute == 0 { estimated_tokens } else { estimated_tokens.min(limits.tokens_per_minute) };
+            let estimate = if limits.tokens_per_minute == 0 {
+                estimated_tokens
+            } else {
+                estimated_tokens.min(limits.tokens_per_minute)
+            };
             let tokens_full = limits.tokens_per_minute != 0
                 && window.tokens + u64::from(estimate) > u64::from(limits.tokens_per_minute);
             let state = window.state(limits, now);
@@ -141,7 +145,9 @@ mod tests {
         let threads: Vec<_> = (0..200)
             .map(|i| {
                 let limiter = limiter.clone();
-                std::thread::spawn(move || matches!(limiter.acquire("k", &format!("r{i}"), 1, RPM_50), Decision::Allowed(_)))
+                std::thread::spawn(move || {
+                    matches!(limiter.acquire("k", &format!("r{i}"), 1, RPM_50), Decision::Allowed(_))
+                })
             })
             .collect();
         let admitted = threads.into_iter().map(|t| t.join().unwrap()).filter(|ok| *ok).count();

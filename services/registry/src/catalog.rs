@@ -121,7 +121,8 @@ impl Catalog {
     fn check_unique_names(&self) -> Result<(), RegistryError> {
         let mut seen = std::collections::HashSet::new();
         for model in &self.models {
-            let own: std::collections::BTreeSet<String> = std::iter::once(&model.id).chain(&model.aliases).map(|n| n.to_ascii_lowercase()).collect();
+            let own: std::collections::BTreeSet<String> =
+                std::iter::once(&model.id).chain(&model.aliases).map(|n| n.to_ascii_lowercase()).collect();
             for name in own {
                 if !seen.insert(name.clone()) {
                     return Err(RegistryError::Config(format!("name {name:?} is used by two models")));

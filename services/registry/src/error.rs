@@ -15,7 +15,9 @@ pub enum RegistryError {
 impl From<RegistryError> for MeshError {
     fn from(err: RegistryError) -> MeshError {
         let kind = match &err {
-            RegistryError::Config(_) | RegistryError::ConfigFile { .. } | RegistryError::IncompleteWorker => ErrorKind::InvalidRequest,
+            RegistryError::Config(_) | RegistryError::ConfigFile { .. } | RegistryError::IncompleteWorker => {
+                ErrorKind::InvalidRequest
+            }
             RegistryError::UnknownModel { .. } => ErrorKind::ModelNotFound,
         };
         let mesh = MeshError::new(kind, err.to_string());

@@ -5,8 +5,8 @@ use std::pin::Pin;
 use futures::Stream;
 use infermesh_proto::v1::registry_service_server::RegistryService;
 use infermesh_proto::v1::{
-    CatalogSnapshot, HeartbeatRequest, HeartbeatResponse, ListModelsRequest, ListModelsResponse,
-    Model, RegisterWorkerRequest, RegisterWorkerResponse, ResolveModelRequest, WatchCatalogRequest,
+    CatalogSnapshot, HeartbeatRequest, HeartbeatResponse, ListModelsRequest, ListModelsResponse, Model,
+    RegisterWorkerRequest, RegisterWorkerResponse, ResolveModelRequest, WatchCatalogRequest,
 };
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::WatchStream;
@@ -42,7 +42,10 @@ impl RegistryService for RegistryGrpc {
         Ok(Response::new(model))
     }
 
-    async fn register_worker(&self, request: Request<RegisterWorkerRequest>) -> Result<Response<RegisterWorkerResponse>, Status> {
+    async fn register_worker(
+        &self,
+        request: Request<RegisterWorkerRequest>,
+    ) -> Result<Response<RegisterWorkerResponse>, Status> {
         let RegisterWorkerRequest { worker_id, address, models } = request.into_inner();
         if worker_id.is_empty() || address.is_empty() {
             return Err(RegistryError::IncompleteWorker.into());
@@ -60,7 +63,10 @@ impl RegistryService for RegistryGrpc {
 
     type WatchCatalogStream = Pin<Box<dyn Stream<Item = Result<CatalogSnapshot, Status>> + Send>>;
 
-    async fn watch_catalog(&self, _: Request<WatchCatalogRequest>) -> Result<Response<Self::WatchCatalogStream>, Status> {
+    async fn watch_catalog(
+        &self,
+        _: Request<WatchCatalogRequest>,
+    ) -> Result<Response<Self::WatchCatalogStream>, Status> {
         let stream = WatchStream::new(self.registry.subscribe()).map(Ok);
         Ok(Response::new(Box::pin(stream)))
     }

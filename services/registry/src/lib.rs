@@ -51,7 +51,11 @@ impl RegistryConfig {
     }
 }
 
-pub async fn run(config: RegistryConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), RunError> {
+pub async fn run(
+    config: RegistryConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
     let registry = Registry::new(config.load_catalog()?, Duration::from_millis(config.worker_lease_ms));
     let stop = CancellationToken::new();
     let sweeper = registry.clone();

@@ -59,7 +59,12 @@ impl Registry {
     pub fn register(&self, worker_id: &str, address: &str, models: Vec<String>) {
         let expires = Instant::now() + self.lease;
         self.update(|inner| {
-            let worker = Worker { worker_id: worker_id.to_owned(), address: address.to_owned(), models, load: Some(WorkerLoad::default()) };
+            let worker = Worker {
+                worker_id: worker_id.to_owned(),
+                address: address.to_owned(),
+                models,
+                load: Some(WorkerLoad::default()),
+            };
             inner.workers.insert(worker_id.to_owned(), Lease { worker, expires });
             ((), true)
         });

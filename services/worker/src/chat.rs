@@ -72,7 +72,12 @@ mod tests {
     fn gemma_template_folds_system_and_renames_assistant() {
         let template = ChatTemplate::new(None, "<bos>".into(), "<eos>".into()).unwrap();
         let text = template
-            .render(&[message("system", "Be brief."), message("user", "Hi "), message("assistant", "Hello"), message("user", "Bye")])
+            .render(&[
+                message("system", "Be brief."),
+                message("user", "Hi "),
+                message("assistant", "Hello"),
+                message("user", "Bye"),
+            ])
             .unwrap();
         assert_eq!(
             text,

@@ -25,11 +25,10 @@ impl EmbeddingModel {
         let read = |name: &str| std::fs::read(dir.join(name)).map_err(WorkerError::io(dir.join(name)));
         let config: Config = serde_json::from_slice(&read("config.json")?)
             .map_err(|err| WorkerError::Model(format!("{}: {err}", dir.join("config.json").display())))?;
-        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|err| WorkerError::Tokenizer(err.to_string()))?;
+        let mut tokenizer =
+            Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|err| WorkerError::Tokenizer(err.to_string()))?;
         let max_tokens = config.max_position_embeddings;
-        tokenizer
-            .with_truncation(None)
-            .map_err(|err| WorkerError::Tokenizer(err.to_string()))?;
+        tokenizer.with_truncation(None).map_err(|err| WorkerError::Tokenizer(err.to_string()))?;
         tokenizer.with_padding(Some(PaddingParams::default()));
         let weights = read("model.safetensors")?;
         let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, device)?;

@@ -67,7 +67,11 @@ fn sampler(params: &GenerationParams) -> LogitsProcessor {
     LogitsProcessor::from_sampling(params.seed, sampling)
 }
 
-fn apply_penalties(logits: &Tensor, counts: &std::collections::HashMap<u32, u32>, params: &GenerationParams) -> Result<Tensor, WorkerError> {
+fn apply_penalties(
+    logits: &Tensor,
+    counts: &std::collections::HashMap<u32, u32>,
+    params: &GenerationParams,
+) -> Result<Tensor, WorkerError> {
     if (params.frequency_penalty == 0.0 && params.presence_penalty == 0.0) || counts.is_empty() {
         return Ok(logits.clone());
     }
@@ -94,7 +98,9 @@ impl StopScanner {
         self.text.push_str(delta);
         let search_from = self.emitted.saturating_sub(self.stops.iter().map(String::len).max().unwrap_or(0));
         let search_from = floor_char_boundary(&self.text, search_from);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.text[search_from..].find(s.as_str()).map(|i| i + search_from)).min() {
+        if let Some(at) =
+            self.stops.iter().filter_map(|s| self.text[search_from..].find(s.as_str()).map(|i| i + search_from)).min()
+        {
             let out = self.text[self.emitted.min(at)..at].to_owned();
             self.emitted = at;
             return (out, true);
@@ -139,10 +145,18 @@ pub fn generate(
     let mut sampler = sampler(params);
     let mut counts = std::collections::HashMap::new();
     let mut utf8 = Utf8Stream::default();
-    let mut stops = StopScanner { stops: params.stop.iter().filter(|s| !s.is_empty()).cloned().collect(), text: String::new(), emitted: 0 };
+    let mut stops = StopScanner {
+        stops: params.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+        text: String::new(),
+        emitted: 0,
+    };
     let mut generated = 0usize;
     let mut pending_ids = Vec::new();
-    let finish = |reason, native: &str, generated| Event::Finished { reason, native_reason: native.to_owned(), completion_tokens: generated };
+    let finish = |reason, native: &str, generated| Event::Finished {
+        reason,
+        native_reason: native.to_owned(),
+        completion_tokens: generated,
+    };
     loop {
         let scored = apply_penalties(&logits, &counts, params)?;
         let next = sampler.sample(&scored)?;
@@ -171,7 +185,9 @@ pub fn generate(
         }
         if generated >= params.max_tokens {
             let tail = stops.push(&utf8.finish()).0 + &stops.finish();
-            if (!tail.is_empty() || !pending_ids.is_empty()) && !emit(Event::Delta { text: tail, token_ids: std::mem::take(&mut pending_ids) }) {
+            if (!tail.is_empty() || !pending_ids.is_empty())
+                && !emit(Event::Delta { text: tail, token_ids: std::mem::take(&mut pending_ids) })
+            {
                 return Ok(());
             }
             emit(finish(Finish::Length, "length", generated));

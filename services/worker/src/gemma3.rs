@@ -41,7 +41,10 @@ pub struct Gemma3Config {
 
 enum Embeddings {
     /// Raw Q8_0 blocks: per 32 values, an f16 scale then 32 i8.
-    Q8_0 { blocks: Vec<u8>, hidden: usize },
+    Q8_0 {
+        blocks: Vec<u8>,
+        hidden: usize,
+    },
     Dense(Tensor),
 }
 
@@ -117,13 +120,20 @@ fn md<'a>(content: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::V
 }
 
 impl Gemma3 {
-    pub fn from_gguf<R: Read + Seek>(content: &gguf_file::Content, reader: &mut R, device: &Device) -> Result<Gemma3, WorkerError> {
+    pub fn from_gguf<R: Read + Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Gemma3, WorkerError> {
         let arch = md(content, "general.architecture")?.to_string()?.clone();
         if arch != "gemma3" {
             return Err(WorkerError::Model(format!("expected a gemma3 GGUF, found architecture {arch:?}")));
         }
-        let u = |key: &str| -> Result<usize, WorkerError> { Ok(md(content, &format!("gemma3.{key}"))?.to_u32()? as usize) };
-        let f = |key: &str, default: f32| content.metadata.get(&format!("gemma3.{key}")).and_then(|v| v.to_f32().ok()).unwrap_or(default);
+        let u =
+            |key: &str| -> Result<usize, WorkerError> { Ok(md(content, &format!("gemma3.{key}"))?.to_u32()? as usize) };
+        let f = |key: &str, default: f32| {
+            content.metadata.get(&format!("gemma3.{key}")).and_then(|v| v.to_f32().ok()).unwrap_or(default)
+        };
         let vocab_size = md(content, "tokenizer.ggml.tokens")?.to_vec()?.len();
         let config = Gemma3Config {
             hidden: u("embedding_length")?,
@@ -143,7 +153,7 @@ impl Gemma3 {
         let dense = |q: QTensor| -> Result<Tensor, WorkerError> { Ok(q.dequantize(device)?) };
 
         let embed_q = tensor("token_embd.weight")?;
-        let embeddings = if embed_q.dtype() == GgmlDType::Q8_0 && config.hidden % 32 == 0 {
+        let embeddings = if embed_q.dtype() == GgmlDType::Q8_0 && config.hidden.is_multiple_of(32) {
             Embeddings::Q8_0 { blocks: embed_q.data()?.into_owned(), hidden: config.hidden }
         } else {
             Embeddings::Dense(embed_q.dequantize(device)?)
@@ -156,7 +166,9 @@ impl Gemma3 {
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let p = format!("blk.{i}");
-            let mut q = |name: &str| -> Result<QMatMul, WorkerError> { Ok(QMatMul::from_qtensor(tensor(&format!("{p}.{name}.weight"))?)?) };
+            let mut q = |name: &str| -> Result<QMatMul, WorkerError> {
+                Ok(QMatMul::from_qtensor(tensor(&format!("{p}.{name}.weight"))?)?)
+            };
             let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
             let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
             let mut n = |name: &str| -> Result<Tensor, WorkerError> { dense(tensor(&format!("{p}.{name}.weight"))?) };
@@ -237,7 +249,9 @@ impl Gemma3 {
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
         let (b, seq, _) = x.dims3()?;
-        let split = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> { t.reshape((b, seq, heads, cfg.head_dim))?.transpose(1, 2)?.contiguous() };
+        let split = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+            t.reshape((b, seq, heads, cfg.head_dim))?.transpose(1, 2)?.contiguous()
+        };
         let q = split(layer.q.forward(x)?, cfg.heads)?;
         let k = split(layer.k.forward(x)?, cfg.kv_heads)?;
         let v = split(layer.v.forward(x)?, cfg.kv_heads)?;
@@ -273,7 +287,11 @@ impl Gemma3 {
         let scores = scores.broadcast_add(&mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v.contiguous()?)?;
-        let out = out.reshape((b, cfg.heads, seq, cfg.head_dim))?.transpose(1, 2)?.reshape((b, seq, cfg.heads * cfg.head_dim))?;
+        let out = out.reshape((b, cfg.heads, seq, cfg.head_dim))?.transpose(1, 2)?.reshape((
+            b,
+            seq,
+            cfg.heads * cfg.head_dim,
+        ))?;
         layer.o.forward(&out)
     }
 }
@@ -283,7 +301,13 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor
 }
 
 /// NEOX-style rotary tables for positions `[start, start + len)`.
-fn rope_tables(head_dim: usize, base: f32, start: usize, len: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+fn rope_tables(
+    head_dim: usize,
+    base: f32,
+    start: usize,
+    len: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(len * half);
     let mut sin = Vec::with_capacity(len * half);
@@ -301,7 +325,15 @@ fn rope_tables(head_dim: usize, base: f32, start: usize, len: usize, device: &De
 /// Additive mask `[group * seq, kv_len]`: query `i` (absolute position
 /// `position + i`) sees key `j` (absolute `start + j`) when the key is not
 /// in its future and, for sliding layers, `query - key < window`.
-fn attention_mask(seq: usize, position: usize, start: usize, kv_len: usize, window: Option<usize>, group: usize, device: &Device) -> candle_core::Result<Tensor> {
+fn attention_mask(
+    seq: usize,
+    position: usize,
+    start: usize,
+    kv_len: usize,
+    window: Option<usize>,
+    group: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let mut mask = Vec::with_capacity(group * seq * kv_len);
     for _ in 0..group {
         for i in 0..seq {

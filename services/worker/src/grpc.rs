@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use futures::Stream;
 use infermesh_proto::v1::worker_service_server::WorkerService;
 use infermesh_proto::v1::{
-    self as pb, EmbedRequest, EmbedResponse, Embedding, GenerateEvent, GenerateRequest, TokenizeRequest, TokenizeResponse,
-    generate_event, generate_request,
+    self as pb, EmbedRequest, EmbedResponse, Embedding, GenerateEvent, GenerateRequest, TokenizeRequest,
+    TokenizeResponse, generate_event, generate_request,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -65,7 +65,10 @@ fn to_proto(event: Event, prompt_tokens: u32) -> GenerateEvent {
             }
             .into(),
             native_reason,
-            usage: Some(pb::Usage { prompt_tokens, completion_tokens: u32::try_from(completion_tokens).unwrap_or(u32::MAX) }),
+            usage: Some(pb::Usage {
+                prompt_tokens,
+                completion_tokens: u32::try_from(completion_tokens).unwrap_or(u32::MAX),
+            }),
         }),
     };
     GenerateEvent { event: Some(event) }
@@ -80,7 +83,11 @@ impl WorkerService for WorkerGrpc {
         let model = self.chat_model(&request.model)?;
         let prompt = match &request.prompt {
             Some(generate_request::Prompt::Chat(chat)) => {
-                let messages: Vec<Message> = chat.messages.iter().map(|m| Message { role: m.role.clone(), content: m.content.clone() }).collect();
+                let messages: Vec<Message> = chat
+                    .messages
+                    .iter()
+                    .map(|m| Message { role: m.role.clone(), content: m.content.clone() })
+                    .collect();
                 model.chat_prompt(&messages)?
             }
             Some(generate_request::Prompt::Text(text)) => model.text_prompt(text),

@@ -104,7 +104,11 @@ pub fn prepare_models(config: &WorkerConfig) -> Result<(PathBuf, PathBuf), Worke
     Ok((chat, embedding))
 }
 
-pub async fn run(config: WorkerConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), RunError> {
+pub async fn run(
+    config: WorkerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), RunError> {
     let loading = config.clone();
     let (chat, embedding) = tokio::task::spawn_blocking(move || -> Result<_, WorkerError> {
         let (chat_path, embedding_dir) = prepare_models(&loading)?;
@@ -155,7 +159,11 @@ async fn stay_registered(
     let mut pause = Duration::from_millis(200);
     loop {
         if !registered {
-            let request = RegisterWorkerRequest { worker_id: worker_id.clone(), address: address.clone(), models: models.clone() };
+            let request = RegisterWorkerRequest {
+                worker_id: worker_id.clone(),
+                address: address.clone(),
+                models: models.clone(),
+            };
             match client.register_worker(request).await {
                 Ok(response) => {
                     registered = true;
@@ -168,7 +176,10 @@ async fn stay_registered(
                 }
             }
         } else {
-            let current = WorkerLoad { active_sequences: load.active.load(Ordering::Relaxed), queued: load.queued.load(Ordering::Relaxed) };
+            let current = WorkerLoad {
+                active_sequences: load.active.load(Ordering::Relaxed),
+                queued: load.queued.load(Ordering::Relaxed),
+            };
             match client.heartbeat(HeartbeatRequest { worker_id: worker_id.clone(), load: Some(current) }).await {
                 Ok(response) => registered = response.into_inner().known,
                 Err(status) => tracing::warn!(error = %status.message(), "heartbeat failed"),

@@ -21,7 +21,8 @@ pub struct ChatModel {
 impl ChatModel {
     pub fn load(id: &str, gguf: &Path, device: &Device) -> Result<ChatModel, WorkerError> {
         let mut file = std::fs::File::open(gguf).map_err(WorkerError::io(gguf))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|err| WorkerError::Model(format!("{}: {err}", gguf.display())))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|err| WorkerError::Model(format!("{}: {err}", gguf.display())))?;
         let tokenizer = SpmTokenizer::from_gguf(&content)?;
         let model = Gemma3::from_gguf(&content, &mut file, device)?;
         let template_source = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
@@ -48,7 +49,9 @@ impl ChatModel {
     pub fn check_ids(&self, ids: &[u32]) -> Result<(), WorkerError> {
         let vocab = self.tokenizer.vocab_size();
         match ids.iter().find(|id| **id as usize >= vocab) {
-            Some(bad) => Err(WorkerError::InvalidRequest(format!("token id {bad} is outside the vocabulary (size {vocab})"))),
+            Some(bad) => {
+                Err(WorkerError::InvalidRequest(format!("token id {bad} is outside the vocabulary (size {vocab})")))
+            }
             None => Ok(()),
         }
     }

@@ -72,7 +72,9 @@ impl SpmTokenizer {
         let bad = |what: &str| WorkerError::Model(format!("GGUF tokenizer: {what}"));
         let model = metadata(content, "tokenizer.ggml.model").and_then(|v| v.to_string().ok().cloned());
         if model.as_deref() != Some("llama") {
-            return Err(bad(&format!("unsupported tokenizer model {model:?}; only SentencePiece (\"llama\") is supported")));
+            return Err(bad(&format!(
+                "unsupported tokenizer model {model:?}; only SentencePiece (\"llama\") is supported"
+            )));
         }
         let tokens = metadata(content, "tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
@@ -124,11 +126,17 @@ impl SpmTokenizer {
             by_text.insert(text.clone(), id);
             match kinds[id as usize] {
                 TokenKind::Byte => {
-                    if let Some(byte) = text.strip_prefix("<0x").and_then(|t| t.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    if let Some(byte) = text
+                        .strip_prefix("<0x")
+                        .and_then(|t| t.strip_suffix('>'))
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    {
                         byte_tokens[usize::from(byte)] = Some(id);
                     }
                 }
-                TokenKind::Control | TokenKind::Unknown | TokenKind::UserDefined if !text.is_empty() => specials.push(id),
+                TokenKind::Control | TokenKind::Unknown | TokenKind::UserDefined if !text.is_empty() => {
+                    specials.push(id)
+                }
                 _ => {}
             }
         }
@@ -141,7 +149,19 @@ impl SpmTokenizer {
                 end_of_generation.push(id);
             }
         }
-        SpmTokenizer { texts, scores, kinds, by_text, byte_tokens, specials, bos, eos, add_bos, add_space_prefix, end_of_generation }
+        SpmTokenizer {
+            texts,
+            scores,
+            kinds,
+            by_text,
+            byte_tokens,
+            specials,
+            bos,
+            eos,
+            add_bos,
+            add_space_prefix,
+            end_of_generation,
+        }
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -156,7 +176,8 @@ impl SpmTokenizer {
     /// wants it; with `parse_special`, control-token text becomes the token.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
         let mut output = Vec::new();
-        if add_special && self.add_bos
+        if add_special
+            && self.add_bos
             && let Some(bos) = self.bos
         {
             output.push(bos);
@@ -243,7 +264,14 @@ impl SpmTokenizer {
             }
             let left_prev = symbols[bigram.left].prev;
             if left_prev >= 0 {
-                self.try_add_bigram(text, &symbols, left_prev as usize, bigram.left as isize, &mut queue, &mut rev_merge);
+                self.try_add_bigram(
+                    text,
+                    &symbols,
+                    left_prev as usize,
+                    bigram.left as isize,
+                    &mut queue,
+                    &mut rev_merge,
+                );
             }
             self.try_add_bigram(text, &symbols, bigram.left, right_next, &mut queue, &mut rev_merge);
         }
@@ -280,7 +308,14 @@ impl SpmTokenizer {
         rev_merge.insert(merged, (left, right));
     }
 
-    fn resegment(&self, text: &str, symbols: &[Symbol], symbol: Symbol, rev_merge: &HashMap<&str, (usize, usize)>, output: &mut Vec<u32>) {
+    fn resegment(
+        &self,
+        text: &str,
+        symbols: &[Symbol],
+        symbol: Symbol,
+        rev_merge: &HashMap<&str, (usize, usize)>,
+        output: &mut Vec<u32>,
+    ) {
         let piece = &text[symbol.start..symbol.start + symbol.len];
         if let Some(&id) = self.by_text.get(piece) {
             output.push(id);
@@ -407,11 +442,19 @@ mod tests {
     use super::*;
 
     fn toy() -> SpmTokenizer {
-        let mut texts: Vec<String> = vec!["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "\n\n", "▁", "a", "b", "ab", "▁ab", "c"]
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        let mut kinds = vec![TokenKind::Control, TokenKind::Control, TokenKind::Control, TokenKind::Control, TokenKind::Control, TokenKind::UserDefined];
+        let mut texts: Vec<String> =
+            vec!["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "\n\n", "▁", "a", "b", "ab", "▁ab", "c"]
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+        let mut kinds = vec![
+            TokenKind::Control,
+            TokenKind::Control,
+            TokenKind::Control,
+            TokenKind::Control,
+            TokenKind::Control,
+            TokenKind::UserDefined,
+        ];
         kinds.extend([TokenKind::Normal; 6]);
         let mut scores = vec![0.0; texts.len()];
         scores[9] = -1.0;

@@ -3,6 +3,8 @@
 //! the prefix where llama.cpp agrees with itself across KV-cache precisions.
 //! The model is fetched into the models cache if it is not there yet.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a failed step should fail the test loudly")]
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -19,7 +21,9 @@ fn fixtures() -> PathBuf {
 fn model() -> &'static ChatModel {
     static MODEL: OnceLock<ChatModel> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let dir = std::env::var_os("INFERMESH_MODELS_DIR").map(PathBuf::from).unwrap_or_else(infermesh_worker::default_models_dir);
+        let dir = std::env::var_os("INFERMESH_MODELS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(infermesh_worker::default_models_dir);
         let gguf = infermesh_worker::fetch::ensure_gemma(&dir).expect("fetch the default chat model");
         ChatModel::load("infermesh/gemma-3-270m", &gguf, &Device::Cpu).expect("load the chat model")
     })
@@ -39,14 +43,21 @@ fn check_tokens(file: &str) {
     for case in &cases {
         let ours = tokenizer.encode(&case.text, true, case.special);
         if ours != case.ids {
-            mismatches.push(format!("{:?} (special={}): llama.cpp {:?}, ours {:?}", case.text, case.special, case.ids, ours));
+            mismatches
+                .push(format!("{:?} (special={}): llama.cpp {:?}, ours {:?}", case.text, case.special, case.ids, ours));
         }
         // SentencePiece decodes a literal `▁` as a space, as llama.cpp does.
         if !case.special && !case.text.contains('\u{2581}') {
             assert_eq!(tokenizer.decode(&ours), case.text, "decode(encode(x)) != x");
         }
     }
-    assert!(mismatches.is_empty(), "{} of {} differ from llama.cpp:\n{}", mismatches.len(), cases.len(), mismatches.iter().take(10).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} differ from llama.cpp:\n{}",
+        mismatches.len(),
+        cases.len(),
+        mismatches.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+    );
 }
 
 #[test]
@@ -78,11 +89,17 @@ struct GreedyCase {
 /// low-margin step, so this is the stable measure of the forward pass).
 #[test]
 fn teacher_forced_top1_agreement_with_llama_cpp_is_at_least_95_percent() {
-    let file: GreedyFile = serde_json::from_slice(&std::fs::read(fixtures().join("golden_greedy.json")).unwrap()).unwrap();
+    let file: GreedyFile =
+        serde_json::from_slice(&std::fs::read(fixtures().join("golden_greedy.json")).unwrap()).unwrap();
     let chat = model();
     let (mut agree, mut total) = (0usize, 0usize);
     for case in &file.cases {
-        assert_eq!(chat.tokenizer.encode(&case.prompt, true, case.special), case.prompt_ids, "prompt ids for {:?}", case.prompt);
+        assert_eq!(
+            chat.tokenizer.encode(&case.prompt, true, case.special),
+            case.prompt_ids,
+            "prompt ids for {:?}",
+            case.prompt
+        );
         let mut forced = case.prompt_ids.clone();
         forced.extend_from_slice(&case.greedy_ids[..case.greedy_ids.len() - 1]);
         let mut cache = chat.model.new_cache();
@@ -114,7 +131,11 @@ fn teacher_forced_top1_agreement_with_llama_cpp_is_at_least_95_percent() {
 #[test]
 fn chunked_prefill_equals_one_shot_prefill() {
     let chat = model();
-    let ids = chat.tokenizer.encode("The quick brown fox jumps over the lazy dog. It was a sunny day in the park.", true, false);
+    let ids = chat.tokenizer.encode(
+        "The quick brown fox jumps over the lazy dog. It was a sunny day in the park.",
+        true,
+        false,
+    );
     let mut whole = chat.model.new_cache();
     let one_shot = chat.model.forward(&ids, &mut whole, false).unwrap().to_vec1::<f32>().unwrap();
     let mut chunked = chat.model.new_cache();
