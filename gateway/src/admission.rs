@@ -70,6 +70,23 @@ pub fn rate_limit_headers(state: &LimitState) -> Vec<(HeaderName, HeaderValue)> 
     .collect()
 }
 
+/// A request the checks turned away, with the key's limits when known so
+/// even a refusal carries `X-RateLimit-*` headers.
+pub struct Refused {
+    pub error: ApiError,
+    pub limits: Option<LimitState>,
+}
+
+impl axum::response::IntoResponse for Refused {
+    fn into_response(self) -> axum::response::Response {
+        let mut response = self.error.into_response();
+        if let Some(limits) = &self.limits {
+            response.headers_mut().extend(rate_limit_headers(limits));
+        }
+        response
+    }
+}
+
 pub struct Admission {
     mesh: Arc<Mesh>,
     pub request_id: String,
@@ -104,7 +121,7 @@ impl Admission {
         request_id: String,
         estimated_prompt_tokens: u32,
         max_output_tokens: u32,
-    ) -> Result<Admission, (ApiError, Option<LimitState>)> {
+    ) -> Result<Admission, Refused> {
         let estimate = estimated_prompt_tokens.saturating_add(max_output_tokens);
         let acquired = mesh
             .ratelimit
@@ -116,7 +133,7 @@ impl Admission {
                 limits: key.rate_limit,
             })
             .await
-            .map_err(|s| (ApiError(peer_error("ratelimit")(s)), None))?
+            .map_err(|s| Refused { error: ApiError(peer_error("ratelimit")(s)), limits: None })?
             .into_inner();
         let limits = acquired.state.unwrap_or_default();
         if !acquired.allowed {
@@ -130,7 +147,7 @@ impl Admission {
                 ),
             )
             .with_retry_after_ms(acquired.retry_after_ms);
-            return Err((ApiError(err), Some(limits)));
+            return Err(Refused { error: ApiError(err), limits: Some(limits) });
         }
         let hold = cost_nanos(&model, u64::from(estimated_prompt_tokens), u64::from(max_output_tokens));
         let reserved = mesh
@@ -148,7 +165,7 @@ impl Admission {
             let _ = ratelimit
                 .release(ReleaseAdmissionRequest { key_id: key.key_id.clone(), request_id: request_id.clone() })
                 .await;
-            return Err((ApiError(peer_error("billing")(status)), Some(limits)));
+            return Err(Refused { error: ApiError(peer_error("billing")(status)), limits: Some(limits) });
         }
         Ok(Admission {
             mesh,
@@ -256,11 +273,15 @@ impl Drop for Admission {
             };
             let task =
                 settle_task(mesh, request_id, key_id, self.model.clone(), self.provider.clone(), usage, self.started);
-            tokio::spawn(async move {
-                if let Err(err) = task.await {
-                    tracing::error!(error = %err.0.message, "settlement after disconnect failed; the hold expires on its own");
-                }
-            });
+            let span = tracing::Span::current();
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    if let Err(err) = task.await {
+                        tracing::error!(error = %err.0.message, "settlement after disconnect failed; the hold expires on its own");
+                    }
+                },
+                span,
+            ));
         } else {
             tokio::spawn(async move {
                 let (mut billing, mut ratelimit) = (mesh.billing.clone(), mesh.ratelimit.clone());

@@ -81,10 +81,7 @@ pub async fn chat_completions(
     .await
     {
         Ok(admission) => Arc::new(admission),
-        Err((err, limits)) => {
-            let headers = limits.map(|l| crate::admission::rate_limit_headers(&l)).unwrap_or_default();
-            return Ok(with_headers(err.into_response(), headers));
-        }
+        Err(refused) => return Ok(refused.into_response()),
     };
     let request = GenerateRequest {
         request_id: request_id.clone(),

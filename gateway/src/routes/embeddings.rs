@@ -8,7 +8,7 @@ use infermesh_proto::v1::{EmbedRequest, ModelKind, Usage};
 use infermesh_service::money::nanos_to_dollars;
 use serde_json::{Value, json};
 
-use crate::admission::{Admission, authenticate, rate_limit_headers};
+use crate::admission::{Admission, authenticate};
 use crate::app::AppState;
 use crate::error::{ApiError, parse_json};
 use crate::mesh::peer_error;
@@ -38,12 +38,7 @@ pub async fn embeddings(
             .await
         {
             Ok(admission) => admission,
-            Err((err, limits)) => {
-                return Ok(with_headers(
-                    err.into_response(),
-                    limits.map(|l| rate_limit_headers(&l)).unwrap_or_default(),
-                ));
-            }
+            Err(refused) => return Ok(refused.into_response()),
         };
     let response = worker
         .embed(EmbedRequest { model: admission.model.id.clone(), inputs: request.inputs })

@@ -36,6 +36,13 @@ pub struct NewKey<'a> {
     pub created_at: i64,
 }
 
+/// The unique columns a key can be found by.
+#[derive(Clone, Copy)]
+enum KeyColumn {
+    Hash,
+    Id,
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
@@ -84,20 +91,22 @@ impl Store {
     }
 
     pub async fn key_by_hash(&self, key_hash: &str) -> Result<Option<KeyRecord>, AuthError> {
-        let sql = format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
-             WHERE k.key_hash = $1"
-        );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(key_hash).fetch_optional(&self.pool).await?;
-        row.map(|row| key_from_row(&row)).transpose()
+        self.key_where(KeyColumn::Hash, key_hash).await
     }
 
     pub async fn key_by_id(&self, key_id: &str) -> Result<Option<KeyRecord>, AuthError> {
+        self.key_where(KeyColumn::Id, key_id).await
+    }
+
+    async fn key_where(&self, column: KeyColumn, value: &str) -> Result<Option<KeyRecord>, AuthError> {
+        let column = match column {
+            KeyColumn::Hash => "key_hash",
+            KeyColumn::Id => "id",
+        };
         let sql = format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
-             WHERE k.id = $1"
+            "SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.{column} = $1"
         );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(key_id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(value).fetch_optional(&self.pool).await?;
         row.map(|row| key_from_row(&row)).transpose()
     }
 

@@ -267,13 +267,7 @@ impl Ledger {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(row) = released {
-            let account_id: String = row.try_get(0)?;
-            let amount: i64 = row.try_get(1)?;
-            sqlx::query("UPDATE credit_accounts SET held_nanos = held_nanos - $1 WHERE account_id = $2")
-                .bind(amount)
-                .bind(&account_id)
-                .execute(&mut *tx)
-                .await?;
+            unhold(&mut tx, &row).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -291,13 +285,7 @@ impl Ledger {
         .fetch_all(&mut *tx)
         .await?;
         for row in &expired {
-            let account_id: String = row.try_get(0)?;
-            let amount: i64 = row.try_get(1)?;
-            sqlx::query("UPDATE credit_accounts SET held_nanos = held_nanos - $1 WHERE account_id = $2")
-                .bind(amount)
-                .bind(&account_id)
-                .execute(&mut *tx)
-                .await?;
+            unhold(&mut tx, row).await?;
         }
         tx.commit().await?;
         Ok(expired.len() as u64)
@@ -335,6 +323,22 @@ async fn available_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, account_id: 
         Some(row) => row.try_get(0)?,
         None => 0,
     })
+}
+
+/// Takes a released or expired hold (a row of `account_id, amount_nanos`)
+/// out of its account's held balance.
+async fn unhold(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    hold: &sqlx::sqlite::SqliteRow,
+) -> Result<(), BillingError> {
+    let account_id: String = hold.try_get(0)?;
+    let amount: i64 = hold.try_get(1)?;
+    sqlx::query("UPDATE credit_accounts SET held_nanos = held_nanos - $1 WHERE account_id = $2")
+        .bind(amount)
+        .bind(&account_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 fn require(field: &'static str, value: &str) -> Result<(), BillingError> {
