@@ -157,6 +157,14 @@ try:
 except openai.BadRequestError as err:
     assert error_body(err.response)["param"] == "temperature"
 
+try:
+    client.chat.completions.create(model="infermesh/gemma-3-270m", messages=[{"role": "user", "content": "hi"}], max_tokens=40000)
+    raise AssertionError("max_tokens beyond the context window was accepted")
+except openai.BadRequestError as err:
+    error = error_body(err.response)
+    assert error["code"] == "context_length_exceeded", error
+    assert "40000" in error["message"] and "32768" in error["message"], error
+
 malformed = raw("POST", "/chat/completions", content=b'{"model": "infermesh/gemma-3-270m", "messages": [')
 assert malformed.status_code == 400, malformed.status_code
 assert error_body(malformed)["type"] == "invalid_request_error"

@@ -64,25 +64,14 @@ pub async fn chat_completions(
         ));
     }
     let (_, mut worker) = state.mesh.pick_worker(&model.id)?;
-    let prompt_bound = prompt_token_bound(&chat);
-    let context = model.context_length;
-    let max_tokens = chat
-        .max_tokens
-        .unwrap_or_else(|| model.max_output_tokens.min(context.saturating_sub(prompt_bound.min(context - 1))));
+    let prompt_bound = prompt_token_bound(&chat).min(model.context_length);
+    let max_tokens = chat.max_tokens.unwrap_or(model.max_output_tokens);
     let request_id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let admission = match Admission::admit(
-        state.mesh.clone(),
-        key,
-        model,
-        request_id.clone(),
-        prompt_bound.min(context),
-        max_tokens,
-    )
-    .await
-    {
-        Ok(admission) => Arc::new(admission),
-        Err(refused) => return Ok(refused.into_response()),
-    };
+    let admission =
+        match Admission::admit(state.mesh.clone(), key, model, request_id.clone(), prompt_bound, max_tokens).await {
+            Ok(admission) => Arc::new(admission),
+            Err(refused) => return Ok(refused.into_response()),
+        };
     let request = GenerateRequest {
         request_id: request_id.clone(),
         model: admission.model.id.clone(),
@@ -103,6 +92,7 @@ pub async fn chat_completions(
             presence_penalty: chat.presence_penalty,
         }),
         stop: chat.stop.clone(),
+        fit_to_context: chat.max_tokens.is_none(),
     };
     let mut events = worker.generate(request).await.map_err(peer_error("worker"))?.into_inner();
     // The worker validates the prompt (template, context window) before

@@ -41,8 +41,22 @@ pub enum Event {
 }
 
 /// Checks the request fits the context window; returns the token budget.
-pub fn budget(prompt_tokens: usize, max_tokens: usize, context: usize) -> Result<usize, WorkerError> {
-    let max_tokens = if max_tokens == 0 { context.saturating_sub(prompt_tokens) } else { max_tokens };
+/// With `fit_to_context` (or `max_tokens` 0) the budget shrinks to the room
+/// left in the window instead of being refused.
+pub fn budget(
+    prompt_tokens: usize,
+    max_tokens: usize,
+    context: usize,
+    fit_to_context: bool,
+) -> Result<usize, WorkerError> {
+    let room = context.saturating_sub(prompt_tokens);
+    let max_tokens = if max_tokens == 0 {
+        room
+    } else if fit_to_context {
+        max_tokens.min(room)
+    } else {
+        max_tokens
+    };
     if prompt_tokens == 0 {
         return Err(WorkerError::InvalidRequest("the prompt is empty".into()));
     }
@@ -212,11 +226,13 @@ mod tests {
 
     #[test]
     fn budget_enforces_the_context_window() {
-        assert_eq!(budget(10, 0, 100).unwrap(), 90);
-        assert_eq!(budget(10, 20, 100).unwrap(), 20);
-        let err = budget(90, 20, 100).unwrap_err().to_string();
+        assert_eq!(budget(10, 0, 100, false).unwrap(), 90);
+        assert_eq!(budget(10, 20, 100, false).unwrap(), 20);
+        let err = budget(90, 20, 100, false).unwrap_err().to_string();
         assert!(err.contains("90") && err.contains("20") && err.contains("100"), "{err}");
-        assert!(budget(0, 1, 100).is_err());
+        assert_eq!(budget(90, 20, 100, true).unwrap(), 10);
+        assert!(budget(100, 20, 100, true).is_err(), "no room at all");
+        assert!(budget(0, 1, 100, false).is_err());
     }
 
     #[test]

@@ -97,7 +97,8 @@ impl WorkerService for WorkerGrpc {
             }
             None => return Err(WorkerError::InvalidRequest("a prompt is required".into()).into()),
         };
-        let max_tokens = engine::budget(prompt.len(), request.max_tokens as usize, model.context_length())?;
+        let max_tokens =
+            engine::budget(prompt.len(), request.max_tokens as usize, model.context_length(), request.fit_to_context)?;
         let params = params(&request, max_tokens);
         let prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
         let (tx, rx) = mpsc::channel(64);
