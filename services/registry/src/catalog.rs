@@ -173,7 +173,9 @@ mod tests {
         assert!(err.contains("kind") && err.contains("gemma"), "{err}");
         let bad = DEFAULT_CATALOG.replace("prompt = 0.03", "prompt = -1.0");
         assert!(Catalog::from_toml(&bad, 0).unwrap_err().to_string().contains("pricing.prompt"));
-        let dup = DEFAULT_CATALOG.replace("\"all-minilm-l6-v2\",", "\"gemma-3-270m\",");
-        assert!(Catalog::from_toml(&dup, 0).is_err());
+        let dup = DEFAULT_CATALOG.replace(r#"aliases = ["all-minilm-l6-v2"]"#, r#"aliases = ["GEMMA-3-270m"]"#);
+        assert_ne!(dup, DEFAULT_CATALOG, "the test must introduce a duplicate");
+        let err = Catalog::from_toml(&dup, 0).unwrap_err().to_string();
+        assert!(err.contains("used by two models"), "{err}");
     }
 }

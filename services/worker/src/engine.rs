@@ -30,8 +30,6 @@ pub enum Finish {
     /// An end-of-generation token or a stop string.
     Stop,
     Length,
-    /// The receiver went away (client disconnected).
-    Cancelled,
 }
 
 #[derive(Debug, Clone, PartialEq)]

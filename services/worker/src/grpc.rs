@@ -61,7 +61,6 @@ fn to_proto(event: Event, prompt_tokens: u32) -> GenerateEvent {
             reason: match reason {
                 Finish::Stop => pb::FinishReason::Stop,
                 Finish::Length => pb::FinishReason::Length,
-                Finish::Cancelled => pb::FinishReason::Cancelled,
             }
             .into(),
             native_reason,
