@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::error::ApiError;
 use crate::mesh::Mesh;
-use crate::routes::{account, chat, embeddings, health, models};
+use crate::routes::{account, chat, completions, embeddings, health, models, tokenize};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -37,7 +37,10 @@ pub struct AppState {
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{*id}", get(models::get_model))
         .route("/v1/auth/signup", post(account::signup))

@@ -41,14 +41,9 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-#[derive(Debug, Deserialize)]
-pub struct ChatRequest {
-    pub model: String,
-    pub messages: Vec<ChatMessage>,
-    #[serde(default)]
-    pub max_tokens: Option<u32>,
-    #[serde(default)]
-    pub max_completion_tokens: Option<u32>,
+/// Sampling and streaming fields shared by chat and legacy completions.
+#[derive(Debug, Default, Deserialize)]
+pub struct SamplingFields {
     #[serde(default)]
     pub temperature: Option<f32>,
     #[serde(default)]
@@ -73,12 +68,21 @@ pub struct ChatRequest {
     pub user: Option<String>,
 }
 
-/// A chat request that passed validation.
-#[derive(Debug, Clone)]
-pub struct ValidChat {
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
     pub model: String,
-    pub messages: Vec<(String, String)>,
+    pub messages: Vec<ChatMessage>,
+    #[serde(default)]
     pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// Sampling settings that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidSampling {
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: u32,
@@ -88,6 +92,15 @@ pub struct ValidChat {
     pub seed: Option<u64>,
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
+}
+
+/// A chat request that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidChat {
+    pub model: String,
+    pub messages: Vec<(String, String)>,
+    pub max_tokens: Option<u32>,
+    pub sampling: ValidSampling,
 }
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
@@ -127,36 +140,12 @@ fn text_of(index: usize, content: Option<Content>) -> Result<String, ApiError> {
     }
 }
 
-impl ChatRequest {
-    pub fn validate(self) -> Result<ValidChat, ApiError> {
-        if self.model.trim().is_empty() {
-            return Err(ApiError::invalid("model", "`model` must name a model, e.g. infermesh/gemma-3-270m"));
-        }
-        if self.messages.is_empty() {
-            return Err(ApiError::invalid("messages", "`messages` must hold at least one message"));
-        }
-        let mut messages = Vec::with_capacity(self.messages.len());
-        for (index, message) in self.messages.into_iter().enumerate() {
-            if !ROLES.contains(&message.role.as_str()) {
-                return Err(ApiError::invalid(
-                    &format!("messages[{index}].role"),
-                    format!("unknown role {:?}; expected one of {}", message.role, ROLES.join(", ")),
-                ));
-            }
-            let role = if message.role == "developer" { "system".to_owned() } else { message.role };
-            messages.push((role, text_of(index, message.content)?));
-        }
+impl SamplingFields {
+    pub fn validate(self) -> Result<ValidSampling, ApiError> {
         if let Some(n) = self.n
             && n != 1
         {
             return Err(ApiError::invalid("n", format!("only n=1 is supported; got {n}")));
-        }
-        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
-        if max_tokens == Some(0) {
-            return Err(ApiError::invalid(
-                if self.max_completion_tokens.is_some() { "max_completion_tokens" } else { "max_tokens" },
-                "must be at least 1",
-            ));
         }
         in_range("temperature", self.temperature, 0.0, 2.0)?;
         in_range("top_p", self.top_p, 0.0, 1.0)?;
@@ -174,10 +163,7 @@ impl ChatRequest {
         if self.stream_options.is_some() && !stream {
             return Err(ApiError::invalid("stream_options", "`stream_options` is only allowed when `stream` is true"));
         }
-        Ok(ValidChat {
-            model: self.model,
-            messages,
-            max_tokens,
+        Ok(ValidSampling {
             temperature: self.temperature.unwrap_or(1.0),
             top_p: self.top_p.unwrap_or(1.0),
             top_k: self.top_k.unwrap_or(0),
@@ -189,6 +175,173 @@ impl ChatRequest {
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
         })
     }
+}
+
+fn require_model(model: &str) -> Result<(), ApiError> {
+    if model.trim().is_empty() {
+        return Err(ApiError::invalid("model", "`model` must name a model, e.g. infermesh/gemma-3-270m"));
+    }
+    Ok(())
+}
+
+fn positive(param: &str, value: Option<u32>) -> Result<(), ApiError> {
+    if value == Some(0) {
+        return Err(ApiError::invalid(param, "must be at least 1"));
+    }
+    Ok(())
+}
+
+impl ChatRequest {
+    pub fn validate(self) -> Result<ValidChat, ApiError> {
+        require_model(&self.model)?;
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid("messages", "`messages` must hold at least one message"));
+        }
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (index, message) in self.messages.into_iter().enumerate() {
+            if !ROLES.contains(&message.role.as_str()) {
+                return Err(ApiError::invalid(
+                    &format!("messages[{index}].role"),
+                    format!("unknown role {:?}; expected one of {}", message.role, ROLES.join(", ")),
+                ));
+            }
+            let role = if message.role == "developer" { "system".to_owned() } else { message.role };
+            messages.push((role, text_of(index, message.content)?));
+        }
+        positive("max_completion_tokens", self.max_completion_tokens)?;
+        positive("max_tokens", self.max_tokens)?;
+        Ok(ValidChat {
+            model: self.model,
+            messages,
+            max_tokens: self.max_completion_tokens.or(self.max_tokens),
+            sampling: self.sampling.validate()?,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenBatches(Vec<Vec<u32>>),
+}
+
+/// A legacy `/v1/completions` body.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptInput,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub echo: Option<bool>,
+    #[serde(default)]
+    pub logprobs: Option<u32>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub best_of: Option<u32>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValidPrompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+pub struct ValidCompletion {
+    pub model: String,
+    pub prompt: ValidPrompt,
+    pub max_tokens: u32,
+    pub sampling: ValidSampling,
+}
+
+/// OpenAI's default for `/v1/completions`.
+pub const DEFAULT_COMPLETION_TOKENS: u32 = 16;
+
+impl CompletionRequest {
+    pub fn validate(self) -> Result<ValidCompletion, ApiError> {
+        require_model(&self.model)?;
+        let one = |n: usize| {
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(ApiError::invalid("prompt", format!("send one prompt per request; got {n}")))
+            }
+        };
+        let prompt = match self.prompt {
+            PromptInput::Text(text) => ValidPrompt::Text(text),
+            PromptInput::Texts(mut texts) => {
+                one(texts.len())?;
+                ValidPrompt::Text(texts.remove(0))
+            }
+            PromptInput::Tokens(ids) => ValidPrompt::Tokens(ids),
+            PromptInput::TokenBatches(mut batches) => {
+                one(batches.len())?;
+                ValidPrompt::Tokens(batches.remove(0))
+            }
+        };
+        if matches!(&prompt, ValidPrompt::Text(t) if t.is_empty())
+            || matches!(&prompt, ValidPrompt::Tokens(ids) if ids.is_empty())
+        {
+            return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
+        }
+        if self.echo == Some(true) {
+            return Err(ApiError::invalid("echo", "`echo` is not supported; the prompt is not repeated in the output"));
+        }
+        if self.logprobs.is_some_and(|n| n > 0) {
+            return Err(ApiError::invalid("logprobs", "`logprobs` is not supported yet"));
+        }
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::invalid("suffix", "`suffix` (fill-in-the-middle) is not supported by this model"));
+        }
+        if self.best_of.is_some_and(|n| n != 1) {
+            return Err(ApiError::invalid("best_of", "only best_of=1 is supported"));
+        }
+        positive("max_tokens", self.max_tokens)?;
+        Ok(ValidCompletion {
+            model: self.model,
+            prompt,
+            max_tokens: self.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS),
+            sampling: self.sampling.validate()?,
+        })
+    }
+}
+
+/// vLLM's `/tokenize` body: a prompt or chat messages.
+#[derive(Debug, Deserialize)]
+pub struct TokenizeBody {
+    pub model: String,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub messages: Option<Vec<ChatMessage>>,
+    #[serde(default)]
+    pub add_special_tokens: Option<bool>,
+}
+
+/// vLLM's `/detokenize` body.
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeBody {
+    pub model: String,
+    pub tokens: Vec<u32>,
+}
+
+/// Validated chat messages as (role, text) pairs.
+pub fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<(String, String)>, ApiError> {
+    ChatRequest {
+        model: "-".into(),
+        messages,
+        max_tokens: None,
+        max_completion_tokens: None,
+        sampling: SamplingFields::default(),
+    }
+    .validate()
+    .map(|chat| chat.messages)
 }
 
 #[derive(Debug, Deserialize)]
@@ -279,8 +432,8 @@ mod tests {
     fn accepts_text_and_parts() {
         let valid = chat(r#"{"model":"m","messages":[{"role":"developer","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true},"stop":"x"}"#).unwrap();
         assert_eq!(valid.messages[0], ("system".to_owned(), "ab".to_owned()));
-        assert!(valid.include_usage && valid.stream);
-        assert_eq!(valid.stop, vec!["x".to_owned()]);
+        assert!(valid.sampling.include_usage && valid.sampling.stream);
+        assert_eq!(valid.sampling.stop, vec!["x".to_owned()]);
     }
 
     #[test]
@@ -300,6 +453,24 @@ mod tests {
         for (body, param) in cases {
             let err = chat(body).unwrap_err();
             assert_eq!(err.0.param.as_deref(), Some(param), "{body}: {}", err.0.message);
+        }
+    }
+
+    #[test]
+    fn completion_prompts_are_text_or_token_ids() {
+        let parse = |body: &str| parse_json::<CompletionRequest>(body.as_bytes()).and_then(CompletionRequest::validate);
+        let text = parse(r#"{"model":"m","prompt":"Once"}"#).unwrap();
+        assert_eq!(text.prompt, ValidPrompt::Text("Once".into()));
+        assert_eq!(text.max_tokens, DEFAULT_COMPLETION_TOKENS);
+        assert_eq!(parse(r#"{"model":"m","prompt":[2,818]}"#).unwrap().prompt, ValidPrompt::Tokens(vec![2, 818]));
+        assert_eq!(parse(r#"{"model":"m","prompt":[[2,818]]}"#).unwrap().prompt, ValidPrompt::Tokens(vec![2, 818]));
+        for (body, param) in [
+            (r#"{"model":"m","prompt":["a","b"]}"#, "prompt"),
+            (r#"{"model":"m","prompt":""}"#, "prompt"),
+            (r#"{"model":"m","prompt":"a","echo":true}"#, "echo"),
+            (r#"{"model":"m","prompt":"a","temperature":-1}"#, "temperature"),
+        ] {
+            assert_eq!(parse(body).err().and_then(|e| e.0.param).as_deref(), Some(param), "{body}");
         }
     }
 

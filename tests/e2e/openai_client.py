@@ -103,6 +103,29 @@ assert final_usage is not None and final_usage.completion_tokens > 0, final_usag
 assert final_usage.model_extra["cost"] > 0
 result["stream"] = {"id": stream_id, "cost": final_usage.model_extra["cost"], "text": text}
 
+# Legacy completions: a text prompt and the same prompt as token ids (from
+# /tokenize) give the same greedy text; streaming yields text chunks.
+root = base_url.rsplit("/v1", 1)[0]
+prompt = "The capital of France is"
+by_text = client.completions.create(model="infermesh/gemma-3-270m", prompt=prompt, max_tokens=8, temperature=0)
+assert by_text.object == "text_completion" and by_text.id.startswith("cmpl-"), by_text.id
+assert by_text.choices[0].text and by_text.choices[0].finish_reason == "length"
+assert by_text.usage.completion_tokens == 8 and by_text.usage.model_extra["cost"] > 0
+tokenized = json.loads(urllib.request.urlopen(urllib.request.Request(
+    f"{root}/tokenize", data=json.dumps({"model": "gemma-3-270m", "prompt": prompt}).encode(),
+    headers={"Authorization": f"Bearer {api_key}"})).read())
+assert tokenized["tokens"] == [2, 818, 5279, 529, 7001, 563], tokenized  # llama.cpp's ids
+assert tokenized["count"] == 6 and tokenized["max_model_len"] == 32768
+by_ids = client.completions.create(model="infermesh/gemma-3-270m", prompt=tokenized["tokens"], max_tokens=8, temperature=0)
+assert by_ids.choices[0].text == by_text.choices[0].text, (by_ids.choices[0].text, by_text.choices[0].text)
+detokenized = json.loads(urllib.request.urlopen(urllib.request.Request(
+    f"{root}/detokenize", data=json.dumps({"model": "gemma-3-270m", "tokens": tokenized["tokens"][1:]}).encode(),
+    headers={"Authorization": f"Bearer {api_key}"})).read())
+assert detokenized["prompt"] == prompt, detokenized
+streamed = "".join(c.choices[0].text for c in client.completions.create(
+    model="infermesh/gemma-3-270m", prompt=prompt, max_tokens=8, temperature=0, stream=True) if c.choices)
+assert streamed == by_text.choices[0].text, (streamed, by_text.choices[0].text)
+
 # Embeddings, float and base64.
 emb = client.embeddings.create(model="infermesh/all-minilm-l6-v2", input=["The cat sat.", "A feline rested.", "Stock prices fell."])
 check("CreateEmbeddingResponse", json.loads(emb.to_json()))

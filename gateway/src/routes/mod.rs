@@ -2,9 +2,12 @@
 
 pub mod account;
 pub mod chat;
+pub mod completions;
 pub mod embeddings;
+pub mod generate;
 pub mod health;
 pub mod models;
+pub mod tokenize;
 
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderName, HeaderValue, StatusCode};

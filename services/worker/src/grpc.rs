@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use futures::Stream;
 use infermesh_proto::v1::worker_service_server::WorkerService;
 use infermesh_proto::v1::{
-    self as pb, EmbedRequest, EmbedResponse, Embedding, GenerateEvent, GenerateRequest, TokenizeRequest,
-    TokenizeResponse, generate_event, generate_request,
+    self as pb, DetokenizeRequest, DetokenizeResponse, EmbedRequest, EmbedResponse, Embedding, GenerateEvent,
+    GenerateRequest, TokenizeRequest, TokenizeResponse, generate_event, generate_request, tokenize_request,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -38,6 +38,10 @@ impl WorkerGrpc {
     fn chat_model(&self, name: &str) -> Result<Arc<ChatModel>, WorkerError> {
         self.chat.clone().filter(|m| m.id == name).ok_or_else(|| WorkerError::UnknownModel(name.to_owned()))
     }
+}
+
+fn to_messages(chat: &pb::ChatMessages) -> Vec<Message> {
+    chat.messages.iter().map(|m| Message { role: m.role.clone(), content: m.content.clone() }).collect()
 }
 
 fn params(request: &GenerateRequest, max_tokens: usize) -> GenerationParams {
@@ -81,14 +85,7 @@ impl WorkerService for WorkerGrpc {
         let request = request.into_inner();
         let model = self.chat_model(&request.model)?;
         let prompt = match &request.prompt {
-            Some(generate_request::Prompt::Chat(chat)) => {
-                let messages: Vec<Message> = chat
-                    .messages
-                    .iter()
-                    .map(|m| Message { role: m.role.clone(), content: m.content.clone() })
-                    .collect();
-                model.chat_prompt(&messages)?
-            }
+            Some(generate_request::Prompt::Chat(chat)) => model.chat_prompt(&to_messages(chat))?,
             Some(generate_request::Prompt::Text(text)) => model.text_prompt(text),
             Some(generate_request::Prompt::Tokens(tokens)) => {
                 model.check_ids(&tokens.ids)?;
@@ -151,11 +148,24 @@ impl WorkerService for WorkerGrpc {
     }
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
-        let TokenizeRequest { model, text, add_special_tokens } = request.into_inner();
+        let TokenizeRequest { model, input, add_special_tokens } = request.into_inner();
         let chat = self.chat_model(&model)?;
+        let tokens = match input {
+            Some(tokenize_request::Input::Text(text)) => chat.tokenizer.encode(&text, add_special_tokens, true),
+            // The chat template places BOS and turn markers itself.
+            Some(tokenize_request::Input::Chat(messages)) => chat.chat_prompt(&to_messages(&messages))?,
+            None => return Err(WorkerError::InvalidRequest("send a prompt or messages to tokenize".into()).into()),
+        };
         Ok(Response::new(TokenizeResponse {
-            tokens: chat.tokenizer.encode(&text, add_special_tokens, true),
+            tokens,
             max_model_len: u32::try_from(chat.context_length()).unwrap_or(u32::MAX),
         }))
+    }
+
+    async fn detokenize(&self, request: Request<DetokenizeRequest>) -> Result<Response<DetokenizeResponse>, Status> {
+        let DetokenizeRequest { model, tokens } = request.into_inner();
+        let chat = self.chat_model(&model)?;
+        chat.check_ids(&tokens)?;
+        Ok(Response::new(DetokenizeResponse { text: chat.tokenizer.decode(&tokens) }))
     }
 }
