@@ -158,6 +158,7 @@ impl Admission {
                 account_id: key.account_id.clone(),
                 key_id: key.key_id.clone(),
                 amount_nanos: hold,
+                key_limit_nanos: key.limit_nanos,
             })
             .await;
         if let Err(status) = reserved {

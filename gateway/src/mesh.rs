@@ -77,6 +77,12 @@ impl Mesh {
         Ok(info)
     }
 
+    /// Drops a key from this gateway's cache at once (after a revoke here).
+    pub fn forget_key(&self, key_id: &str) {
+        let mut cache = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.retain(|_, (info, _)| info.key_id != key_id);
+    }
+
     pub fn snapshot(&self) -> Option<CatalogSnapshot> {
         self.catalog.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }

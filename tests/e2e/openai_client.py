@@ -27,6 +27,11 @@ def check(name, body):
     jsonschema.Draft202012Validator(schema).validate(body)
 
 
+def error_body(response):
+    body = response.json()
+    check("ErrorResponse", body)
+    return body["error"]
+
 class Raw:
     """A raw HTTP response: status and parsed JSON body."""
 
@@ -42,10 +47,10 @@ class Raw:
         return self._body.decode(errors="replace")
 
 
-def raw(method, path, content=None, json_body=None):
+def raw(method, path, content=None, json_body=None, key=None):
     data = json.dumps(json_body).encode() if json_body is not None else content
     request = urllib.request.Request(f"{base_url}{path}", data=data, method=method,
-                                     headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"})
+                                     headers={"Authorization": f"Bearer {key or api_key}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return Raw(response.status, response.read())
@@ -76,6 +81,40 @@ assert cost > 0, usage
 assert usage.model_extra["is_byok"] is False
 assert chat.model_extra["provider"] == "infermesh"
 result["chat"] = {"id": chat.id, "cost": cost, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+
+# The account surface: the generation record, credit, the key's own state.
+record = raw("GET", f"/generation?id={chat.id}").json()["data"]
+assert record["id"] == chat.id and record["model"] == "infermesh/gemma-3-270m", record
+assert abs(record["total_cost"] - cost) < 1e-12, (record, cost)
+assert (record["tokens_prompt"], record["tokens_completion"]) == (usage.prompt_tokens, usage.completion_tokens)
+credit = raw("GET", "/credits").json()["data"]
+assert credit["total_credits"] > 0 and abs(credit["total_usage"] - cost) < 1e-12, credit
+me = raw("GET", "/auth/key").json()["data"]
+assert me["label"] == "default" and me["is_free_tier"] is True and me["calls"] == 1, me
+assert me["tokens_used"] == {"prompt": usage.prompt_tokens, "completion": usage.completion_tokens}, me
+assert me["rate_limit"]["requests"] > 0 and me["limit"] is None, me
+
+# A second key with a tiny limit: listed by prefix only, capped, revocable.
+created = raw("POST", "/keys", json_body={"name": "ci", "limit": 0.000001, "expires_at": "2099-01-01T00:00:00Z"})
+assert created.status_code == 201, created.text
+second = created.json()
+assert second["key"].startswith("im_") and second["data"]["limit"] == 0.000001, second
+assert second["data"]["expires_at"].startswith("2099-01-01"), second
+listed_keys = raw("GET", "/keys").json()["data"]
+assert {k["name"] for k in listed_keys} == {"default", "ci"}, listed_keys
+assert all(second["key"] not in json.dumps(k) and len(k["prefix"]) < 12 for k in listed_keys), listed_keys
+capped = raw("POST", "/chat/completions", key=second["key"],
+             json_body={"model": "infermesh/gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000})
+assert capped.status_code == 402 and "credit limit" in error_body(capped)["message"], capped.text
+assert raw("DELETE", f"/keys/{second['data']['id']}").status_code == 200
+revoked = raw("GET", "/auth/key", key=second["key"])
+assert revoked.status_code == 401 and "revoked" in error_body(revoked)["message"], revoked.text
+assert raw("DELETE", "/keys/key_doesnotexist").status_code == 404
+
+# Another account cannot read this account's generation.
+other = json.loads(urllib.request.urlopen(urllib.request.Request(
+    f"{base_url}/auth/signup", data=json.dumps({"email": f"other-{chat.id}@example.com"}).encode())).read())["key"]
+assert raw("GET", f"/generation?id={chat.id}", key=other).status_code == 404
 
 # Streaming chat with include_usage: every chunk valid, usage last, then [DONE].
 stream = client.chat.completions.create(
@@ -155,11 +194,6 @@ check("Model", json.loads(one.to_json()))
 assert one.id == "infermesh/gemma-3-270m"
 
 # Errors: each in OpenAI's shape, raised as the SDK's own exception types.
-def error_body(response):
-    body = response.json()
-    check("ErrorResponse", body)
-    return body["error"]
-
 try:
     openai.OpenAI(base_url=base_url, api_key="im_" + "x" * 40, max_retries=0).chat.completions.create(
         model="infermesh/gemma-3-270m", messages=[{"role": "user", "content": "hi"}])

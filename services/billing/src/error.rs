@@ -10,8 +10,18 @@ pub enum BillingError {
         format_usd(*available_nanos)
     )]
     InsufficientCredit { available_nanos: i64, needed_nanos: i64 },
+    #[error(
+        "this key's credit limit is {}: it has used or holds {} and this request may cost up to {}; \
+         raise the key's limit or use another key",
+        format_usd(*limit_nanos),
+        format_usd(*spent_nanos),
+        format_usd(*needed_nanos)
+    )]
+    KeyLimit { limit_nanos: i64, spent_nanos: i64, needed_nanos: i64 },
     #[error("no credit hold for request {0:?}")]
     UnknownHold(String),
+    #[error("no generation with id {0:?}; ids are the `id` of a completed response")]
+    UnknownGeneration(String),
     #[error("{field} must not be negative (got {value})")]
     NegativeAmount { field: &'static str, value: i64 },
     #[error("{0} must not be empty")]
@@ -25,8 +35,8 @@ pub enum BillingError {
 impl From<BillingError> for MeshError {
     fn from(err: BillingError) -> MeshError {
         let kind = match &err {
-            BillingError::InsufficientCredit { .. } => ErrorKind::InsufficientQuota,
-            BillingError::UnknownHold(_) => ErrorKind::NotFound,
+            BillingError::InsufficientCredit { .. } | BillingError::KeyLimit { .. } => ErrorKind::InsufficientQuota,
+            BillingError::UnknownHold(_) | BillingError::UnknownGeneration(_) => ErrorKind::NotFound,
             BillingError::NegativeAmount { .. } | BillingError::MissingField(_) => ErrorKind::InvalidRequest,
             BillingError::Storage(_) | BillingError::Migrate(_) => {
                 tracing::error!(error = %err, "billing storage failure");

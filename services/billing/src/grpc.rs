@@ -2,8 +2,8 @@
 
 use infermesh_proto::v1::billing_service_server::BillingService;
 use infermesh_proto::v1::{
-    Balance, GetBalanceRequest, GrantRequest, ReleaseRequest, ReleaseResponse, ReserveRequest, ReserveResponse,
-    SettleRequest, SettleResponse, Usage,
+    Balance, GenerationRecord, GetBalanceRequest, GetGenerationRequest, GetKeyUsageRequest, GrantRequest, KeyUsage,
+    ReleaseRequest, ReleaseResponse, ReserveRequest, ReserveResponse, SettleRequest, SettleResponse, Usage,
 };
 use tonic::{Request, Response, Status};
 
@@ -28,9 +28,9 @@ impl BillingService for BillingGrpc {
     }
 
     async fn reserve(&self, request: Request<ReserveRequest>) -> Result<Response<ReserveResponse>, Status> {
-        let ReserveRequest { request_id, account_id, key_id, amount_nanos } = request.into_inner();
+        let ReserveRequest { request_id, account_id, key_id, amount_nanos, key_limit_nanos } = request.into_inner();
         let (held_nanos, available_nanos) =
-            self.ledger.reserve(&request_id, &account_id, &key_id, amount_nanos).await?;
+            self.ledger.reserve(&request_id, &account_id, &key_id, amount_nanos, key_limit_nanos).await?;
         Ok(Response::new(ReserveResponse { held_nanos, available_nanos }))
     }
 
@@ -56,6 +56,20 @@ impl BillingService for BillingGrpc {
         let ReleaseRequest { request_id } = request.into_inner();
         self.ledger.release(&request_id).await?;
         Ok(Response::new(ReleaseResponse {}))
+    }
+
+    async fn get_key_usage(&self, request: Request<GetKeyUsageRequest>) -> Result<Response<KeyUsage>, Status> {
+        let GetKeyUsageRequest { key_id } = request.into_inner();
+        let (cost_nanos, prompt_tokens, completion_tokens, calls) = self.ledger.key_usage(&key_id).await?;
+        Ok(Response::new(KeyUsage { key_id, cost_nanos, prompt_tokens, completion_tokens, calls }))
+    }
+
+    async fn get_generation(
+        &self,
+        request: Request<GetGenerationRequest>,
+    ) -> Result<Response<GenerationRecord>, Status> {
+        let GetGenerationRequest { request_id } = request.into_inner();
+        Ok(Response::new(self.ledger.generation(&request_id).await?))
     }
 
     async fn get_balance(&self, request: Request<GetBalanceRequest>) -> Result<Response<Balance>, Status> {

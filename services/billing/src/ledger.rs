@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use infermesh_proto::v1::{Balance, UsageEvent};
+use infermesh_proto::v1::{Balance, GenerationRecord, UsageEvent};
 use infermesh_service::now_unix_ms;
 use prost::Message;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -122,13 +122,16 @@ impl Ledger {
         })
     }
 
-    /// Holds `amount_nanos` for `request_id`; a repeat returns the first hold.
+    /// Holds `amount_nanos` for `request_id`; a repeat returns the first
+    /// hold. With `key_limit_nanos`, the key's settled spend plus its open
+    /// holds plus this one must stay within that cap as well.
     pub async fn reserve(
         &self,
         request_id: &str,
         account_id: &str,
         key_id: &str,
         amount_nanos: i64,
+        key_limit_nanos: Option<i64>,
     ) -> Result<(i64, i64), BillingError> {
         if amount_nanos < 0 {
             return Err(BillingError::NegativeAmount { field: "amount_nanos", value: amount_nanos });
@@ -146,6 +149,19 @@ impl Ledger {
         }
         if available < amount_nanos {
             return Err(BillingError::InsufficientCredit { available_nanos: available, needed_nanos: amount_nanos });
+        }
+        if let Some(limit_nanos) = key_limit_nanos {
+            let spent: i64 = sqlx::query(
+                "SELECT (SELECT COALESCE(SUM(cost_nanos), 0) FROM usage_records WHERE key_id = $1) + \
+                 (SELECT COALESCE(SUM(amount_nanos), 0) FROM holds WHERE key_id = $1 AND state = 'held')",
+            )
+            .bind(key_id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+            if spent + amount_nanos > limit_nanos {
+                return Err(BillingError::KeyLimit { limit_nanos, spent_nanos: spent, needed_nanos: amount_nanos });
+            }
         }
         let now = now_unix_ms();
         let ttl_ms = i64::try_from(self.hold_ttl.as_millis()).unwrap_or(i64::MAX);
@@ -291,6 +307,45 @@ impl Ledger {
         Ok(expired.len() as u64)
     }
 
+    /// Lifetime spend of one key: (cost, prompt tokens, completion tokens, calls).
+    pub async fn key_usage(&self, key_id: &str) -> Result<(i64, u64, u64, u64), BillingError> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(cost_nanos), 0), COALESCE(SUM(prompt_tokens), 0), \
+             COALESCE(SUM(completion_tokens), 0), COUNT(*) FROM usage_records WHERE key_id = $1",
+        )
+        .bind(key_id)
+        .fetch_one(&self.pool)
+        .await?;
+        let count =
+            |i: usize| -> Result<u64, BillingError> { Ok(u64::try_from(row.try_get::<i64, _>(i)?).unwrap_or(0)) };
+        Ok((row.try_get(0)?, count(1)?, count(2)?, count(3)?))
+    }
+
+    pub async fn generation(&self, request_id: &str) -> Result<GenerationRecord, BillingError> {
+        let row = sqlx::query(
+            "SELECT account_id, key_id, model, provider, prompt_tokens, completion_tokens, cost_nanos, latency_ms, \
+             created_at FROM usage_records WHERE request_id = $1",
+        )
+        .bind(request_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| BillingError::UnknownGeneration(request_id.to_owned()))?;
+        let small = |i: usize| -> Result<u32, BillingError> {
+            Ok(u32::try_from(row.try_get::<i64, _>(i)?).unwrap_or(u32::MAX))
+        };
+        Ok(GenerationRecord {
+            request_id: request_id.to_owned(),
+            account_id: row.try_get(0)?,
+            key_id: row.try_get(1)?,
+            model: row.try_get(2)?,
+            provider: row.try_get(3)?,
+            usage: Some(infermesh_proto::v1::Usage { prompt_tokens: small(4)?, completion_tokens: small(5)? }),
+            cost_nanos: row.try_get(6)?,
+            latency_ms: small(7)?,
+            created_at_unix_ms: row.try_get(8)?,
+        })
+    }
+
     pub async fn outbox_batch(&self, limit: i64) -> Result<Vec<OutboxRow>, BillingError> {
         let rows = sqlx::query("SELECT seq, subject, dedupe_id, payload FROM outbox ORDER BY seq LIMIT $1")
             .bind(limit)
@@ -380,13 +435,18 @@ mod tests {
     async fn reserve_settle_charges_actual_cost_once() {
         let (_dir, ledger) = ledger(Duration::from_secs(60)).await;
         ledger.grant("a", 1000, "g", "free").await.unwrap();
-        assert_eq!(ledger.reserve("r1", "a", "k", 600).await.unwrap(), (600, 400));
-        assert_eq!(ledger.reserve("r1", "a", "k", 600).await.unwrap().0, 600, "idempotent");
+        assert_eq!(ledger.reserve("r1", "a", "k", 600, None).await.unwrap(), (600, 400));
+        assert_eq!(ledger.reserve("r1", "a", "k", 600, None).await.unwrap().0, 600, "idempotent");
         assert_eq!(ledger.balance("a").await.unwrap().held_nanos, 600);
         assert_eq!(ledger.settle(&settlement("r1", 250)).await.unwrap(), 250);
         assert_eq!(ledger.settle(&settlement("r1", 999)).await.unwrap(), 250, "idempotent");
         let balance = ledger.balance("a").await.unwrap();
         assert_eq!((balance.used_nanos, balance.held_nanos, balance.available_nanos), (250, 0, 750));
+        assert_eq!(ledger.key_usage("k").await.unwrap(), (250, 3, 4, 1));
+        assert_eq!(ledger.key_usage("other").await.unwrap(), (0, 0, 0, 0));
+        let record = ledger.generation("r1").await.unwrap();
+        assert_eq!((record.cost_nanos, record.account_id.as_str(), record.latency_ms), (250, "a", 5));
+        assert!(matches!(ledger.generation("nope").await, Err(BillingError::UnknownGeneration(_))));
         let outbox = ledger.outbox_batch(10).await.unwrap();
         assert_eq!(outbox.len(), 1);
         let event = UsageEvent::decode(outbox[0].payload.as_slice()).unwrap();
@@ -400,27 +460,42 @@ mod tests {
         let mut tasks = Vec::new();
         for i in 0..50 {
             let ledger = ledger.clone();
-            tasks.push(tokio::spawn(async move { ledger.reserve(&format!("r{i}"), "a", "k", 100).await.is_ok() }));
+            tasks
+                .push(tokio::spawn(async move { ledger.reserve(&format!("r{i}"), "a", "k", 100, None).await.is_ok() }));
         }
         let mut admitted = 0;
         for task in tasks {
             admitted += usize::from(task.await.unwrap());
         }
         assert_eq!(admitted, 10);
-        let err = ledger.reserve("late", "a", "k", 1).await.unwrap_err();
+        let err = ledger.reserve("late", "a", "k", 1, None).await.unwrap_err();
         assert!(matches!(err, BillingError::InsufficientCredit { available_nanos: 0, needed_nanos: 1 }));
         assert!(err.to_string().contains("top up"));
+    }
+
+    #[tokio::test]
+    async fn a_key_limit_caps_spend_plus_open_holds() {
+        let (_dir, ledger) = ledger(Duration::from_secs(60)).await;
+        ledger.grant("a", 10_000, "g", "free").await.unwrap();
+        ledger.reserve("r1", "a", "k", 400, Some(1000)).await.unwrap();
+        ledger.settle(&settlement("r1", 300)).await.unwrap();
+        ledger.reserve("r2", "a", "k", 500, Some(1000)).await.unwrap();
+        // 300 spent + 500 held + 300 more > 1000.
+        let err = ledger.reserve("r3", "a", "k", 300, Some(1000)).await.unwrap_err();
+        assert!(matches!(err, BillingError::KeyLimit { spent_nanos: 800, .. }), "{err}");
+        // Another key of the same account is not capped by it.
+        ledger.reserve("r4", "a", "k2", 300, Some(1000)).await.unwrap();
     }
 
     #[tokio::test]
     async fn release_and_expiry_free_the_hold() {
         let (_dir, ledger) = ledger(Duration::from_millis(0)).await;
         ledger.grant("a", 1000, "g", "free").await.unwrap();
-        ledger.reserve("r1", "a", "k", 300).await.unwrap();
+        ledger.reserve("r1", "a", "k", 300, None).await.unwrap();
         ledger.release("r1").await.unwrap();
         ledger.release("r1").await.unwrap();
         assert_eq!(ledger.balance("a").await.unwrap().available_nanos, 1000);
-        ledger.reserve("r2", "a", "k", 300).await.unwrap();
+        ledger.reserve("r2", "a", "k", 300, None).await.unwrap();
         assert_eq!(ledger.expire_holds().await.unwrap(), 1);
         assert_eq!(ledger.balance("a").await.unwrap().held_nanos, 0);
         // A late settlement after expiry still charges what was used.
