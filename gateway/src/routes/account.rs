@@ -158,7 +158,7 @@ pub async fn generation(
         "tokens_completion": usage.completion_tokens,
         "total_cost": nanos_to_dollars(record.cost_nanos),
         "latency": record.latency_ms,
-        "created_at": rfc3339(Some(record.created_at_unix_ms / 1000)),
+        "created_at": rfc3339(Some(record.settled_at_unix_ms / 1000)),
     }})))
 }
 

@@ -2,8 +2,8 @@
 
 use infermesh_proto::v1::billing_service_server::BillingService;
 use infermesh_proto::v1::{
-    Balance, GenerationRecord, GetBalanceRequest, GetGenerationRequest, GetKeyUsageRequest, GrantRequest, KeyUsage,
-    ReleaseRequest, ReleaseResponse, ReserveRequest, ReserveResponse, SettleRequest, SettleResponse, Usage,
+    Balance, GetBalanceRequest, GetGenerationRequest, GetKeyUsageRequest, GrantRequest, KeyUsage, ReleaseRequest,
+    ReleaseResponse, ReserveRequest, ReserveResponse, SettleRequest, SettleResponse, Usage, UsageEvent,
 };
 use tonic::{Request, Response, Status};
 
@@ -64,10 +64,7 @@ impl BillingService for BillingGrpc {
         Ok(Response::new(KeyUsage { key_id, cost_nanos, prompt_tokens, completion_tokens, calls }))
     }
 
-    async fn get_generation(
-        &self,
-        request: Request<GetGenerationRequest>,
-    ) -> Result<Response<GenerationRecord>, Status> {
+    async fn get_generation(&self, request: Request<GetGenerationRequest>) -> Result<Response<UsageEvent>, Status> {
         let GetGenerationRequest { request_id } = request.into_inner();
         Ok(Response::new(self.ledger.generation(&request_id).await?))
     }

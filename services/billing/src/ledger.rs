@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use infermesh_proto::v1::{Balance, GenerationRecord, UsageEvent};
+use infermesh_proto::v1::{Balance, UsageEvent};
 use infermesh_service::now_unix_ms;
 use prost::Message;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -321,7 +321,7 @@ impl Ledger {
         Ok((row.try_get(0)?, count(1)?, count(2)?, count(3)?))
     }
 
-    pub async fn generation(&self, request_id: &str) -> Result<GenerationRecord, BillingError> {
+    pub async fn generation(&self, request_id: &str) -> Result<UsageEvent, BillingError> {
         let row = sqlx::query(
             "SELECT account_id, key_id, model, provider, prompt_tokens, completion_tokens, cost_nanos, latency_ms, \
              created_at FROM usage_records WHERE request_id = $1",
@@ -333,7 +333,7 @@ impl Ledger {
         let small = |i: usize| -> Result<u32, BillingError> {
             Ok(u32::try_from(row.try_get::<i64, _>(i)?).unwrap_or(u32::MAX))
         };
-        Ok(GenerationRecord {
+        Ok(UsageEvent {
             request_id: request_id.to_owned(),
             account_id: row.try_get(0)?,
             key_id: row.try_get(1)?,
@@ -342,7 +342,7 @@ impl Ledger {
             usage: Some(infermesh_proto::v1::Usage { prompt_tokens: small(4)?, completion_tokens: small(5)? }),
             cost_nanos: row.try_get(6)?,
             latency_ms: small(7)?,
-            created_at_unix_ms: row.try_get(8)?,
+            settled_at_unix_ms: row.try_get(8)?,
         })
     }
 
