@@ -87,6 +87,9 @@ record = raw("GET", f"/generation?id={chat.id}").json()["data"]
 assert record["id"] == chat.id and record["model"] == "infermesh/gemma-3-270m", record
 assert abs(record["total_cost"] - cost) < 1e-12, (record, cost)
 assert (record["tokens_prompt"], record["tokens_completion"]) == (usage.prompt_tokens, usage.completion_tokens)
+for bad_query in ("/generation", "/generation?id=a&id=b"):
+    refused = raw("GET", bad_query)
+    assert refused.status_code == 400 and error_body(refused)["param"] == "id", (bad_query, refused.text)
 credit = raw("GET", "/credits").json()["data"]
 assert credit["total_credits"] > 0 and abs(credit["total_usage"] - cost) < 1e-12, credit
 me = raw("GET", "/auth/key").json()["data"]

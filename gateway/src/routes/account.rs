@@ -3,6 +3,7 @@
 //! and the account's keys.
 
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -132,9 +133,10 @@ pub struct GenerationQuery {
 pub async fn generation(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<GenerationQuery>,
+    query: Result<Query<GenerationQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let key = authenticate(&state.mesh, &headers).await?;
+    let Query(query) = query.map_err(|err| ApiError::invalid("id", format!("invalid query string: {err}")))?;
     let id = query.id.filter(|id| !id.is_empty()).ok_or_else(|| ApiError::invalid("id", "pass ?id=<response id>"))?;
     let record = state
         .mesh
