@@ -66,6 +66,8 @@ pub struct SamplingFields {
     pub presence_penalty: Option<f32>,
     #[serde(default)]
     pub user: Option<String>,
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +78,10 @@ pub struct ChatRequest {
     pub max_tokens: Option<u32>,
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -147,6 +153,10 @@ impl SamplingFields {
         {
             return Err(ApiError::invalid("n", format!("only n=1 is supported; got {n}")));
         }
+        // Refused rather than ignored: a silently dropped bias changes output.
+        if self.logit_bias.as_ref().is_some_and(|bias| !bias.is_empty()) {
+            return Err(ApiError::invalid("logit_bias", "`logit_bias` is not supported yet"));
+        }
         in_range("temperature", self.temperature, 0.0, 2.0)?;
         in_range("top_p", self.top_p, 0.0, 1.0)?;
         in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
@@ -210,6 +220,9 @@ impl ChatRequest {
         }
         positive("max_completion_tokens", self.max_completion_tokens)?;
         positive("max_tokens", self.max_tokens)?;
+        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
+            return Err(ApiError::invalid("logprobs", "`logprobs` is not supported yet"));
+        }
         Ok(ValidChat {
             model: self.model,
             messages,
@@ -338,6 +351,8 @@ pub fn chat_messages(messages: Vec<ChatMessage>) -> Result<Vec<(String, String)>
         messages,
         max_tokens: None,
         max_completion_tokens: None,
+        logprobs: None,
+        top_logprobs: None,
         sampling: SamplingFields::default(),
     }
     .validate()
