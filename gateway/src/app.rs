@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::error::ApiError;
 use crate::mesh::Mesh;
-use crate::routes::{account, chat, completions, embeddings, health, models, tokenize};
+use crate::routes::{MaxBodyBytes, account, chat, completions, embeddings, health, models, tokenize};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -28,8 +28,8 @@ pub struct AppState {
 /// 1. metrics + trace: an `http.request` span per request (the root of
 ///    the trace every gRPC hop joins) and request count/latency by route
 ///    and status;
-/// 2. body limit: bodies over `max_body_bytes` are refused with a 413 in
-///    OpenAI's shape before any handler reads them.
+/// 2. body limit: `RawBody` refuses bodies over `max_body_bytes` with a
+///    413 in OpenAI's shape (every handler reads its body through it).
 ///
 /// Client routes authenticate inside their handlers (deny by default:
 /// every handler but the open ones below calls `authenticate` first).
@@ -54,7 +54,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/metrics", get(health::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::Extension(MaxBodyBytes(max_body_bytes)))
         .layer(middleware::from_fn(observe))
         .with_state(state)
 }
