@@ -68,6 +68,13 @@ pub struct SamplingFields {
     pub user: Option<String>,
     #[serde(default)]
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    // Beyond OpenAI, as vLLM and OpenRouter take them.
+    #[serde(default)]
+    pub min_p: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -98,6 +105,14 @@ pub struct ValidSampling {
     pub seed: Option<u64>,
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
+    pub min_p: f32,
+    pub repetition_penalty: f32,
+    pub logit_bias: std::collections::HashMap<u32, f32>,
+    pub ignore_eos: bool,
+    /// Choices per request.
+    pub n: u32,
+    /// `Some(k)`: per-token log-probabilities with `k` alternatives.
+    pub logprobs: Option<u32>,
 }
 
 /// A chat request that passed validation.
@@ -108,6 +123,11 @@ pub struct ValidChat {
     pub max_tokens: Option<u32>,
     pub sampling: ValidSampling,
 }
+
+/// The most choices one request may ask for.
+pub const MAX_CHOICES: u32 = 16;
+/// The most alternatives per token (OpenAI's limit for chat).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
@@ -149,16 +169,22 @@ fn text_of(index: usize, content: Option<Content>) -> Result<String, ApiError> {
 impl SamplingFields {
     pub fn validate(self) -> Result<ValidSampling, ApiError> {
         if let Some(n) = self.n
-            && n != 1
+            && !(1..=MAX_CHOICES).contains(&n)
         {
-            return Err(ApiError::invalid("n", format!("only n=1 is supported; got {n}")));
+            return Err(ApiError::invalid("n", format!("`n` must be between 1 and {MAX_CHOICES}; got {n}")));
         }
-        // Refused rather than ignored: a silently dropped bias changes output.
-        if self.logit_bias.as_ref().is_some_and(|bias| !bias.is_empty()) {
-            return Err(ApiError::invalid("logit_bias", "`logit_bias` is not supported yet"));
+        let mut logit_bias = std::collections::HashMap::new();
+        for (token, bias) in self.logit_bias.unwrap_or_default() {
+            let id = token.parse::<u32>().map_err(|_| {
+                ApiError::invalid("logit_bias", format!("`logit_bias` keys are token ids; got {token:?}"))
+            })?;
+            in_range("logit_bias", Some(bias), -100.0, 100.0)?;
+            logit_bias.insert(id, bias);
         }
         in_range("temperature", self.temperature, 0.0, 2.0)?;
         in_range("top_p", self.top_p, 0.0, 1.0)?;
+        in_range("min_p", self.min_p, 0.0, 1.0)?;
+        in_range("repetition_penalty", self.repetition_penalty, 0.01, 10.0)?;
         in_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
         in_range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
         let stop = match self.stop {
@@ -183,6 +209,12 @@ impl SamplingFields {
             seed: self.seed.map(|s| s as u64),
             frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
             presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            min_p: self.min_p.unwrap_or(0.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            logit_bias,
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            n: self.n.unwrap_or(1),
+            logprobs: None,
         })
     }
 }
@@ -220,15 +252,20 @@ impl ChatRequest {
         }
         positive("max_completion_tokens", self.max_completion_tokens)?;
         positive("max_tokens", self.max_tokens)?;
-        if self.logprobs == Some(true) || self.top_logprobs.is_some_and(|n| n > 0) {
-            return Err(ApiError::invalid("logprobs", "`logprobs` is not supported yet"));
+        if let Some(top) = self.top_logprobs {
+            if top > MAX_TOP_LOGPROBS {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}; got {top}"),
+                ));
+            }
+            if self.logprobs != Some(true) {
+                return Err(ApiError::invalid("top_logprobs", "`top_logprobs` needs `logprobs: true`"));
+            }
         }
-        Ok(ValidChat {
-            model: self.model,
-            messages,
-            max_tokens: self.max_completion_tokens.or(self.max_tokens),
-            sampling: self.sampling.validate()?,
-        })
+        let mut sampling = self.sampling.validate()?;
+        sampling.logprobs = (self.logprobs == Some(true)).then_some(self.top_logprobs.unwrap_or(0));
+        Ok(ValidChat { model: self.model, messages, max_tokens: self.max_completion_tokens.or(self.max_tokens), sampling })
     }
 }
 
@@ -306,8 +343,13 @@ impl CompletionRequest {
         if self.echo == Some(true) {
             return Err(ApiError::invalid("echo", "`echo` is not supported; the prompt is not repeated in the output"));
         }
-        if self.logprobs.is_some_and(|n| n > 0) {
-            return Err(ApiError::invalid("logprobs", "`logprobs` is not supported yet"));
+        if let Some(top) = self.logprobs
+            && top > MAX_TOP_LOGPROBS
+        {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("`logprobs` must be between 0 and {MAX_TOP_LOGPROBS}; got {top}"),
+            ));
         }
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::invalid("suffix", "`suffix` (fill-in-the-middle) is not supported by this model"));
@@ -316,11 +358,13 @@ impl CompletionRequest {
             return Err(ApiError::invalid("best_of", "only best_of=1 is supported"));
         }
         positive("max_tokens", self.max_tokens)?;
+        let mut sampling = self.sampling.validate()?;
+        sampling.logprobs = self.logprobs;
         Ok(ValidCompletion {
             model: self.model,
             prompt,
             max_tokens: self.max_tokens.unwrap_or(DEFAULT_COMPLETION_TOKENS),
-            sampling: self.sampling.validate()?,
+            sampling,
         })
     }
 }
@@ -457,7 +501,17 @@ mod tests {
             (r#"{"model":"m","messages":[]}"#, "messages"),
             (r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#, "messages[0].role"),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#, "temperature"),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#, "n"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":0}"#, "n"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":17}"#, "n"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"min_p":1.5}"#, "min_p"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{"a":1}}"#, "logit_bias"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{"5":101}}"#, "logit_bias"),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#, "top_logprobs"),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#,
+                "top_logprobs",
+            ),
+            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"repetition_penalty":0}"#, "repetition_penalty"),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "max_tokens"),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-5}"#, "max_tokens"),
             (

@@ -227,7 +227,7 @@ pub async fn bench(args: BenchArgs) -> Result<(), CliError> {
         let decode_started = Instant::now();
         let mut text = Vec::new();
         for _ in 0..args.tokens {
-            let next = infermesh_worker::gemma3::argmax(&logits)?;
+            let next = infermesh_worker::transformer::argmax(&logits)?;
             text.push(next);
             logits = chat.model.forward(&[next], &mut cache, false)?;
         }

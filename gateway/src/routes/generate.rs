@@ -9,8 +9,8 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use infermesh_proto::v1::{
-    FinishReason, GenerateEvent, GenerateRequest, KeyInfo, Model, ModelKind, SamplingParams, generate_event,
-    generate_request,
+    Delta, FinishReason, Finished, GenerateEvent, GenerateRequest, KeyInfo, Model, ModelKind, SamplingParams,
+    TokenLogprob, TopLogprob, Usage, generate_event, generate_request,
 };
 use infermesh_service::money::nanos_to_dollars;
 use infermesh_service::{ErrorKind, MeshError};
@@ -46,16 +46,16 @@ impl Flavor {
     }
 
     /// The choice of a streamed chunk carrying `text`.
-    fn delta(self, text: &str) -> Value {
+    fn delta(self, index: u32, text: &str, logprobs: Value) -> Value {
         match self {
-            Flavor::Chat => json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}),
-            Flavor::Completion => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}),
+            Flavor::Chat => json!({"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null}),
+            Flavor::Completion => json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": null}),
         }
     }
 
-    /// The choice of the last streamed chunk before usage.
-    fn finish(self, reason: &str, native: &str) -> Value {
-        let mut choice = self.delta("");
+    /// The choice of the last streamed chunk of choice `index`.
+    fn finish(self, index: u32, reason: &str, native: &str) -> Value {
+        let mut choice = self.delta(index, "", Value::Null);
         if self == Flavor::Chat {
             choice["delta"] = json!({});
         }
@@ -64,9 +64,10 @@ impl Flavor {
         choice
     }
 
-    /// The one choice of a non-streamed response.
-    fn whole(self, text: String, reason: &str, native: &str) -> Value {
-        let mut choice = self.finish(reason, native);
+    /// One choice of a non-streamed response.
+    fn whole(self, index: u32, text: String, done: &Finished, logprobs: Value) -> Value {
+        let mut choice = self.finish(index, finish_reason(done.reason), &done.native_reason);
+        choice["logprobs"] = logprobs;
         match self {
             Flavor::Chat => {
                 choice.as_object_mut().map(|c| c.remove("delta"));
@@ -75,6 +76,40 @@ impl Flavor {
             Flavor::Completion => choice["text"] = json!(text),
         }
         choice
+    }
+
+    /// Log-probabilities in this flavor's shape; `text_offset` is where the
+    /// tokens' text starts in the choice's output (legacy completions).
+    fn logprobs(self, tokens: &[TokenLogprob], mut text_offset: usize) -> Value {
+        let entry = |t: &TopLogprob| json!({"token": t.token, "logprob": t.logprob, "bytes": t.bytes});
+        match self {
+            Flavor::Chat => {
+                let content: Vec<Value> = tokens
+                    .iter()
+                    .filter_map(|t| {
+                        let chosen = t.chosen.as_ref()?;
+                        let mut value = entry(chosen);
+                        value["top_logprobs"] = t.top.iter().map(entry).collect();
+                        Some(value)
+                    })
+                    .collect();
+                json!({"content": content, "refusal": null})
+            }
+            Flavor::Completion => {
+                let (mut names, mut values, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+                for token in tokens {
+                    let Some(chosen) = &token.chosen else { continue };
+                    names.push(json!(chosen.token));
+                    values.push(json!(chosen.logprob));
+                    let top: serde_json::Map<String, Value> =
+                        token.top.iter().map(|t| (t.token.clone(), json!(t.logprob))).collect();
+                    tops.push(Value::Object(top));
+                    offsets.push(json!(text_offset));
+                    text_offset += chosen.token.chars().count();
+                }
+                json!({"tokens": names, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets})
+            }
+        }
     }
 }
 
@@ -109,6 +144,95 @@ fn finish_reason(reason: i32) -> &'static str {
     }
 }
 
+/// Where the choices of one request stand, as the worker's events arrive.
+struct Choices {
+    flavor: Flavor,
+    want_logprobs: bool,
+    texts: Vec<String>,
+    logprobs: Vec<Vec<TokenLogprob>>,
+    /// Characters streamed so far per choice, for `text_offset`.
+    streamed_chars: Vec<usize>,
+    finished: Vec<Option<Finished>>,
+}
+
+impl Choices {
+    fn new(flavor: Flavor, n: u32, want_logprobs: bool) -> Choices {
+        let n = n.max(1) as usize;
+        Choices {
+            flavor,
+            want_logprobs,
+            texts: vec![String::new(); n],
+            logprobs: vec![Vec::new(); n],
+            streamed_chars: vec![0; n],
+            finished: vec![None; n],
+        }
+    }
+
+    fn all_finished(&self) -> bool {
+        self.finished.iter().all(Option::is_some)
+    }
+
+    /// Records a delta for the non-streamed answer.
+    fn absorb(&mut self, delta: Delta) {
+        let Some(index) = self.slot(delta.index) else { return };
+        self.texts[index].push_str(&delta.text);
+        self.logprobs[index].extend(delta.logprobs);
+    }
+
+    /// A delta as one streamed choice; `None` when it carries nothing.
+    fn stream_delta(&mut self, delta: Delta) -> Option<Value> {
+        let index = self.slot(delta.index)?;
+        if delta.text.is_empty() && (!self.want_logprobs || delta.logprobs.is_empty()) {
+            return None;
+        }
+        let logprobs = if self.want_logprobs {
+            self.flavor.logprobs(&delta.logprobs, self.streamed_chars[index])
+        } else {
+            Value::Null
+        };
+        self.streamed_chars[index] += delta.text.chars().count();
+        Some(self.flavor.delta(delta.index, &delta.text, logprobs))
+    }
+
+    fn finish(&mut self, done: Finished) {
+        if let Some(index) = self.slot(done.index) {
+            self.finished[index] = Some(done);
+        }
+    }
+
+    fn slot(&self, index: u32) -> Option<usize> {
+        let index = index as usize;
+        (index < self.finished.len()).then_some(index)
+    }
+
+    /// Usage over every choice: the prompt once, every choice's output.
+    fn usage(&self) -> Option<Usage> {
+        let mut usage: Option<Usage> = None;
+        for done in self.finished.iter().flatten() {
+            let Some(part) = done.usage else { continue };
+            let total = usage.get_or_insert(Usage { prompt_tokens: part.prompt_tokens, completion_tokens: 0 });
+            total.completion_tokens += part.completion_tokens;
+        }
+        usage
+    }
+
+    fn whole(self) -> Vec<Value> {
+        let flavor = self.flavor;
+        let want_logprobs = self.want_logprobs;
+        self.texts
+            .into_iter()
+            .zip(self.logprobs)
+            .zip(self.finished)
+            .enumerate()
+            .filter_map(|(index, ((text, logprobs), done))| {
+                let done = done?;
+                let logprobs = if want_logprobs { flavor.logprobs(&logprobs, 0) } else { Value::Null };
+                Some(flavor.whole(index as u32, text, &done, logprobs))
+            })
+            .collect()
+    }
+}
+
 pub fn usage_json(settled: &Settled) -> Value {
     json!({
         "prompt_tokens": settled.prompt_tokens,
@@ -127,10 +251,10 @@ pub async fn serve(state: &AppState, key: KeyInfo, model: Model, generation: Gen
     let flavor = generation.flavor;
     let request_id = format!("{}-{}", flavor.id_prefix(), uuid::Uuid::new_v4().simple());
     let prompt_bound = generation.prompt_bound.min(model.context_length);
+    // Every choice may use the whole budget.
+    let output_bound = generation.max_tokens.saturating_mul(generation.sampling.n.max(1));
     let admission =
-        match Admission::admit(state.mesh.clone(), key, model, request_id.clone(), prompt_bound, generation.max_tokens)
-            .await
-        {
+        match Admission::admit(state.mesh.clone(), key, model, request_id.clone(), prompt_bound, output_bound).await {
             Ok(admission) => Arc::new(admission),
             Err(refused) => return Ok(refused.into_response()),
         };
@@ -147,9 +271,16 @@ pub async fn serve(state: &AppState, key: KeyInfo, model: Model, generation: Gen
             seed: sampling.seed,
             frequency_penalty: sampling.frequency_penalty,
             presence_penalty: sampling.presence_penalty,
+            min_p: sampling.min_p,
+            repetition_penalty: sampling.repetition_penalty,
+            logit_bias: sampling.logit_bias.clone(),
         }),
         stop: sampling.stop.clone(),
         fit_to_context: generation.fit_to_context,
+        n: sampling.n,
+        logprobs: sampling.logprobs.is_some(),
+        top_logprobs: sampling.logprobs.unwrap_or(0),
+        ignore_eos: sampling.ignore_eos,
     };
     let mut events = worker.generate(request).await.map_err(peer_error("worker"))?.into_inner();
     // The worker validates the prompt (template, context window) before
@@ -163,40 +294,38 @@ pub async fn serve(state: &AppState, key: KeyInfo, model: Model, generation: Gen
     }
     let headers = admission.rate_limit_headers();
     let created = unix_now();
+    let choices = Choices::new(flavor, sampling.n, sampling.logprobs.is_some());
     if sampling.stream {
-        let sse = Sse::new(sse_stream(flavor, admission, events, created, sampling.include_usage));
+        let sse = Sse::new(sse_stream(choices, admission, events, created, sampling.include_usage));
         return Ok(with_headers(sse.keep_alive(KeepAlive::default()).into_response(), headers));
     }
 
-    let mut text = String::new();
-    let mut finished = None;
-    while let Some(event) = events.message().await.map_err(peer_error("worker"))? {
+    let mut choices = choices;
+    while !choices.all_finished() {
+        let Some(event) = events.message().await.map_err(peer_error("worker"))? else { break };
         match event.event {
             Some(generate_event::Event::Delta(delta)) => {
                 admission.add_completion_tokens(u32::try_from(delta.token_ids.len()).unwrap_or(0));
-                text.push_str(&delta.text);
+                choices.absorb(delta);
             }
-            Some(generate_event::Event::Finished(done)) => {
-                finished = Some(done);
-                break;
-            }
+            Some(generate_event::Event::Finished(done)) => choices.finish(done),
             Some(generate_event::Event::Started(_)) | None => {}
         }
     }
-    let done = finished.ok_or_else(|| {
-        ApiError::new(
+    if !choices.all_finished() {
+        return Err(ApiError::new(
             ErrorKind::UpstreamError,
             "the worker stopped before finishing; you were charged only for tokens generated",
-        )
-    })?;
-    let settled = admission.settle(done.usage).await?;
+        ));
+    }
+    let settled = admission.settle(choices.usage()).await?;
     let body = json!({
         "id": admission.request_id,
         "object": flavor.object(false),
         "created": created,
         "model": admission.model.id,
         "provider": admission.provider,
-        "choices": [flavor.whole(text, finish_reason(done.reason), &done.native_reason)],
+        "choices": choices.whole(),
         "usage": usage_json(&settled),
     });
     Ok(with_headers(axum::Json(body).into_response(), headers))
@@ -233,31 +362,37 @@ fn error_event(err: &MeshError) -> SseEvent {
 /// worker call, which stops generation; the admission then bills what was
 /// delivered.
 fn sse_stream(
-    flavor: Flavor,
+    mut choices: Choices,
     admission: Arc<Admission>,
     mut events: tonic::Streaming<GenerateEvent>,
     created: u64,
     include_usage: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let flavor = choices.flavor;
     async_stream::stream! {
         if flavor == Flavor::Chat {
-            let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
-            yield Ok(chunk(flavor, &admission, created, role, None, include_usage));
+            for index in 0..choices.finished.len() {
+                let role = json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+                yield Ok(chunk(flavor, &admission, created, role, None, include_usage));
+            }
         }
         loop {
             match events.message().await {
                 Ok(Some(event)) => match event.event {
                     Some(generate_event::Event::Delta(delta)) => {
                         admission.add_completion_tokens(u32::try_from(delta.token_ids.len()).unwrap_or(0));
-                        if delta.text.is_empty() {
-                            continue;
+                        if let Some(choice) = choices.stream_delta(delta) {
+                            yield Ok(chunk(flavor, &admission, created, json!([choice]), None, include_usage));
                         }
-                        yield Ok(chunk(flavor, &admission, created, json!([flavor.delta(&delta.text)]), None, include_usage));
                     }
                     Some(generate_event::Event::Finished(done)) => {
-                        let last = json!([flavor.finish(finish_reason(done.reason), &done.native_reason)]);
+                        let last = json!([flavor.finish(done.index, finish_reason(done.reason), &done.native_reason)]);
+                        choices.finish(done);
                         yield Ok(chunk(flavor, &admission, created, last, None, include_usage));
-                        match admission.settle(done.usage).await {
+                        if !choices.all_finished() {
+                            continue;
+                        }
+                        match admission.settle(choices.usage()).await {
                             Ok(settled) if include_usage => {
                                 yield Ok(chunk(flavor, &admission, created, json!([]), Some(usage_json(&settled)), true));
                             }

@@ -1,28 +1,53 @@
-//! Text generation for one sequence: prefill in chunks, then decode token
-//! by token, sampling each, until an end-of-generation token, a stop
-//! string, `max_tokens`, or the caller going away.
+//! Continuous batching: one scheduler thread per chat model runs every
+//! admitted sequence together. Each step is one forward over a ragged
+//! batch (the decoding sequences' next tokens plus at most one prefill
+//! chunk), so the weights are read once per step for all of them; new
+//! requests join between steps and finished or abandoned ones leave,
+//! freeing their KV cache. Requests beyond the batch wait in a bounded
+//! queue; beyond that they are refused with a retry hint.
 
-use candle_core::{Device, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+
+use candle_core::Device;
+use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::WorkerError;
-use crate::gemma3::Gemma3;
-use crate::tokenizer::{SpmTokenizer, Utf8Stream};
+use crate::models::ChatModel;
+use crate::sampling::{Sampler, SamplingParams, Scored, logprobs};
+use crate::tokenizer::Utf8Stream;
+use crate::transformer::{KvCache, Segment};
 
-/// Prefill is split so the attention scratch stays small on long prompts.
-const PREFILL_CHUNK: usize = 256;
+/// Prompt tokens prefilled per step: long prompts go in chunks so running
+/// streams keep getting tokens while they are read.
+pub const PREFILL_CHUNK: usize = 256;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationParams {
     pub max_tokens: usize,
-    /// 0 means greedy.
-    pub temperature: f64,
-    pub top_p: Option<f64>,
-    pub top_k: Option<usize>,
-    pub seed: u64,
     pub stop: Vec<String>,
-    pub frequency_penalty: f32,
-    pub presence_penalty: f32,
+    pub sampling: SamplingParams,
+    /// Choices generated from one prefill of the prompt.
+    pub n: usize,
+    /// `Some(k)`: report each token's log-probability and its `k` likeliest
+    /// alternatives.
+    pub logprobs: Option<usize>,
+    /// Keep generating through end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        GenerationParams {
+            max_tokens: 16,
+            stop: Vec::new(),
+            sampling: SamplingParams::default(),
+            n: 1,
+            logprobs: None,
+            ignore_eos: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,9 +58,17 @@ pub enum Finish {
 }
 
 #[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub chosen: Scored,
+    pub top: Vec<Scored>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    Delta { text: String, token_ids: Vec<u32> },
-    Finished { reason: Finish, native_reason: String, completion_tokens: usize },
+    /// Text for choice `index`, always whole UTF-8 characters; `token_ids`
+    /// (and `logprobs`, when asked for) are the tokens it came from.
+    Delta { index: usize, text: String, token_ids: Vec<u32>, logprobs: Vec<TokenLogprob> },
+    Finished { index: usize, reason: Finish, native_reason: String, completion_tokens: usize },
 }
 
 /// Checks the request fits the context window; returns the token budget.
@@ -64,40 +97,9 @@ pub fn budget(
     Ok(max_tokens)
 }
 
-fn sampler(params: &GenerationParams) -> LogitsProcessor {
-    let sampling = if params.temperature <= 1e-6 {
-        Sampling::ArgMax
-    } else {
-        let temperature = params.temperature;
-        match (params.top_k, params.top_p.filter(|p| *p < 1.0)) {
-            (None, None) => Sampling::All { temperature },
-            (Some(k), None) => Sampling::TopK { k, temperature },
-            (None, Some(p)) => Sampling::TopP { p, temperature },
-            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
-        }
-    };
-    LogitsProcessor::from_sampling(params.seed, sampling)
-}
-
-fn apply_penalties(
-    logits: &Tensor,
-    counts: &std::collections::HashMap<u32, u32>,
-    params: &GenerationParams,
-) -> Result<Tensor, WorkerError> {
-    if (params.frequency_penalty == 0.0 && params.presence_penalty == 0.0) || counts.is_empty() {
-        return Ok(logits.clone());
-    }
-    let mut values = logits.to_vec1::<f32>()?;
-    for (&id, &count) in counts {
-        if let Some(v) = values.get_mut(id as usize) {
-            *v -= params.frequency_penalty * count as f32 + params.presence_penalty;
-        }
-    }
-    Ok(Tensor::from_vec(values, logits.dims1()?, logits.device())?)
-}
-
 /// Holds back text that could be the start of a stop string, and cuts the
 /// output at the first stop string.
+#[derive(Debug, Clone, Default)]
 struct StopScanner {
     stops: Vec<String>,
     text: String,
@@ -105,6 +107,10 @@ struct StopScanner {
 }
 
 impl StopScanner {
+    fn new(stops: &[String]) -> StopScanner {
+        StopScanner { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), ..StopScanner::default() }
+    }
+
     /// Returns (text safe to emit now, whether a stop string was hit).
     fn push(&mut self, delta: &str) -> (String, bool) {
         self.text.push_str(delta);
@@ -139,73 +145,301 @@ fn floor_char_boundary(text: &str, mut at: usize) -> usize {
     at
 }
 
-/// Generates a continuation of `prompt`, calling `emit` for each event;
-/// `emit` returning false means the receiver is gone and generation stops.
-pub fn generate(
-    model: &Gemma3,
-    tokenizer: &SpmTokenizer,
-    prompt: &[u32],
-    params: &GenerationParams,
-    mut emit: impl FnMut(Event) -> bool,
-) -> Result<(), WorkerError> {
-    let mut cache = model.new_cache();
-    let mut logits = None;
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
-        logits = Some(model.forward(chunk, &mut cache, false)?);
-    }
-    let mut logits = logits.ok_or_else(|| WorkerError::InvalidRequest("the prompt is empty".into()))?;
-    let mut sampler = sampler(params);
-    let mut counts = std::collections::HashMap::new();
-    let mut utf8 = Utf8Stream::default();
-    let mut stops = StopScanner {
-        stops: params.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
-        text: String::new(),
-        emitted: 0,
-    };
-    let mut generated = 0usize;
-    let mut pending_ids = Vec::new();
-    let finish = |reason, native: &str, generated| Event::Finished {
-        reason,
-        native_reason: native.to_owned(),
-        completion_tokens: generated,
-    };
-    loop {
-        let scored = apply_penalties(&logits, &counts, params)?;
-        let next = sampler.sample(&scored)?;
-        generated += 1;
-        if tokenizer.end_of_generation.contains(&next) {
-            let tail = stops.push(&utf8.finish()).0 + &stops.finish();
-            if !tail.is_empty() && !emit(Event::Delta { text: tail, token_ids: std::mem::take(&mut pending_ids) }) {
-                return Ok(());
-            }
-            let native = tokenizer.decode_special(next);
-            emit(finish(Finish::Stop, &native, generated));
-            return Ok(());
+/// One output sequence: its cache, sampler and the text it has produced.
+struct Choice {
+    index: usize,
+    cache: KvCache,
+    sampler: Sampler,
+    stops: StopScanner,
+    utf8: Utf8Stream,
+    generated: usize,
+    pending_ids: Vec<u32>,
+    pending_logprobs: Vec<TokenLogprob>,
+    /// The token to feed next.
+    last: u32,
+    done: bool,
+}
+
+impl Choice {
+    fn new(index: usize, cache: KvCache, sampler: Sampler, params: &GenerationParams) -> Choice {
+        Choice {
+            index,
+            cache,
+            sampler,
+            stops: StopScanner::new(&params.stop),
+            utf8: Utf8Stream::default(),
+            generated: 0,
+            pending_ids: Vec::new(),
+            pending_logprobs: Vec::new(),
+            last: 0,
+            done: false,
         }
-        *counts.entry(next).or_insert(0u32) += 1;
-        pending_ids.push(next);
-        let (text, hit_stop) = stops.push(&utf8.push(&tokenizer.token_bytes(next)));
+    }
+
+    fn delta(&mut self, text: String) -> Event {
+        Event::Delta {
+            index: self.index,
+            text,
+            token_ids: std::mem::take(&mut self.pending_ids),
+            logprobs: std::mem::take(&mut self.pending_logprobs),
+        }
+    }
+
+    /// Everything held back, as a last delta (if any) and the finish.
+    fn finish(&mut self, reason: Finish, native_reason: String, events: &mut Vec<Event>) {
+        let tail = self.stops.push(&self.utf8.finish()).0 + &self.stops.finish();
+        if !tail.is_empty() || !self.pending_ids.is_empty() {
+            events.push(self.delta(tail));
+        }
+        events.push(Event::Finished { index: self.index, reason, native_reason, completion_tokens: self.generated });
+        self.done = true;
+    }
+
+    /// Samples the next token from this choice's logits and turns it into
+    /// events.
+    fn advance(&mut self, mut logits: Vec<f32>, model: &ChatModel, params: &GenerationParams) -> Vec<Event> {
+        let raw = params.logprobs.map(|top| (logits.clone(), top));
+        let next = self.sampler.sample(&mut logits);
+        self.generated += 1;
+        let logprob = raw.map(|(raw, top)| {
+            let (chosen, top) = logprobs(&raw, next, top);
+            TokenLogprob { chosen, top }
+        });
+        let mut events = Vec::new();
+        if !params.ignore_eos && model.tokenizer.end_of_generation.contains(&next) {
+            self.pending_logprobs.extend(logprob);
+            let native = model.tokenizer.decode_special(next);
+            self.finish(Finish::Stop, native, &mut events);
+            return events;
+        }
+        self.pending_ids.push(next);
+        self.pending_logprobs.extend(logprob);
+        let (text, hit_stop) = self.stops.push(&self.utf8.push(&model.tokenizer.token_bytes(next)));
         if !text.is_empty() || hit_stop {
-            let delta = Event::Delta { text, token_ids: std::mem::take(&mut pending_ids) };
-            if !emit(delta) {
-                return Ok(());
-            }
+            events.push(self.delta(text));
         }
         if hit_stop {
-            emit(finish(Finish::Stop, "stop_sequence", generated));
-            return Ok(());
+            events.push(Event::Finished {
+                index: self.index,
+                reason: Finish::Stop,
+                native_reason: "stop_sequence".into(),
+                completion_tokens: self.generated,
+            });
+            self.done = true;
+        } else if self.generated >= params.max_tokens {
+            self.finish(Finish::Length, "length".into(), &mut events);
         }
-        if generated >= params.max_tokens {
-            let tail = stops.push(&utf8.finish()).0 + &stops.finish();
-            if (!tail.is_empty() || !pending_ids.is_empty())
-                && !emit(Event::Delta { text: tail, token_ids: std::mem::take(&mut pending_ids) })
-            {
-                return Ok(());
+        self.last = next;
+        events
+    }
+}
+
+pub type EventSender = UnboundedSender<Result<Event, WorkerError>>;
+
+/// One admitted request.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub params: GenerationParams,
+    pub events: EventSender,
+}
+
+enum Phase {
+    Prefill { cache: KvCache, done: usize },
+    Decode(Vec<Choice>),
+}
+
+struct Group {
+    job: Job,
+    phase: Phase,
+}
+
+impl Group {
+    fn sequences(&self) -> usize {
+        match &self.phase {
+            Phase::Prefill { .. } => self.job.params.n.max(1),
+            Phase::Decode(choices) => choices.iter().filter(|c| !c.done).count(),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.job.events.is_closed() || matches!(&self.phase, Phase::Decode(choices) if choices.iter().all(|c| c.done))
+    }
+
+    fn send(&self, events: Vec<Event>) {
+        for event in events {
+            // A closed channel means the caller left; the group is dropped
+            // (and its KV freed) after this step.
+            let _ = self.job.events.send(Ok(event));
+        }
+    }
+}
+
+/// What the scheduler is doing, for the registry and /health.
+#[derive(Debug, Default)]
+pub struct Load {
+    pub active: AtomicU32,
+    pub queued: AtomicU32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Sequences decoded together; more requests wait in the queue.
+    pub max_batch: usize,
+    /// Requests waiting for a place in the batch; more are refused.
+    pub max_queued: usize,
+}
+
+/// The handle requests are submitted through.
+pub struct Batcher {
+    queue: SyncSender<Job>,
+    load: Arc<Load>,
+}
+
+impl Batcher {
+    /// Starts the scheduler thread for `model`; it stops when the last
+    /// handle is dropped.
+    pub fn start(model: Arc<ChatModel>, limits: BatchLimits, load: Arc<Load>) -> Batcher {
+        let (queue, jobs) = std::sync::mpsc::sync_channel(limits.max_queued.max(1));
+        let thread_load = load.clone();
+        let name = format!("batch-{}", model.id);
+        let spawned = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || schedule(&model, &jobs, limits.max_batch.max(1), &thread_load));
+        if let Err(err) = spawned {
+            tracing::error!(error = %err, "cannot start the batch scheduler");
+        }
+        Batcher { queue, load }
+    }
+
+    /// Queues `job`, or refuses it when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), WorkerError> {
+        self.load.queued.fetch_add(1, Ordering::Relaxed);
+        match self.queue.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(refused) => {
+                self.load.queued.fetch_sub(1, Ordering::Relaxed);
+                Err(match refused {
+                    TrySendError::Full(_) => WorkerError::Overloaded,
+                    TrySendError::Disconnected(_) => WorkerError::ShuttingDown,
+                })
             }
-            emit(finish(Finish::Length, "length", generated));
-            return Ok(());
         }
-        logits = model.forward(&[next], &mut cache, false)?;
+    }
+
+    pub fn load(&self) -> &Arc<Load> {
+        &self.load
+    }
+}
+
+fn schedule(model: &ChatModel, jobs: &Receiver<Job>, max_batch: usize, load: &Load) {
+    let mut groups: Vec<Group> = Vec::new();
+    loop {
+        while groups.iter().map(Group::sequences).sum::<usize>() < max_batch {
+            let job = if groups.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            };
+            load.queued.fetch_sub(1, Ordering::Relaxed);
+            groups.push(Group { job, phase: Phase::Prefill { cache: model.model.new_cache(), done: 0 } });
+        }
+        groups.retain(|group| !group.job.events.is_closed());
+        load.active.store(groups.iter().map(Group::sequences).sum::<usize>() as u32, Ordering::Relaxed);
+        if !groups.is_empty() {
+            step(model, &mut groups);
+            groups.retain(|group| !group.finished());
+        }
+        load.active.store(groups.iter().map(Group::sequences).sum::<usize>() as u32, Ordering::Relaxed);
+    }
+}
+
+/// Which sequence a row of the step's logits belongs to.
+enum Slot {
+    /// A prefill chunk of group `.0` ending at prompt position `.1`.
+    Prefill(usize, usize),
+    /// Choice `.1` of group `.0`.
+    Decode(usize, usize),
+}
+
+fn step(model: &ChatModel, groups: &mut [Group]) {
+    let mut slots = Vec::new();
+    let mut segments = Vec::new();
+    let mut prefilling = false;
+    for (g, group) in groups.iter_mut().enumerate() {
+        match &mut group.phase {
+            Phase::Prefill { cache, done } => {
+                // One prefill chunk per step keeps decode latency bounded.
+                if prefilling {
+                    continue;
+                }
+                prefilling = true;
+                let end = (*done + PREFILL_CHUNK).min(group.job.prompt.len());
+                segments.push(Segment { tokens: &group.job.prompt[*done..end], cache });
+                slots.push(Slot::Prefill(g, end));
+            }
+            Phase::Decode(choices) => {
+                for (c, choice) in choices.iter_mut().enumerate().filter(|(_, c)| !c.done) {
+                    segments.push(Segment { tokens: std::slice::from_ref(&choice.last), cache: &mut choice.cache });
+                    slots.push(Slot::Decode(g, c));
+                }
+            }
+        }
+    }
+    if segments.is_empty() {
+        return;
+    }
+    let rows = model.model.forward_batch(&mut segments).and_then(|logits| Ok(logits.to_vec2::<f32>()?));
+    drop(segments);
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(err) => {
+            tracing::error!(error = %err, "batched forward failed");
+            let message = err.to_string();
+            for slot in &slots {
+                let (Slot::Prefill(g, _) | Slot::Decode(g, _)) = slot;
+                let _ = groups[*g].job.events.send(Err(WorkerError::Model(message.clone())));
+                groups[*g].phase = Phase::Decode(Vec::new());
+            }
+            return;
+        }
+    };
+    for (slot, logits) in slots.into_iter().zip(rows) {
+        match slot {
+            Slot::Prefill(g, end) => {
+                let group = &mut groups[g];
+                let Phase::Prefill { cache, done } = &mut group.phase else { continue };
+                *done = end;
+                if end < group.job.prompt.len() {
+                    continue;
+                }
+                let params = &group.job.params;
+                let first = Sampler::new(params.sampling.clone(), &group.job.prompt);
+                let mut choices: Vec<Choice> = (0..params.n.max(1))
+                    .map(|index| {
+                        let sampler = if index == 0 { first.clone() } else { first.for_choice(index as u64) };
+                        Choice::new(index, cache.clone(), sampler, params)
+                    })
+                    .collect();
+                let mut events = Vec::new();
+                for choice in &mut choices {
+                    events.extend(choice.advance(logits.clone(), model, params));
+                }
+                group.phase = Phase::Decode(choices);
+                group.send(events);
+            }
+            Slot::Decode(g, c) => {
+                let group = &mut groups[g];
+                let Phase::Decode(choices) = &mut group.phase else { continue };
+                let events = choices[c].advance(logits, model, &group.job.params);
+                group.send(events);
+            }
+        }
     }
 }
 
@@ -235,7 +469,7 @@ mod tests {
 
     #[test]
     fn stop_strings_cut_output_even_across_deltas() {
-        let mut scanner = StopScanner { stops: vec!["END".into()], text: String::new(), emitted: 0 };
+        let mut scanner = StopScanner::new(&["END".into()]);
         let (a, hit) = scanner.push("hello E");
         assert!(!hit);
         let (b, hit) = scanner.push("NDmore");
@@ -245,7 +479,7 @@ mod tests {
 
     #[test]
     fn no_stop_strings_emit_everything_at_once() {
-        let mut scanner = StopScanner { stops: vec![], text: String::new(), emitted: 0 };
+        let mut scanner = StopScanner::new(&[]);
         assert_eq!(scanner.push("héllo").0, "héllo");
         assert_eq!(scanner.finish(), "");
     }

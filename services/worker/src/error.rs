@@ -22,6 +22,8 @@ pub enum WorkerError {
     Io { path: String, source: std::io::Error },
     #[error("the worker is shutting down")]
     ShuttingDown,
+    #[error("the model is at capacity: its batch and queue are full; retry shortly")]
+    Overloaded,
 }
 
 impl WorkerError {
@@ -38,6 +40,9 @@ impl From<WorkerError> for MeshError {
             WorkerError::InvalidRequest(_) | WorkerError::Template(_) => ErrorKind::InvalidRequest,
             WorkerError::ContextLength { .. } => ErrorKind::ContextLengthExceeded,
             WorkerError::ShuttingDown => ErrorKind::ModelUnavailable,
+            WorkerError::Overloaded => {
+                return MeshError::new(ErrorKind::ModelUnavailable, err.to_string()).with_retry_after_ms(1000);
+            }
             WorkerError::Model(_)
             | WorkerError::Candle(_)
             | WorkerError::Tokenizer(_)

@@ -1,10 +1,10 @@
-//! `infermesh.v1.WorkerService`: generation streams from a blocking thread
-//! through a channel; when the client goes away the channel closes and
-//! generation stops at the next token.
+//! `infermesh.v1.WorkerService`: generation requests go to the model's
+//! batch scheduler and stream back through a channel; when the client goes
+//! away the channel closes and the sequence leaves the batch at the next
+//! step.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use futures::Stream;
 use infermesh_proto::v1::worker_service_server::WorkerService;
@@ -13,30 +13,26 @@ use infermesh_proto::v1::{
     GenerateRequest, TokenizeRequest, TokenizeResponse, generate_event, generate_request, tokenize_request,
 };
 use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::chat::Message;
 use crate::embed::EmbeddingModel;
-use crate::engine::{self, Event, Finish, GenerationParams};
+use crate::engine::{self, Batcher, Event, Finish, GenerationParams, Job};
 use crate::error::WorkerError;
 use crate::models::ChatModel;
-
-pub struct Load {
-    pub active: AtomicU32,
-    pub queued: AtomicU32,
-}
+use crate::sampling::{SamplingParams, Scored};
 
 pub struct WorkerGrpc {
-    pub chat: Option<Arc<ChatModel>>,
+    pub chat: Option<(Arc<ChatModel>, Batcher)>,
     pub embedding: Option<(String, Arc<EmbeddingModel>)>,
-    pub permits: Arc<Semaphore>,
-    pub load: Arc<Load>,
+    pub embed_permits: Arc<Semaphore>,
 }
 
 impl WorkerGrpc {
-    fn chat_model(&self, name: &str) -> Result<Arc<ChatModel>, WorkerError> {
-        self.chat.clone().filter(|m| m.id == name).ok_or_else(|| WorkerError::UnknownModel(name.to_owned()))
+    fn chat_model(&self, name: &str) -> Result<&(Arc<ChatModel>, Batcher), WorkerError> {
+        self.chat.as_ref().filter(|(m, _)| m.id == name).ok_or_else(|| WorkerError::UnknownModel(name.to_owned()))
     }
 }
 
@@ -45,34 +41,59 @@ fn to_messages(chat: &pb::ChatMessages) -> Vec<Message> {
 }
 
 fn params(request: &GenerateRequest, max_tokens: usize) -> GenerationParams {
-    let sampling = request.sampling.unwrap_or_default();
+    let sampling = request.sampling.clone().unwrap_or_default();
+    let mut logit_bias: Vec<(u32, f32)> = sampling.logit_bias.into_iter().collect();
+    logit_bias.sort_by_key(|(id, _)| *id);
     GenerationParams {
         max_tokens,
-        temperature: f64::from(sampling.temperature),
-        top_p: (sampling.top_p > 0.0 && sampling.top_p < 1.0).then_some(f64::from(sampling.top_p)),
-        top_k: (sampling.top_k > 0).then_some(sampling.top_k as usize),
-        seed: sampling.seed.unwrap_or_else(rand::random),
         stop: request.stop.clone(),
-        frequency_penalty: sampling.frequency_penalty,
-        presence_penalty: sampling.presence_penalty,
+        sampling: SamplingParams {
+            temperature: sampling.temperature,
+            top_p: if sampling.top_p > 0.0 && sampling.top_p < 1.0 { sampling.top_p } else { 1.0 },
+            top_k: sampling.top_k as usize,
+            min_p: sampling.min_p,
+            seed: sampling.seed.unwrap_or_else(rand::random),
+            frequency_penalty: sampling.frequency_penalty,
+            presence_penalty: sampling.presence_penalty,
+            repetition_penalty: if sampling.repetition_penalty > 0.0 { sampling.repetition_penalty } else { 1.0 },
+            logit_bias,
+        },
+        n: request.n.max(1) as usize,
+        logprobs: request.logprobs.then_some(request.top_logprobs as usize),
+        ignore_eos: request.ignore_eos,
     }
 }
 
-fn to_proto(event: Event, prompt_tokens: u32) -> GenerateEvent {
+fn to_proto(event: Event, prompt_tokens: u32, model: &ChatModel) -> GenerateEvent {
+    let scored = |s: Scored| {
+        let bytes = model.tokenizer.token_bytes(s.id);
+        pb::TopLogprob { id: s.id, token: String::from_utf8_lossy(&bytes).into_owned(), bytes, logprob: s.logprob }
+    };
     let event = match event {
-        Event::Delta { text, token_ids } => generate_event::Event::Delta(pb::Delta { text, token_ids }),
-        Event::Finished { reason, native_reason, completion_tokens } => generate_event::Event::Finished(pb::Finished {
-            reason: match reason {
-                Finish::Stop => pb::FinishReason::Stop,
-                Finish::Length => pb::FinishReason::Length,
-            }
-            .into(),
-            native_reason,
-            usage: Some(pb::Usage {
-                prompt_tokens,
-                completion_tokens: u32::try_from(completion_tokens).unwrap_or(u32::MAX),
-            }),
+        Event::Delta { index, text, token_ids, logprobs } => generate_event::Event::Delta(pb::Delta {
+            text,
+            token_ids,
+            index: index as u32,
+            logprobs: logprobs
+                .into_iter()
+                .map(|l| pb::TokenLogprob { chosen: Some(scored(l.chosen)), top: l.top.into_iter().map(scored).collect() })
+                .collect(),
         }),
+        Event::Finished { index, reason, native_reason, completion_tokens } => {
+            generate_event::Event::Finished(pb::Finished {
+                reason: match reason {
+                    Finish::Stop => pb::FinishReason::Stop,
+                    Finish::Length => pb::FinishReason::Length,
+                }
+                .into(),
+                native_reason,
+                usage: Some(pb::Usage {
+                    prompt_tokens,
+                    completion_tokens: u32::try_from(completion_tokens).unwrap_or(u32::MAX),
+                }),
+                index: index as u32,
+            })
+        }
     };
     GenerateEvent { event: Some(event) }
 }
@@ -83,7 +104,7 @@ impl WorkerService for WorkerGrpc {
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let request = request.into_inner();
-        let model = self.chat_model(&request.model)?;
+        let (model, batcher) = self.chat_model(&request.model)?;
         let prompt = match &request.prompt {
             Some(generate_request::Prompt::Chat(chat)) => model.chat_prompt(&to_messages(chat))?,
             Some(generate_request::Prompt::Text(text)) => model.text_prompt(text),
@@ -97,38 +118,15 @@ impl WorkerService for WorkerGrpc {
             engine::budget(prompt.len(), request.max_tokens as usize, model.context_length(), request.fit_to_context)?;
         let params = params(&request, max_tokens);
         let prompt_tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
-        let (tx, rx) = mpsc::channel(64);
-        let _ = tx
-            .send(Ok(GenerateEvent { event: Some(generate_event::Event::Started(pb::Started { prompt_tokens })) }))
-            .await;
-        let permits = self.permits.clone();
-        let load = self.load.clone();
-        tokio::spawn(async move {
-            load.queued.fetch_add(1, Ordering::Relaxed);
-            let permit = permits.acquire_owned().await;
-            load.queued.fetch_sub(1, Ordering::Relaxed);
-            let Ok(permit) = permit else {
-                let _ = tx.send(Err(WorkerError::ShuttingDown.into())).await;
-                return;
-            };
-            load.active.fetch_add(1, Ordering::Relaxed);
-            let worker_tx = tx.clone();
-            let outcome = tokio::task::spawn_blocking(move || {
-                engine::generate(&model.model, &model.tokenizer, &prompt, &params, |event| {
-                    worker_tx.blocking_send(Ok(to_proto(event, prompt_tokens))).is_ok()
-                })
-            })
-            .await;
-            load.active.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-            let error = match outcome {
-                Ok(Ok(())) => return,
-                Ok(Err(err)) => Status::from(err),
-                Err(join) => Status::internal(format!("generation task failed: {join}")),
-            };
-            let _ = tx.send(Err(error)).await;
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let (events, receiver) = mpsc::unbounded_channel();
+        batcher.submit(Job { prompt, params, events })?;
+        let model = model.clone();
+        let started = GenerateEvent { event: Some(generate_event::Event::Started(pb::Started { prompt_tokens })) };
+        let stream = tokio_stream::once(Ok(started)).chain(
+            UnboundedReceiverStream::new(receiver)
+                .map(move |event| event.map(|event| to_proto(event, prompt_tokens, &model)).map_err(Status::from)),
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
@@ -137,7 +135,7 @@ impl WorkerService for WorkerGrpc {
             Some((id, embedding)) if *id == model => embedding.clone(),
             _ => return Err(WorkerError::UnknownModel(model).into()),
         };
-        let _permit = self.permits.acquire().await.map_err(|_| Status::from(WorkerError::ShuttingDown))?;
+        let _permit = self.embed_permits.acquire().await.map_err(|_| Status::from(WorkerError::ShuttingDown))?;
         let (vectors, tokens) = tokio::task::spawn_blocking(move || embedding.embed(&inputs))
             .await
             .map_err(|join| Status::internal(format!("embedding task failed: {join}")))??;
@@ -149,7 +147,7 @@ impl WorkerService for WorkerGrpc {
 
     async fn tokenize(&self, request: Request<TokenizeRequest>) -> Result<Response<TokenizeResponse>, Status> {
         let TokenizeRequest { model, input, add_special_tokens } = request.into_inner();
-        let chat = self.chat_model(&model)?;
+        let (chat, _) = self.chat_model(&model)?;
         let tokens = match input {
             Some(tokenize_request::Input::Text(text)) => chat.tokenizer.encode(&text, add_special_tokens, true),
             // The chat template places BOS and turn markers itself.
@@ -164,7 +162,7 @@ impl WorkerService for WorkerGrpc {
 
     async fn detokenize(&self, request: Request<DetokenizeRequest>) -> Result<Response<DetokenizeResponse>, Status> {
         let DetokenizeRequest { model, tokens } = request.into_inner();
-        let chat = self.chat_model(&model)?;
+        let (chat, _) = self.chat_model(&model)?;
         chat.check_ids(&tokens)?;
         Ok(Response::new(DetokenizeResponse { text: chat.tokenizer.decode(&tokens) }))
     }

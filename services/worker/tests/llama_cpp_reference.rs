@@ -107,7 +107,7 @@ fn teacher_forced_top1_agreement_with_llama_cpp_is_at_least_95_percent() {
         let first = case.prompt_ids.len() - 1;
         let mut strict_prefix = None;
         for (step, expected) in case.greedy_ids.iter().enumerate() {
-            let ours = infermesh_worker::gemma3::argmax(&logits.get(first + step).unwrap()).unwrap();
+            let ours = infermesh_worker::transformer::argmax(&logits.get(first + step).unwrap()).unwrap();
             total += 1;
             if ours == *expected {
                 agree += 1;

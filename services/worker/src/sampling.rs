@@ -1,0 +1,265 @@
+//! Turning one sequence's logits into its next token: logit bias, the
+//! repetition/frequency/presence penalties, then temperature with top-k,
+//! top-p and min-p, drawn from the sequence's own seeded generator (so a
+//! seed reproduces its output whatever else shares the batch).
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 1 means off.
+    pub top_p: f32,
+    /// 0 means off.
+    pub top_k: usize,
+    /// 0 means off: tokens less likely than `min_p` times the likeliest go.
+    pub min_p: f32,
+    pub seed: u64,
+    /// OpenAI's: per generated occurrence, and once per generated token.
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    /// vLLM/HF's multiplicative penalty over prompt and output; 1 means off.
+    pub repetition_penalty: f32,
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: 0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 1e-6
+    }
+}
+
+/// One candidate token with its log-probability under the model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    pub id: u32,
+    pub logprob: f32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// Generated tokens and how often each came.
+    generated: HashMap<u32, u32>,
+    /// Tokens of the prompt, for the repetition penalty.
+    prompt: Vec<u32>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Sampler {
+        let rng = StdRng::seed_from_u64(params.seed);
+        let mut prompt = if params.repetition_penalty != 1.0 { prompt.to_vec() } else { Vec::new() };
+        prompt.sort_unstable();
+        prompt.dedup();
+        Sampler { params, rng, generated: HashMap::new(), prompt }
+    }
+
+    /// The same sampler for choice `index` of `n`: its own stream of
+    /// random numbers, still fixed by the request's seed.
+    pub fn for_choice(&self, index: u64) -> Sampler {
+        let mut sampler = self.clone();
+        sampler.rng = StdRng::seed_from_u64(self.params.seed.wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+        sampler
+    }
+
+    /// Picks the next token from `logits` and records it as generated.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.adjust(logits);
+        let next = if self.params.is_greedy() { argmax(logits) } else { self.draw(logits) };
+        *self.generated.entry(next).or_insert(0) += 1;
+        next
+    }
+
+    fn adjust(&self, logits: &mut [f32]) {
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(value) = logits.get_mut(id as usize) {
+                *value += bias;
+            }
+        }
+        let penalty = self.params.repetition_penalty;
+        if penalty != 1.0 {
+            let seen = self.prompt.iter().copied().chain(self.generated.keys().copied().filter(|id| {
+                self.prompt.binary_search(id).is_err()
+            }));
+            for id in seen {
+                if let Some(value) = logits.get_mut(id as usize) {
+                    *value = if *value > 0.0 { *value / penalty } else { *value * penalty };
+                }
+            }
+        }
+        let (frequency, presence) = (self.params.frequency_penalty, self.params.presence_penalty);
+        if frequency != 0.0 || presence != 0.0 {
+            for (&id, &count) in &self.generated {
+                if let Some(value) = logits.get_mut(id as usize) {
+                    *value -= frequency * count as f32 + presence;
+                }
+            }
+        }
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        let params = &self.params;
+        let inv_t = 1.0 / params.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // Candidates as (id, unnormalised probability), likeliest first
+        // where an ordering is needed.
+        let mut candidates: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(id, &logit)| (id as u32, ((logit - max) * inv_t).exp()))
+            .filter(|(_, p)| *p > 0.0)
+            .collect();
+        if params.min_p > 0.0 {
+            // The likeliest token has weight exp(0) = 1.
+            candidates.retain(|(_, p)| *p >= params.min_p);
+        }
+        let by_weight = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if params.top_k > 0 && params.top_k < candidates.len() {
+            candidates.select_nth_unstable_by(params.top_k - 1, by_weight);
+            candidates.truncate(params.top_k);
+        }
+        if params.top_p < 1.0 {
+            candidates.sort_unstable_by(by_weight);
+            let total: f32 = candidates.iter().map(|c| c.1).sum();
+            let mut kept = 0.0;
+            let mut keep = candidates.len();
+            for (i, candidate) in candidates.iter().enumerate() {
+                kept += candidate.1;
+                if kept >= params.top_p * total {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            candidates.truncate(keep);
+        }
+        let total: f32 = candidates.iter().map(|c| c.1).sum();
+        let mut target = self.rng.random::<f32>() * total;
+        for &(id, weight) in &candidates {
+            if target < weight {
+                return id;
+            }
+            target -= weight;
+        }
+        candidates.last().map_or_else(|| argmax(logits), |c| c.0)
+    }
+}
+
+pub fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The log-probability of `chosen` under the model's raw logits, with the
+/// `top` likeliest alternatives, likeliest first.
+pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> (Scored, Vec<Scored>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_total = logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln() + max;
+    let scored = |id: u32| Scored { id, logprob: logits[id as usize] - log_total };
+    let mut alternatives = Vec::new();
+    if top > 0 {
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        let order = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        let top = top.min(ids.len());
+        if top < ids.len() {
+            ids.select_nth_unstable_by(top - 1, order);
+            ids.truncate(top);
+        }
+        ids.sort_unstable_by(order);
+        alternatives = ids.into_iter().map(scored).collect();
+    }
+    (scored(chosen), alternatives)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams { temperature, seed: 7, ..SamplingParams::default() }
+    }
+
+    #[test]
+    fn greedy_takes_the_largest_logit_after_bias() {
+        let mut sampler = Sampler::new(SamplingParams { logit_bias: vec![(0, 10.0)], ..params(0.0) }, &[]);
+        assert_eq!(sampler.sample(&mut [1.0, 3.0, 2.0]), 0);
+        let mut plain = Sampler::new(params(0.0), &[]);
+        assert_eq!(plain.sample(&mut [1.0, 3.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn the_same_seed_draws_the_same_tokens() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut sampler = Sampler::new(SamplingParams { seed, ..params(1.0) }, &[]);
+            (0..20).map(|_| sampler.sample(&mut logits.clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(run(1), run(1));
+        assert_ne!(run(1), run(2));
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy() {
+        let logits = [0.5, 2.0, 1.9, -1.0];
+        for p in [SamplingParams { top_k: 1, ..params(5.0) }, SamplingParams { top_p: 0.01, ..params(5.0) }] {
+            let mut sampler = Sampler::new(p, &[]);
+            assert!((0..50).all(|_| sampler.sample(&mut logits.clone()) == 1));
+        }
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        // exp(-3) ≈ 0.05 < 0.1: only the first two survive.
+        let logits = [3.0, 2.9, 0.0, 0.0, 0.0];
+        let mut sampler = Sampler::new(SamplingParams { min_p: 0.1, ..params(1.0) }, &[]);
+        assert!((0..200).all(|_| sampler.sample(&mut logits.clone()) < 2));
+    }
+
+    #[test]
+    fn penalties_push_repeated_tokens_down() {
+        let mut sampler = Sampler::new(SamplingParams { frequency_penalty: 2.0, ..params(0.0) }, &[]);
+        assert_eq!(sampler.sample(&mut [1.0, 0.5]), 0);
+        // 1.0 - 2.0 < 0.5 now.
+        assert_eq!(sampler.sample(&mut [1.0, 0.5]), 1);
+        let mut repetition = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..params(0.0) }, &[0]);
+        let mut logits = [1.0, 0.6];
+        assert_eq!(repetition.sample(&mut logits), 1);
+        assert_eq!(logits[0], 0.5);
+    }
+
+    #[test]
+    fn logprobs_are_normalised_and_ordered() {
+        let logits = [1.0, 3.0, 2.0];
+        let (chosen, top) = logprobs(&logits, 2, 2);
+        let log_total = 2.0 - chosen.logprob;
+        let total: f32 = logits.iter().map(|l| (l - log_total).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        assert_eq!(top.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(top[1], chosen);
+    }
+}

@@ -1,0 +1,582 @@
+//! Decoder-only transformers from GGUF files: Gemma 3, Llama, Qwen2 and
+//! Qwen3, our own code rather than candle-transformers' quantized models,
+//! which differ from the reference (llama.cpp) in ways that change the
+//! output or rule out batching:
+//!
+//! - Gemma 3's MLP gate is GELU (tanh form), not SiLU;
+//! - rotary angles are computed for the positions in each call, not from
+//!   131,072-position tables built per layer (~2.3 GB);
+//! - sliding-window layers attend to exactly `window` positions (the query
+//!   and the `window - 1` before it), in prefill and decode alike, and
+//!   their cache is trimmed to the window;
+//! - a multi-token forward at any position works (chunked prefill);
+//! - the KV cache belongs to a sequence ([`KvCache`]), not to the weights,
+//!   and one forward runs a ragged batch of sequences ([`Segment`]): the
+//!   weight matmuls see every sequence's rows at once, attention runs per
+//!   sequence over its own cache.
+//!
+//! The token embedding is read row by row from the quantized table, as
+//! llama.cpp's `get_rows` does, instead of dequantizing 262,144 rows.
+
+use std::io::{Read, Seek};
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::{D, DType, Device, Module, Tensor};
+
+use crate::error::WorkerError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    Gemma3,
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Arch {
+    fn from_gguf_name(name: &str) -> Option<Arch> {
+        Some(match name {
+            "gemma3" => Arch::Gemma3,
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            _ => return None,
+        })
+    }
+
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Arch::Gemma3 => "gemma3",
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+
+    /// llama.cpp's converter permutes Llama's q/k rows for the interleaved
+    /// (GPT-J) rotation; the others keep the NEOX halves layout.
+    fn interleaved_rope(self) -> bool {
+        self == Arch::Llama
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_eps: f32,
+    /// Gemma 3: local layers see this many positions; `None` elsewhere.
+    pub sliding_window: Option<usize>,
+    /// Every `sliding_window_pattern`-th layer is global; the rest slide.
+    pub sliding_window_pattern: usize,
+    pub rope_base_global: f32,
+    pub rope_base_local: f32,
+    pub context_length: usize,
+    pub vocab_size: usize,
+}
+
+enum Embeddings {
+    /// Raw Q8_0 blocks: per 32 values, an f16 scale then 32 i8.
+    Q8_0 {
+        blocks: Vec<u8>,
+        hidden: usize,
+    },
+    Dense(Tensor),
+}
+
+impl Embeddings {
+    fn lookup(&self, ids: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Embeddings::Q8_0 { blocks, hidden } => {
+                const BLOCK: usize = 34;
+                let per_row = hidden / 32;
+                let mut out = Vec::with_capacity(ids.len() * hidden);
+                for &id in ids {
+                    let row = &blocks[id as usize * per_row * BLOCK..(id as usize + 1) * per_row * BLOCK];
+                    for block in row.chunks_exact(BLOCK) {
+                        let scale = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                        out.extend(block[2..].iter().map(|q| f32::from(*q as i8) * scale));
+                    }
+                }
+                Tensor::from_vec(out, (1, ids.len(), *hidden), device)
+            }
+            Embeddings::Dense(table) => {
+                let ids = Tensor::new(ids, device)?;
+                table.index_select(&ids, 0)?.unsqueeze(0)
+            }
+        }
+    }
+}
+
+/// A projection with an optional bias (Qwen2's q/k/v).
+struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        match &self.bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+}
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: QMatMul,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    attn_norm: Tensor,
+    post_attn_norm: Option<Tensor>,
+    ffn_norm: Tensor,
+    post_ffn_norm: Option<Tensor>,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+    sliding: bool,
+}
+
+pub struct Transformer {
+    pub config: ModelConfig,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: QMatMul,
+    device: Device,
+}
+
+/// One sequence's keys and values, per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<LayerCache>>,
+    /// Tokens seen so far: the position of the next token.
+    pub position: usize,
+}
+
+#[derive(Debug, Clone)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    /// Absolute position of the first cached entry (sliding layers drop
+    /// what falls out of the window).
+    start: usize,
+}
+
+/// Rotary tables `(cos, sin)` for one segment's positions.
+type Rope = (Tensor, Tensor);
+/// A segment's global-layer tables, and its sliding-layer ones (Gemma 3).
+type SegmentRope = (Rope, Option<Rope>);
+
+/// One sequence's share of a batched forward: its next tokens (a prefill
+/// chunk, or the one token being decoded) and its cache.
+pub struct Segment<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+fn md<'a>(content: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, WorkerError> {
+    content.metadata.get(key).ok_or_else(|| WorkerError::Model(format!("GGUF metadata has no {key}")))
+}
+
+impl Transformer {
+    pub fn from_gguf<R: Read + Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Transformer, WorkerError> {
+        let arch_name = md(content, "general.architecture")?.to_string()?.clone();
+        let arch = Arch::from_gguf_name(&arch_name).ok_or_else(|| {
+            WorkerError::Model(format!(
+                "architecture {arch_name:?} is not supported; this worker runs gemma3, llama, qwen2 and qwen3 GGUFs"
+            ))
+        })?;
+        let prefix = arch.gguf_name();
+        let u = |key: &str| -> Result<usize, WorkerError> { Ok(md(content, &format!("{prefix}.{key}"))?.to_u32()? as usize) };
+        let f = |key: &str, default: f32| {
+            content.metadata.get(&format!("{prefix}.{key}")).and_then(|v| v.to_f32().ok()).unwrap_or(default)
+        };
+        let vocab_size = md(content, "tokenizer.ggml.tokens")?.to_vec()?.len();
+        let hidden = u("embedding_length")?;
+        let heads = u("attention.head_count")?;
+        let gemma = arch == Arch::Gemma3;
+        let config = ModelConfig {
+            arch,
+            hidden,
+            layers: u("block_count")?,
+            heads,
+            kv_heads: u("attention.head_count_kv").unwrap_or(heads),
+            head_dim: u("attention.key_length").unwrap_or(hidden / heads.max(1)),
+            rms_eps: f("attention.layer_norm_rms_epsilon", if gemma { 1e-6 } else { 1e-5 }),
+            sliding_window: if gemma { Some(u("attention.sliding_window")?) } else { None },
+            sliding_window_pattern: if gemma { u("attention.sliding_window_type").unwrap_or(6) } else { 1 },
+            rope_base_global: f("rope.freq_base", if gemma { 1_000_000.0 } else { 10_000.0 }),
+            rope_base_local: f("rope.local_freq_base", 10_000.0),
+            context_length: u("context_length")?,
+            vocab_size,
+        };
+        if !config.heads.is_multiple_of(config.kv_heads.max(1)) {
+            return Err(WorkerError::Model(format!(
+                "{} query heads do not group evenly over {} KV heads",
+                config.heads, config.kv_heads
+            )));
+        }
+        let names: std::collections::HashSet<&str> = content.tensor_infos.keys().map(String::as_str).collect();
+        let mut tensor = |name: &str| -> Result<QTensor, WorkerError> { Ok(content.tensor(reader, name, device)?) };
+        let dense = |q: QTensor| -> Result<Tensor, WorkerError> { Ok(q.dequantize(device)?) };
+
+        let embed_q = tensor("token_embd.weight")?;
+        let embeddings = if embed_q.dtype() == GgmlDType::Q8_0 && config.hidden.is_multiple_of(32) {
+            Embeddings::Q8_0 { blocks: embed_q.data()?.into_owned(), hidden: config.hidden }
+        } else {
+            Embeddings::Dense(embed_q.dequantize(device)?)
+        };
+        // Tied embeddings: without `output.weight` the output projection is
+        // the embedding table.
+        let output =
+            if names.contains("output.weight") { tensor("output.weight")? } else { tensor("token_embd.weight")? };
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let p = format!("blk.{i}");
+            let has = |name: &str| names.contains(format!("{p}.{name}").as_str());
+            let mut load = |name: &str| tensor(&format!("{p}.{name}"));
+            let mut linear = |name: &str| -> Result<Linear, WorkerError> {
+                let weight = QMatMul::from_qtensor(load(&format!("{name}.weight"))?)?;
+                let bias =
+                    if has(&format!("{name}.bias")) { Some(dense(load(&format!("{name}.bias"))?)?) } else { None };
+                Ok(Linear { weight, bias })
+            };
+            let (q, k, v) = (linear("attn_q")?, linear("attn_k")?, linear("attn_v")?);
+            let mut mm = |name: &str| -> Result<QMatMul, WorkerError> {
+                Ok(QMatMul::from_qtensor(tensor(&format!("{p}.{name}.weight"))?)?)
+            };
+            let (o, gate, up, down) = (mm("attn_output")?, mm("ffn_gate")?, mm("ffn_up")?, mm("ffn_down")?);
+            let mut norm = |name: &str| -> Result<Option<Tensor>, WorkerError> {
+                let full = format!("{p}.{name}.weight");
+                if names.contains(full.as_str()) { Ok(Some(dense(tensor(&full)?)?)) } else { Ok(None) }
+            };
+            let required = |t: Option<Tensor>, name: &str| {
+                t.ok_or_else(|| WorkerError::Model(format!("GGUF has no {p}.{name}.weight")))
+            };
+            layers.push(Layer {
+                q,
+                k,
+                v,
+                o,
+                q_norm: norm("attn_q_norm")?,
+                k_norm: norm("attn_k_norm")?,
+                attn_norm: required(norm("attn_norm")?, "attn_norm")?,
+                post_attn_norm: norm("post_attention_norm")?,
+                ffn_norm: required(norm("ffn_norm")?, "ffn_norm")?,
+                post_ffn_norm: norm("post_ffw_norm")?,
+                gate,
+                up,
+                down,
+                sliding: config.sliding_window.is_some() && (i + 1) % config.sliding_window_pattern != 0,
+            });
+        }
+        let norm = dense(tensor("output_norm.weight")?)?;
+        Ok(Transformer {
+            config,
+            embeddings,
+            layers,
+            norm,
+            output: QMatMul::from_qtensor(output)?,
+            device: device.clone(),
+        })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache { layers: vec![None; self.layers.len()], position: 0 }
+    }
+
+    /// Runs `tokens` at the cache's position and appends them to the cache.
+    /// Returns logits `[vocab]` for the last token, or `[tokens, vocab]`
+    /// with `all_logits`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Tensor, WorkerError> {
+        let mut segments = [Segment { tokens, cache }];
+        let x = self.hidden_states(&mut segments)?;
+        let x = if all_logits { x } else { x.narrow(1, tokens.len() - 1, 1)? };
+        let logits = self.logits(&x)?.squeeze(0)?;
+        Ok(if all_logits { logits } else { logits.squeeze(0)? })
+    }
+
+    /// One step over a ragged batch: every segment's tokens run at its
+    /// cache's position and are appended to its cache. Returns the logits
+    /// of each segment's last token, `[segments, vocab]`.
+    ///
+    /// A sequence's logits do not depend on what else is in the batch: the
+    /// matmuls treat rows independently and attention is per segment.
+    pub fn forward_batch(&self, segments: &mut [Segment<'_>]) -> Result<Tensor, WorkerError> {
+        let x = self.hidden_states(segments)?;
+        let mut last_rows = Vec::with_capacity(segments.len());
+        let mut offset = 0u32;
+        for segment in segments.iter() {
+            offset += segment.tokens.len() as u32;
+            last_rows.push(offset - 1);
+        }
+        let rows = Tensor::new(last_rows.as_slice(), &self.device)?;
+        let x = x.squeeze(0)?.index_select(&rows, 0)?.unsqueeze(0)?;
+        Ok(self.logits(&x)?.squeeze(0)?)
+    }
+
+    fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = rms_norm(x, &self.norm, self.config.rms_eps)?;
+        self.output.forward(&x)
+    }
+
+    /// Final hidden states `[1, total tokens, hidden]`, before the output norm.
+    fn hidden_states(&self, segments: &mut [Segment<'_>]) -> candle_core::Result<Tensor> {
+        if segments.is_empty() || segments.iter().any(|s| s.tokens.is_empty()) {
+            candle_core::bail!("forward needs at least one token per sequence");
+        }
+        let cfg = &self.config;
+        let mut ids = Vec::with_capacity(segments.iter().map(|s| s.tokens.len()).sum());
+        for segment in segments.iter_mut() {
+            if segment.cache.layers.len() != self.layers.len() {
+                *segment.cache = self.new_cache();
+            }
+            ids.extend_from_slice(segment.tokens);
+        }
+        let mut x = self.embeddings.lookup(&ids, &self.device)?;
+        if cfg.arch == Arch::Gemma3 {
+            x = (x * (cfg.hidden as f64).sqrt())?;
+        }
+        let mut ropes = Vec::with_capacity(segments.len());
+        for segment in segments.iter() {
+            let (position, len) = (segment.cache.position, segment.tokens.len());
+            let global = rope_tables(cfg.head_dim, cfg.rope_base_global, position, len, &self.device)?;
+            let local = match cfg.sliding_window {
+                Some(_) => Some(rope_tables(cfg.head_dim, cfg.rope_base_local, position, len, &self.device)?),
+                None => None,
+            };
+            ropes.push((global, local));
+        }
+        for (index, layer) in self.layers.iter().enumerate() {
+            let residual = x.clone();
+            let h = rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
+            let h = self.attention(index, layer, &h, segments, &ropes)?;
+            let h = match &layer.post_attn_norm {
+                Some(norm) => rms_norm(&h, norm, cfg.rms_eps)?,
+                None => h,
+            };
+            let x_mid = (h + residual)?;
+            let h = rms_norm(&x_mid, &layer.ffn_norm, cfg.rms_eps)?;
+            let gate = layer.gate.forward(&h)?;
+            let gate = if cfg.arch == Arch::Gemma3 { gate.gelu()? } else { candle_nn::ops::silu(&gate)? };
+            let h = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+            let h = match &layer.post_ffn_norm {
+                Some(norm) => rms_norm(&h, norm, cfg.rms_eps)?,
+                None => h,
+            };
+            x = (h + x_mid)?;
+        }
+        for segment in segments.iter_mut() {
+            segment.cache.position += segment.tokens.len();
+        }
+        Ok(x)
+    }
+
+    fn attention(
+        &self,
+        index: usize,
+        layer: &Layer,
+        x: &Tensor,
+        segments: &mut [Segment<'_>],
+        ropes: &[SegmentRope],
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let total = x.dim(1)?;
+        let heads_of = |t: Tensor, heads: usize| t.reshape((1, total, heads, cfg.head_dim));
+        let mut q = heads_of(layer.q.forward(x)?, cfg.heads)?;
+        let mut k = heads_of(layer.k.forward(x)?, cfg.kv_heads)?;
+        let v = heads_of(layer.v.forward(x)?, cfg.kv_heads)?;
+        if let Some(norm) = &layer.q_norm {
+            q = rms_norm(&q, norm, cfg.rms_eps)?;
+        }
+        if let Some(norm) = &layer.k_norm {
+            k = rms_norm(&k, norm, cfg.rms_eps)?;
+        }
+        let window = if layer.sliding { cfg.sliding_window } else { None };
+        let mut outputs = Vec::with_capacity(segments.len());
+        let mut offset = 0;
+        for (segment, (global, local)) in segments.iter_mut().zip(ropes) {
+            let seq = segment.tokens.len();
+            let rope = match (layer.sliding, local) {
+                (true, Some(local)) => local,
+                _ => global,
+            };
+            let part = |t: &Tensor| t.narrow(1, offset, seq)?.transpose(1, 2)?.contiguous();
+            let (q, k, v) = (part(&q)?, part(&k)?, part(&v)?);
+            let cache = &mut segment.cache.layers[index];
+            outputs.push(self.attend(q, k, v, rope, segment.cache.position, window, cache)?);
+            offset += seq;
+        }
+        let out = Tensor::cat(&outputs, 1)?;
+        layer.o.forward(&out)
+    }
+
+    /// Attention for one sequence: `q` `[1, heads, seq, dim]`, `k`/`v`
+    /// `[1, kv_heads, seq, dim]` for positions `[position, position + seq)`.
+    /// Returns `[1, seq, heads * dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        (cos, sin): &Rope,
+        position: usize,
+        window: Option<usize>,
+        cache: &mut Option<LayerCache>,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let seq = q.dim(2)?;
+        let rotate = if cfg.arch.interleaved_rope() {
+            candle_nn::rotary_emb::rope_i
+        } else {
+            candle_nn::rotary_emb::rope
+        };
+        let q = rotate(&q, cos, sin)?;
+        let k = rotate(&k, cos, sin)?;
+
+        let (k, v, start) = match cache.take() {
+            Some(prev) => (Tensor::cat(&[&prev.k, &k], 2)?, Tensor::cat(&[&prev.v, &v], 2)?, prev.start),
+            None => (k, v, position),
+        };
+        let kv_len = k.dim(2)?;
+        // Keep only what a later query can still see.
+        let keep_from = match window {
+            Some(w) => (position + seq).saturating_sub(w).max(start),
+            None => start,
+        };
+        *cache = Some(if keep_from > start {
+            let drop = keep_from - start;
+            LayerCache { k: k.narrow(2, drop, kv_len - drop)?, v: v.narrow(2, drop, kv_len - drop)?, start: keep_from }
+        } else {
+            LayerCache { k: k.clone(), v: v.clone(), start }
+        });
+
+        // Grouped-query attention without copying K/V per head: fold the
+        // query heads of each KV head into the row dimension.
+        let group = cfg.heads / cfg.kv_heads;
+        let q = q.reshape((1, cfg.kv_heads, group * seq, cfg.head_dim))?;
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let mask = attention_mask(seq, position, start, kv_len, window, group, &self.device)?;
+        let scores = scores.broadcast_add(&mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v.contiguous()?)?;
+        out.reshape((1, cfg.heads, seq, cfg.head_dim))?.transpose(1, 2)?.reshape((1, seq, cfg.heads * cfg.head_dim))
+    }
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps)
+}
+
+/// NEOX-style rotary tables for positions `[start, start + len)`.
+fn rope_tables(
+    head_dim: usize,
+    base: f32,
+    start: usize,
+    len: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(len * half);
+    let mut sin = Vec::with_capacity(len * half);
+    for p in start..start + len {
+        for i in 0..half {
+            let theta = base.powf(-2.0 * i as f32 / head_dim as f32);
+            let angle = p as f32 * theta;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    Ok((Tensor::from_vec(cos, (len, half), device)?, Tensor::from_vec(sin, (len, half), device)?))
+}
+
+/// Additive mask `[group * seq, kv_len]`: query `i` (absolute position
+/// `position + i`) sees key `j` (absolute `start + j`) when the key is not
+/// in its future and, for sliding layers, `query - key < window`.
+fn attention_mask(
+    seq: usize,
+    position: usize,
+    start: usize,
+    kv_len: usize,
+    window: Option<usize>,
+    group: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut mask = Vec::with_capacity(group * seq * kv_len);
+    for _ in 0..group {
+        for i in 0..seq {
+            let query = position + i;
+            for j in 0..kv_len {
+                let key = start + j;
+                let visible = key <= query && window.is_none_or(|w| query - key < w);
+                mask.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+    }
+    Tensor::from_vec(mask, (group * seq, kv_len), device)?.to_dtype(DType::F32)
+}
+
+/// Greedy next token.
+pub fn argmax(logits: &Tensor) -> Result<u32, WorkerError> {
+    Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn visible(mask: &Tensor) -> Vec<Vec<bool>> {
+        mask.to_vec2::<f32>().unwrap().into_iter().map(|row| row.into_iter().map(|v| v == 0.0).collect()).collect()
+    }
+
+    #[test]
+    fn sliding_mask_admits_exactly_window_positions() {
+        let window = 512;
+        let seq = 600;
+        let mask = attention_mask(seq, 0, 0, seq, Some(window), 1, &Device::Cpu).unwrap();
+        let rows = visible(&mask);
+        assert_eq!(rows[599].iter().filter(|v| **v).count(), window);
+        assert!(!rows[599][599 - window]);
+        assert!(rows[599][600 - window]);
+        assert_eq!(rows[10].iter().filter(|v| **v).count(), 11);
+    }
+
+    #[test]
+    fn decode_mask_respects_window_and_cache_offset() {
+        // Decoding position 1000 with a cache that starts at 488.
+        let mask = attention_mask(1, 1000, 488, 513, Some(512), 1, &Device::Cpu).unwrap();
+        let row = &visible(&mask)[0];
+        assert!(!row[0], "position 488 is 512 behind: outside the window");
+        assert!(row[1..].iter().all(|v| *v));
+        let global = attention_mask(2, 5, 0, 7, None, 2, &Device::Cpu).unwrap();
+        let rows = visible(&global);
+        assert_eq!(rows.len(), 4);
+        assert_eq!(rows[0].iter().filter(|v| **v).count(), 6);
+        assert_eq!(rows[3].iter().filter(|v| **v).count(), 7);
+    }
+
+    #[test]
+    fn rope_tables_start_at_the_given_position() {
+        let (cos, sin) = rope_tables(4, 10_000.0, 3, 2, &Device::Cpu).unwrap();
+        let cos = cos.to_vec2::<f32>().unwrap();
+        let sin = sin.to_vec2::<f32>().unwrap();
+        assert!((cos[0][0] - 3f32.cos()).abs() < 1e-6);
+        assert!((sin[1][0] - 4f32.sin()).abs() < 1e-6);
+        assert!((sin[0][1] - (3.0f32 * 0.01).sin()).abs() < 1e-6);
+    }
+}
