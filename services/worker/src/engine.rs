@@ -368,43 +368,65 @@ enum Slot {
 }
 
 fn step(model: &ChatModel, groups: &mut [Group]) {
-    let mut slots = Vec::new();
-    let mut segments = Vec::new();
-    let mut prefilling = false;
+    // The prefill chunk runs as its own forward: how many rows a matmul
+    // gets picks candle's kernel (and its rounding), so a prompt's numbers
+    // must depend on its chunking alone, never on who else is decoding.
+    let mut prefill = None;
+    let mut decode_slots = Vec::new();
+    let mut decode_segments = Vec::new();
+    let mut involved = Vec::new();
     for (g, group) in groups.iter_mut().enumerate() {
         match &mut group.phase {
             Phase::Prefill { cache, done } => {
                 // One prefill chunk per step keeps decode latency bounded.
-                if prefilling {
+                if prefill.is_some() {
                     continue;
                 }
-                prefilling = true;
                 let end = (*done + PREFILL_CHUNK).min(group.job.prompt.len());
-                segments.push(Segment { tokens: &group.job.prompt[*done..end], cache });
-                slots.push(Slot::Prefill(g, end));
+                involved.push(g);
+                prefill = Some((Slot::Prefill(g, end), Segment { tokens: &group.job.prompt[*done..end], cache }));
             }
             Phase::Decode(choices) => {
+                involved.push(g);
                 for (c, choice) in choices.iter_mut().enumerate().filter(|(_, c)| !c.done) {
-                    segments.push(Segment { tokens: std::slice::from_ref(&choice.last), cache: &mut choice.cache });
-                    slots.push(Slot::Decode(g, c));
+                    decode_segments
+                        .push(Segment { tokens: std::slice::from_ref(&choice.last), cache: &mut choice.cache });
+                    decode_slots.push(Slot::Decode(g, c));
                 }
             }
         }
     }
-    if segments.is_empty() {
-        return;
+    let forward = |segments: &mut [Segment<'_>]| -> Result<Vec<Vec<f32>>, WorkerError> {
+        if segments.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(model.model.forward_batch(segments)?.to_vec2::<f32>()?)
+    };
+    let mut slots = Vec::new();
+    let mut outcome = forward(&mut decode_segments).map(|rows| {
+        slots.append(&mut decode_slots);
+        rows
+    });
+    drop(decode_segments);
+    if let (Ok(rows), Some((slot, segment))) = (&mut outcome, prefill) {
+        let mut segments = [segment];
+        match forward(&mut segments) {
+            Ok(more) => {
+                rows.extend(more);
+                slots.push(slot);
+            }
+            Err(err) => outcome = Err(err),
+        }
     }
-    let rows = model.model.forward_batch(&mut segments).and_then(|logits| Ok(logits.to_vec2::<f32>()?));
-    drop(segments);
-    let rows = match rows {
+    let rows = match outcome {
         Ok(rows) => rows,
         Err(err) => {
+            // Every sequence in this step may have a half-written cache.
             tracing::error!(error = %err, "batched forward failed");
             let message = err.to_string();
-            for slot in &slots {
-                let (Slot::Prefill(g, _) | Slot::Decode(g, _)) = slot;
-                let _ = groups[*g].job.events.send(Err(WorkerError::Model(message.clone())));
-                groups[*g].phase = Phase::Decode(Vec::new());
+            for g in involved {
+                let _ = groups[g].job.events.send(Err(WorkerError::Model(message.clone())));
+                groups[g].phase = Phase::Decode(Vec::new());
             }
             return;
         }

@@ -112,15 +112,30 @@ impl Embeddings {
     }
 }
 
-/// A projection with an optional bias (Qwen2's q/k/v).
+/// A quantized projection with an optional bias (Qwen2's q/k/v).
 struct Linear {
     weight: QMatMul,
     bias: Option<Tensor>,
+    /// candle runs Q6_K with one kernel for a single row and another (with
+    /// other rounding) for several; a lone row is run as two so a
+    /// sequence's numbers never depend on how many share its step.
+    pad_single_row: bool,
 }
 
 impl Linear {
+    fn new(qtensor: QTensor, bias: Option<Tensor>) -> candle_core::Result<Linear> {
+        let pad_single_row = qtensor.dtype() == GgmlDType::Q6K;
+        Ok(Linear { weight: QMatMul::from_qtensor(qtensor)?, bias, pad_single_row })
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let rows = x.elem_count() / x.dim(D::Minus1)?;
+        let y = if self.pad_single_row && rows == 1 {
+            let doubled = Tensor::cat(&[x, x], x.rank() - 2)?;
+            self.weight.forward(&doubled)?.narrow(x.rank() - 2, 0, 1)?
+        } else {
+            self.weight.forward(x)?
+        };
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),
             None => Ok(y),
@@ -132,16 +147,16 @@ struct Layer {
     q: Linear,
     k: Linear,
     v: Linear,
-    o: QMatMul,
+    o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     attn_norm: Tensor,
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     post_ffn_norm: Option<Tensor>,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     sliding: bool,
 }
 
@@ -150,7 +165,7 @@ pub struct Transformer {
     embeddings: Embeddings,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     device: Device,
 }
 
@@ -249,16 +264,14 @@ impl Transformer {
             let has = |name: &str| names.contains(format!("{p}.{name}").as_str());
             let mut load = |name: &str| tensor(&format!("{p}.{name}"));
             let mut linear = |name: &str| -> Result<Linear, WorkerError> {
-                let weight = QMatMul::from_qtensor(load(&format!("{name}.weight"))?)?;
+                let weight = load(&format!("{name}.weight"))?;
                 let bias =
                     if has(&format!("{name}.bias")) { Some(dense(load(&format!("{name}.bias"))?)?) } else { None };
-                Ok(Linear { weight, bias })
+                Ok(Linear::new(weight, bias)?)
             };
             let (q, k, v) = (linear("attn_q")?, linear("attn_k")?, linear("attn_v")?);
-            let mut mm = |name: &str| -> Result<QMatMul, WorkerError> {
-                Ok(QMatMul::from_qtensor(tensor(&format!("{p}.{name}.weight"))?)?)
-            };
-            let (o, gate, up, down) = (mm("attn_output")?, mm("ffn_gate")?, mm("ffn_up")?, mm("ffn_down")?);
+            let (o, gate, up, down) =
+                (linear("attn_output")?, linear("ffn_gate")?, linear("ffn_up")?, linear("ffn_down")?);
             let mut norm = |name: &str| -> Result<Option<Tensor>, WorkerError> {
                 let full = format!("{p}.{name}.weight");
                 if names.contains(full.as_str()) { Ok(Some(dense(tensor(&full)?)?)) } else { Ok(None) }
@@ -289,7 +302,7 @@ impl Transformer {
             embeddings,
             layers,
             norm,
-            output: QMatMul::from_qtensor(output)?,
+            output: Linear::new(output, None)?,
             device: device.clone(),
         })
     }

@@ -5,29 +5,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a failed step should fail the test loudly")]
 
-use std::path::PathBuf;
-use std::sync::OnceLock;
-
-use candle_core::Device;
-use infermesh_worker::models::ChatModel;
 use serde::Deserialize;
 
-fn fixtures() -> PathBuf {
-    std::env::var_os("INFERMESH_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
-}
+mod common;
 
-fn model() -> &'static ChatModel {
-    static MODEL: OnceLock<ChatModel> = OnceLock::new();
-    MODEL.get_or_init(|| {
-        let dir = std::env::var_os("INFERMESH_MODELS_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(infermesh_worker::default_models_dir);
-        let gguf = infermesh_worker::fetch::ensure_gemma(&dir).expect("fetch the default chat model");
-        ChatModel::load("infermesh/gemma-3-270m", &gguf, &Device::Cpu).expect("load the chat model")
-    })
-}
+use common::{fixtures, model};
 
 #[derive(Deserialize)]
 struct TokenCase {
