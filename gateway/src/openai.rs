@@ -265,7 +265,12 @@ impl ChatRequest {
         }
         let mut sampling = self.sampling.validate()?;
         sampling.logprobs = (self.logprobs == Some(true)).then_some(self.top_logprobs.unwrap_or(0));
-        Ok(ValidChat { model: self.model, messages, max_tokens: self.max_completion_tokens.or(self.max_tokens), sampling })
+        Ok(ValidChat {
+            model: self.model,
+            messages,
+            max_tokens: self.max_completion_tokens.or(self.max_tokens),
+            sampling,
+        })
     }
 }
 
@@ -511,7 +516,10 @@ mod tests {
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#,
                 "top_logprobs",
             ),
-            (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"repetition_penalty":0}"#, "repetition_penalty"),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"repetition_penalty":0}"#,
+                "repetition_penalty",
+            ),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "max_tokens"),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-5}"#, "max_tokens"),
             (

@@ -48,7 +48,9 @@ impl Flavor {
     /// The choice of a streamed chunk carrying `text`.
     fn delta(self, index: u32, text: &str, logprobs: Value) -> Value {
         match self {
-            Flavor::Chat => json!({"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null}),
+            Flavor::Chat => {
+                json!({"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null})
+            }
             Flavor::Completion => json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": null}),
         }
     }

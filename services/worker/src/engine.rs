@@ -67,8 +67,18 @@ pub struct TokenLogprob {
 pub enum Event {
     /// Text for choice `index`, always whole UTF-8 characters; `token_ids`
     /// (and `logprobs`, when asked for) are the tokens it came from.
-    Delta { index: usize, text: String, token_ids: Vec<u32>, logprobs: Vec<TokenLogprob> },
-    Finished { index: usize, reason: Finish, native_reason: String, completion_tokens: usize },
+    Delta {
+        index: usize,
+        text: String,
+        token_ids: Vec<u32>,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Finished {
+        index: usize,
+        reason: Finish,
+        native_reason: String,
+        completion_tokens: usize,
+    },
 }
 
 /// Checks the request fits the context window; returns the token budget.

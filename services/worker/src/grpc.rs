@@ -76,7 +76,10 @@ fn to_proto(event: Event, prompt_tokens: u32, model: &ChatModel) -> GenerateEven
             index: index as u32,
             logprobs: logprobs
                 .into_iter()
-                .map(|l| pb::TokenLogprob { chosen: Some(scored(l.chosen)), top: l.top.into_iter().map(scored).collect() })
+                .map(|l| pb::TokenLogprob {
+                    chosen: Some(scored(l.chosen)),
+                    top: l.top.into_iter().map(scored).collect(),
+                })
                 .collect(),
         }),
         Event::Finished { index, reason, native_reason, completion_tokens } => {

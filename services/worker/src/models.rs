@@ -8,8 +8,8 @@ use candle_core::quantized::gguf_file;
 
 use crate::chat::{ChatTemplate, Message};
 use crate::error::WorkerError;
-use crate::transformer::Transformer;
 use crate::tokenizer::SpmTokenizer;
+use crate::transformer::Transformer;
 
 pub struct ChatModel {
     pub id: String,

@@ -99,9 +99,11 @@ impl Sampler {
         }
         let penalty = self.params.repetition_penalty;
         if penalty != 1.0 {
-            let seen = self.prompt.iter().copied().chain(self.generated.keys().copied().filter(|id| {
-                self.prompt.binary_search(id).is_err()
-            }));
+            let seen = self
+                .prompt
+                .iter()
+                .copied()
+                .chain(self.generated.keys().copied().filter(|id| self.prompt.binary_search(id).is_err()));
             for id in seen {
                 if let Some(value) = logits.get_mut(id as usize) {
                     *value = if *value > 0.0 { *value / penalty } else { *value * penalty };

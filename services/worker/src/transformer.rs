@@ -215,7 +215,9 @@ impl Transformer {
             ))
         })?;
         let prefix = arch.gguf_name();
-        let u = |key: &str| -> Result<usize, WorkerError> { Ok(md(content, &format!("{prefix}.{key}"))?.to_u32()? as usize) };
+        let u = |key: &str| -> Result<usize, WorkerError> {
+            Ok(md(content, &format!("{prefix}.{key}"))?.to_u32()? as usize)
+        };
         let f = |key: &str, default: f32| {
             content.metadata.get(&format!("{prefix}.{key}")).and_then(|v| v.to_f32().ok()).unwrap_or(default)
         };
@@ -297,14 +299,7 @@ impl Transformer {
             });
         }
         let norm = dense(tensor("output_norm.weight")?)?;
-        Ok(Transformer {
-            config,
-            embeddings,
-            layers,
-            norm,
-            output: Linear::new(output, None)?,
-            device: device.clone(),
-        })
+        Ok(Transformer { config, embeddings, layers, norm, output: Linear::new(output, None)?, device: device.clone() })
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -453,11 +448,8 @@ impl Transformer {
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
         let seq = q.dim(2)?;
-        let rotate = if cfg.arch.interleaved_rope() {
-            candle_nn::rotary_emb::rope_i
-        } else {
-            candle_nn::rotary_emb::rope
-        };
+        let rotate =
+            if cfg.arch.interleaved_rope() { candle_nn::rotary_emb::rope_i } else { candle_nn::rotary_emb::rope };
         let q = rotate(&q, cos, sin)?;
         let k = rotate(&k, cos, sin)?;
 
