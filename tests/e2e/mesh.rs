@@ -207,3 +207,49 @@ async fn credit_and_rate_limits_are_enforced_with_openai_errors() {
     let body: Value = too_big.json().await.unwrap();
     assert_eq!(body["error"]["type"], "invalid_request_error");
 }
+
+/// With one sequence in the batch and one request in the queue, a third
+/// concurrent request is refused with a 503 and Retry-After, in OpenAI's
+/// shape, and is not billed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_batch_and_queue_answer_503_with_retry_after() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap();
+    let up = spawn(
+        "gateway",
+        &[
+            "up",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_dir,
+            "--no-nats",
+            "--max-batch-size",
+            "1",
+            "--max-queued-requests",
+            "1",
+        ],
+    )
+    .await;
+    let base = format!("http://{}", up.address);
+    wait_ready(&base).await;
+    let key = signup(&base, "busy@example.com").await;
+    let long = || {
+        http()
+            .post(format!("{base}/v1/completions"))
+            .bearer_auth(&key)
+            .body(r#"{"model":"infermesh/gemma-3-270m","prompt":"Count:","max_tokens":3000,"ignore_eos":true,"stream":true}"#)
+            .send()
+    };
+    let running = long().await.unwrap();
+    assert_eq!(running.status(), 200);
+    let queued = long().await.unwrap();
+    assert_eq!(queued.status(), 200);
+    let refused = long().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "model_unavailable", "{body}");
+    drop((running, queued));
+}

@@ -168,6 +168,60 @@ streamed = "".join(c.choices[0].text for c in client.completions.create(
     model="infermesh/gemma-3-270m", prompt=prompt, max_tokens=8, temperature=0, stream=True) if c.choices)
 assert streamed == by_text.choices[0].text, (streamed, by_text.choices[0].text)
 
+# Sampling knobs. n choices from one prefill, each with logprobs.
+several = client.chat.completions.create(
+    model="infermesh/gemma-3-270m", messages=[{"role": "user", "content": "Name an animal."}],
+    max_tokens=6, n=2, temperature=1.0, seed=11, logprobs=True, top_logprobs=3,
+)
+check("CreateChatCompletionResponse", json.loads(several.to_json()))
+assert [c.index for c in several.choices] == [0, 1], several.choices
+for choice in several.choices:
+    entries = choice.logprobs.content
+    assert entries, choice
+    for entry in entries:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3, entry
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+assert several.usage.completion_tokens == sum(len(c.logprobs.content) for c in several.choices), several.usage
+# The same seed reproduces the same choices.
+again = client.chat.completions.create(
+    model="infermesh/gemma-3-270m", messages=[{"role": "user", "content": "Name an animal."}],
+    max_tokens=6, n=2, temperature=1.0, seed=11,
+)
+assert [c.message.content for c in again.choices] == [c.message.content for c in several.choices]
+# Streamed n=2: every chunk valid, both indexes finish.
+finished = set()
+for chunk in client.chat.completions.create(
+        model="infermesh/gemma-3-270m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, n=2,
+        temperature=0.7, seed=3, stream=True, logprobs=True):
+    check("CreateChatCompletionStreamResponse", json.loads(chunk.to_json()))
+    for choice in chunk.choices:
+        if choice.finish_reason:
+            finished.add(choice.index)
+assert finished == {0, 1}, finished
+# Legacy logprobs: one entry per generated token.
+legacy = client.completions.create(model="infermesh/gemma-3-270m", prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+lp = legacy.choices[0].logprobs
+assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == legacy.usage.completion_tokens == 5, lp
+assert "".join(lp.tokens) == legacy.choices[0].text, (lp.tokens, legacy.choices[0].text)
+# vLLM-style extras: ignore_eos runs to max_tokens; logit_bias forces a token.
+forced = client.completions.create(
+    model="infermesh/gemma-3-270m", prompt=prompt, max_tokens=20, temperature=0,
+    extra_body={"ignore_eos": True, "min_p": 0.05, "repetition_penalty": 1.1, "top_k": 20},
+)
+assert forced.usage.completion_tokens == 20 and forced.choices[0].finish_reason == "length", forced
+paris = json.loads(urllib.request.urlopen(urllib.request.Request(
+    f"{root}/tokenize", data=json.dumps({"model": "gemma-3-270m", "prompt": " Paris", "add_special_tokens": False}).encode(),
+    headers={"Authorization": f"Bearer {api_key}"})).read())["tokens"]
+assert len(paris) == 1, paris
+biased = client.completions.create(
+    model="infermesh/gemma-3-270m", prompt="Hello", max_tokens=3, temperature=0, logit_bias={str(paris[0]): 100})
+assert biased.choices[0].text == " Paris" * 3, biased.choices[0].text
+for bad, param in (({"n": 0}, "n"), ({"top_logprobs": 2}, "top_logprobs"), ({"min_p": 2}, "min_p"),
+                   ({"logit_bias": {"x": 1}}, "logit_bias")):
+    refused = raw("POST", "/chat/completions", json_body={
+        "model": "infermesh/gemma-3-270m", "messages": [{"role": "user", "content": "hi"}], **bad})
+    assert refused.status_code == 400 and error_body(refused)["param"] == param, (bad, refused.text)
+
 # Embeddings, float and base64.
 emb = client.embeddings.create(model="infermesh/all-minilm-l6-v2", input=["The cat sat.", "A feline rested.", "Stock prices fell."])
 check("CreateEmbeddingResponse", json.loads(emb.to_json()))
