@@ -379,7 +379,7 @@ impl Transformer {
             let x_mid = (h + residual)?;
             let h = rms_norm(&x_mid, &layer.ffn_norm, cfg.rms_eps)?;
             let gate = layer.gate.forward(&h)?;
-            let gate = if cfg.arch == Arch::Gemma3 { gate.gelu()? } else { candle_nn::ops::silu(&gate)? };
+            let gate = if cfg.arch == Arch::Gemma3 { gelu_like_ggml(&gate)? } else { candle_nn::ops::silu(&gate)? };
             let h = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
             let h = match &layer.post_ffn_norm {
                 Some(norm) => rms_norm(&h, norm, cfg.rms_eps)?,
@@ -484,8 +484,60 @@ impl Transformer {
     }
 }
 
+/// GELU (tanh form) as ggml computes it on CPU: the input rounded to f16
+/// and looked up in a table of f16 results, identity above 10 and zero
+/// below -10. Matching its rounding keeps greedy output on llama.cpp's
+/// path where the top two logits are close.
+fn gelu_like_ggml(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        return x.gelu();
+    }
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| {
+                let v = half::f16::from_bits(bits).to_f32();
+                let gelu = 0.5 * v * (1.0 + (0.797_884_6_f32 * v * (1.0 + 0.044_715 * v * v)).tanh());
+                half::f16::from_f32(gelu).to_f32()
+            })
+            .collect()
+    });
+    let values: Vec<f32> = x
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| {
+            if v <= -10.0 {
+                0.0
+            } else if v >= 10.0 {
+                v
+            } else {
+                table[half::f16::from_f32(v).to_bits() as usize]
+            }
+        })
+        .collect();
+    Tensor::from_vec(values, x.shape(), x.device())
+}
+
+/// RMS norm with ggml's rounding: squares summed in f64, the row scaled by
+/// the reciprocal root, then by the weight. (With GELU's table, this halves
+/// the logit error against llama.cpp at the first position.)
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-    candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps)
+    if !x.device().is_cpu() {
+        return candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps);
+    }
+    let dim = x.dim(D::Minus1)?;
+    let weight = weight.to_vec1::<f32>()?;
+    let mut values = x.flatten_all()?.to_vec1::<f32>()?;
+    for row in values.chunks_exact_mut(dim) {
+        let sum: f64 = row.iter().map(|v| f64::from(v * v)).sum();
+        let mean = (sum / dim as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(&weight) {
+            *v = (*v * scale) * w;
+        }
+    }
+    Tensor::from_vec(values, x.shape(), x.device())
 }
 
 /// NEOX-style rotary tables for positions `[start, start + len)`.
