@@ -413,10 +413,10 @@ fn step(model: &ChatModel, groups: &mut [Group]) {
         Ok(model.model.forward_batch(segments)?.to_vec2::<f32>()?)
     };
     let mut slots = Vec::new();
-    let mut outcome = forward(&mut decode_segments).map(|rows| {
+    let mut outcome = forward(&mut decode_segments);
+    if outcome.is_ok() {
         slots.append(&mut decode_slots);
-        rows
-    });
+    }
     drop(decode_segments);
     if let (Ok(rows), Some((slot, segment))) = (&mut outcome, prefill) {
         let mut segments = [segment];
