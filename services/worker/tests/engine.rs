@@ -146,7 +146,7 @@ fn n_choices_come_from_one_prefill_and_each_finishes() {
     let outputs = collect(submit(&batcher, "My favourite colour is", params), 3);
     for out in &outputs {
         let (reason, _, tokens) = out.finish.clone().unwrap();
-        assert!(tokens >= 1 && tokens <= 12);
+        assert!((1..=12).contains(&tokens));
         if reason == Finish::Length {
             assert_eq!(tokens, 12);
         }
