@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""The engine benchmark: infermesh against llama.cpp on the same GGUF, the
+same thread count and the same HTTP client, in one run.
+
+    ./tests/bench/engine.sh            # builds, fetches, runs, writes results
+
+Each server is measured alone (they never share the cores):
+
+- TTFT and prefill tokens/s for a 512-token prompt (streamed, max_tokens 1;
+  every run's prompt differs so no prefix cache helps);
+- decode tokens/s for one stream (128 tokens, EOS banned with logit_bias);
+- aggregate decode tokens/s and per-stream inter-token latency at 1, 4, 8 and
+  16 concurrent streams (64 tokens each);
+- peak RSS of the serving process (VmHWM).
+
+Writes tests/bench/results/engine.md (a markdown table) and engine.png.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+MODEL_ID = "infermesh/gemma-3-270m"
+# Gemma's end-of-generation tokens: banned so every stream runs to max_tokens.
+BAN_EOS = {"1": -100, "106": -100}
+FILLER = (
+    "The history of the city begins with a small settlement on an island in the river, where fishermen "
+    "and traders built wooden houses and a market. Over the centuries walls were raised, bridges crossed "
+    "the water, and churches, schools and workshops filled the streets. "
+)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url, body=None, key=None, timeout=600):
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    return urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=timeout)
+
+
+def wait_for(url, seconds=600):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with request(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} never answered")
+
+
+def peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Server:
+    def __init__(self, name, base, model, key, process):
+        self.name, self.base, self.model, self.key, self.process = name, base, model, key, process
+
+    def stream(self, prompt, max_tokens):
+        """Streams one completion; returns (start, chunk arrival times, completion tokens)."""
+        body = {
+            "model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, "logit_bias": BAN_EOS,
+        }
+        started = time.perf_counter()
+        arrivals, tokens = [], None
+        with request(f"{self.base}/v1/completions", body, self.key) as response:
+            for raw in response:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if any(c.get("text") for c in chunk.get("choices", [])):
+                    arrivals.append(time.perf_counter())
+        return started, arrivals, tokens if tokens is not None else len(arrivals)
+
+
+def start_infermesh(binary, data_dir, threads):
+    port = free_port()
+    env = dict(os.environ, RUST_LOG="warn", RAYON_NUM_THREADS=str(threads))
+    # Limits and credit far above what the bench uses: it measures the
+    # engine, not the rate limiter.
+    process = subprocess.Popen(
+        [binary, "up", "--http", f"127.0.0.1:{port}", "--data-dir", data_dir, "--no-nats",
+         "--signup-credit", "1000", "--default-requests-per-minute", "100000",
+         "--default-tokens-per-minute", "1000000000"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    wait_for(f"{base}/readyz")
+    with request(f"{base}/v1/auth/signup", {"email": "bench@example.com"}) as response:
+        key = json.load(response)["key"]
+    return Server("infermesh", base, MODEL_ID, key, process)
+
+
+def start_llama(python, gguf, threads, shim_dir):
+    port = free_port()
+    code = (
+        "import sys; sys.path.insert(0, %r); import llama_cpp_no_amx; "
+        "from llama_cpp.server.__main__ import main; sys.argv = sys.argv[:1] + sys.argv[1:]; main()" % shim_dir
+    )
+    process = subprocess.Popen(
+        [python, "-c", code, "--model", gguf, "--n_threads", str(threads), "--n_threads_batch", str(threads),
+         "--n_ctx", "8192", "--n_batch", "512", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    wait_for(f"{base}/v1/models")
+    return Server("llama.cpp", base, "gemma", None, process)
+
+
+def long_prompt(server_tokenize, run):
+    """Text whose tokenization (with BOS) is exactly 512 tokens; `run` makes it unique."""
+    text = f"Record {run}. " + FILLER * 12
+    ids = server_tokenize(text)
+    while len(ids) > 512:
+        text = text[: int(len(text) * 0.98)]
+        ids = server_tokenize(text)
+    while len(ids) < 512:
+        text += " and"
+        ids = server_tokenize(text)
+    return text, len(ids)
+
+
+def measure(server, long_prompts, levels):
+    server.stream("Warm up.", 4)
+    result = {}
+    ttfts, prompt_tokens = [], None
+    runs = len(long_prompts)
+    for prompt, prompt_tokens in long_prompts:
+        started, arrivals, _ = server.stream(prompt, 1)
+        ttfts.append(arrivals[0] - started)
+    ttft = statistics.median(ttfts)
+    result["prompt_tokens"] = prompt_tokens
+    result["ttft_ms"] = ttft * 1000
+    result["prefill_tps"] = prompt_tokens / ttft
+
+    decode_rates = []
+    for run in range(runs):
+        _, arrivals, tokens = server.stream(f"Run {run}: the history of the city of Paris begins", 128)
+        decode_rates.append((tokens - 1) / (arrivals[-1] - arrivals[0]))
+    result["decode_tps"] = statistics.median(decode_rates)
+
+    result["concurrency"] = {}
+    for streams in levels:
+        outcomes = [None] * streams
+
+        def one(i):
+            outcomes[i] = server.stream(f"Story {i} of {streams}: once upon a time", 64)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        begin = min(o[0] for o in outcomes)
+        end = max(o[1][-1] for o in outcomes)
+        total = sum(o[2] for o in outcomes)
+        itls = [(o[1][-1] - o[1][0]) / max(o[2] - 1, 1) * 1000 for o in outcomes]
+        result["concurrency"][streams] = {
+            "aggregate_tps": total / (end - begin),
+            "itl_ms_mean": statistics.mean(itls),
+            "itl_ms_max": max(itls),
+        }
+    result["peak_rss_mib"] = peak_rss_mib(server.process.pid)
+    return result
+
+
+def write_results(out_dir, ours, theirs, meta, levels):
+    os.makedirs(out_dir, exist_ok=True)
+    rows = [
+        ("TTFT, 512-token prompt (ms)", "ttft_ms", "{:.0f}"),
+        ("prefill (tokens/s)", "prefill_tps", "{:.1f}"),
+        ("decode, one stream (tokens/s)", "decode_tps", "{:.1f}"),
+        ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
+    ]
+    lines = [
+        "# Engine benchmark: infermesh vs llama.cpp",
+        "",
+        f"{meta}",
+        "",
+        "| metric | infermesh | llama.cpp | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, field, fmt in rows:
+        a, b = ours[field], theirs[field]
+        lines.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f}x |")
+    for streams in levels:
+        a, b = ours["concurrency"][streams], theirs["concurrency"][streams]
+        lines.append(f"| {streams} streams: aggregate decode (tokens/s) | {a['aggregate_tps']:.1f} | "
+                     f"{b['aggregate_tps']:.1f} | {a['aggregate_tps'] / b['aggregate_tps']:.2f}x |")
+        lines.append(f"| {streams} streams: inter-token latency, mean (ms) | {a['itl_ms_mean']:.1f} | "
+                     f"{b['itl_ms_mean']:.1f} | {a['itl_ms_mean'] / b['itl_ms_mean']:.2f}x |")
+    scaling = ours["concurrency"][levels[-1] if 8 not in levels else 8]["aggregate_tps"] / ours["decode_tps"]
+    lines += ["", f"infermesh aggregate at 8 streams / its own single stream: {scaling:.2f}x", ""]
+    with open(os.path.join(out_dir, "engine.md"), "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(out_dir, "engine.json"), "w") as f:
+        json.dump({"meta": meta, "infermesh": ours, "llama.cpp": theirs}, f, indent=2)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no chart", file=sys.stderr)
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, data in (("infermesh", ours), ("llama.cpp", theirs)):
+        left.plot(levels, [data["concurrency"][s]["aggregate_tps"] for s in levels], marker="o", label=name)
+        right.plot(levels, [data["concurrency"][s]["itl_ms_mean"] for s in levels], marker="o", label=name)
+    left.set(xlabel="concurrent streams", ylabel="aggregate decode tokens/s", title="Throughput")
+    right.set(xlabel="concurrent streams", ylabel="mean inter-token latency (ms)", title="Latency per stream")
+    for ax in (left, right):
+        ax.set_xticks(levels)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(meta, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "engine.png"), dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--infermesh", required=True, help="the infermesh binary (a release build)")
+    parser.add_argument("--llama-python", required=True, help="python with llama-cpp-python[server]")
+    parser.add_argument("--gguf", required=True)
+    parser.add_argument("--shim-dir", required=True, help="dir holding llama_cpp_no_amx.py")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--levels", default="1,4,8,16")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+
+    data_dir = tempfile.mkdtemp(prefix="infermesh-bench-")
+    ours_server = start_infermesh(args.infermesh, data_dir, args.threads)
+
+    def tokenize(text):
+        with request(f"{ours_server.base}/tokenize", {"model": MODEL_ID, "prompt": text}, ours_server.key) as r:
+            return json.load(r)["tokens"]
+
+    try:
+        # Distinct prompts per run and per server, so no prefix cache helps;
+        # our tokenizer gives llama.cpp's ids (tested), so both see 512 tokens.
+        prompts = {name: [long_prompt(tokenize, f"{name}-{run}") for run in range(3)]
+                   for name in ("infermesh", "llama.cpp")}
+        ours = measure(ours_server, prompts["infermesh"], levels)
+    finally:
+        ours_server.process.send_signal(signal.SIGINT)
+        ours_server.process.wait(timeout=30)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    theirs_server = start_llama(args.llama_python, args.gguf, args.threads, args.shim_dir)
+    try:
+        theirs = measure(theirs_server, prompts["llama.cpp"], levels)
+    finally:
+        theirs_server.process.terminate()
+        theirs_server.process.wait(timeout=30)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    meta = (f"Gemma 3 270M Q4_K_M, {args.threads} threads, {os.cpu_count()} cores ({cpu}); "
+            f"llama-cpp-python server, extra buffer types off; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    write_results(args.out, ours, theirs, meta, levels)
+    print(open(os.path.join(args.out, "engine.md")).read())
+
+
+if __name__ == "__main__":
+    main()
