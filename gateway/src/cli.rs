@@ -74,7 +74,8 @@ pub enum Command {
         #[command(flatten)]
         config: WorkerConfig,
     },
-    /// Measure decode speed of the chat model (tokens/s of one stream).
+    /// Measure the engine alone: prefill, then batched decode at several
+    /// stream counts (tests/bench/engine.sh compares with llama.cpp).
     Bench(crate::up::BenchArgs),
 }
 

@@ -200,53 +200,88 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Prompt to continue.
-    #[arg(long, default_value = "The history of the city of Paris begins")]
-    pub prompt: String,
-    /// Tokens to decode (greedy).
+    /// Prompt tokens for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens each stream decodes (greedy, EOS ignored).
     #[arg(long, default_value_t = 128)]
     pub tokens: usize,
+    /// Concurrent streams to measure, comma-separated.
+    #[arg(long, default_value = "1,4,8,16", value_delimiter = ',')]
+    pub streams: Vec<usize>,
     #[command(flatten)]
     pub worker: WorkerConfig,
 }
 
-/// Loads the chat model and times load, prefill and greedy decode of one
-/// stream, on the device the worker would use.
+/// The engine alone, no HTTP: prefill of a `prompt_tokens` prompt, then
+/// aggregate decode through the batch scheduler at each stream count.
 pub async fn bench(args: BenchArgs) -> Result<(), CliError> {
-    let result = tokio::task::spawn_blocking(move || -> Result<String, infermesh_worker::WorkerError> {
-        let (chat_path, _) = infermesh_worker::prepare_models(&args.worker)?;
-        let device = infermesh_worker::engine::device();
-        let load_started = Instant::now();
-        let chat = infermesh_worker::models::ChatModel::load(&args.worker.chat_model_id, &chat_path, &device)?;
-        let load = load_started.elapsed();
-        let prompt = chat.text_prompt(&args.prompt);
-        let mut cache = chat.model.new_cache();
-        let prefill_started = Instant::now();
-        let mut logits = chat.model.forward(&prompt, &mut cache, false)?;
-        let prefill = prefill_started.elapsed();
-        let decode_started = Instant::now();
-        let mut text = Vec::new();
-        for _ in 0..args.tokens {
-            let next = infermesh_worker::transformer::argmax(&logits)?;
-            text.push(next);
-            logits = chat.model.forward(&[next], &mut cache, false)?;
-        }
-        let decode = decode_started.elapsed();
-        Ok(format!(
-            "device: {device:?}\nmodel load: {:.2} s\nprefill: {} tokens in {:.1} ms ({:.1} tokens/s)\ndecode: {} tokens in {:.2} s ({:.1} tokens/s)\ntext: {:?}",
-            load.as_secs_f64(),
-            prompt.len(),
-            prefill.as_secs_f64() * 1000.0,
-            prompt.len() as f64 / prefill.as_secs_f64(),
-            args.tokens,
-            decode.as_secs_f64(),
-            args.tokens as f64 / decode.as_secs_f64(),
-            chat.tokenizer.decode(&text),
-        ))
-    })
-    .await
-    .map_err(|e| CliError::Service(e.to_string()))?
-    .map_err(|e| CliError::Service(e.to_string()))?;
+    let result = tokio::task::spawn_blocking(move || bench_engine(&args))
+        .await
+        .map_err(|e| CliError::Service(e.to_string()))?
+        .map_err(|e| CliError::Service(e.to_string()))?;
     println!("{result}");
     Ok(())
+}
+
+fn bench_engine(args: &BenchArgs) -> Result<String, infermesh_worker::WorkerError> {
+    use infermesh_worker::engine::{BatchLimits, Batcher, Event, GenerationParams, Job, Load, PREFILL_CHUNK};
+    let (chat_path, _) = infermesh_worker::prepare_models(&args.worker)?;
+    let device = infermesh_worker::engine::device();
+    let load_started = Instant::now();
+    let chat = std::sync::Arc::new(infermesh_worker::models::ChatModel::load(
+        &args.worker.chat_model_id,
+        &chat_path,
+        &device,
+    )?);
+    let mut report = format!("device: {device:?}\nmodel load: {:.2} s\n", load_started.elapsed().as_secs_f64());
+
+    let mut prompt = Vec::new();
+    while prompt.len() < args.prompt_tokens {
+        prompt.extend(chat.text_prompt("The history of the city of Paris begins on an island in the Seine."));
+    }
+    prompt.truncate(args.prompt_tokens.max(1));
+    let mut cache = chat.model.new_cache();
+    let prefill_started = Instant::now();
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        chat.model.forward(chunk, &mut cache, false)?;
+    }
+    let prefill = prefill_started.elapsed().as_secs_f64();
+    report += &format!(
+        "prefill: {} tokens in {:.1} ms ({:.1} tokens/s)\n",
+        prompt.len(),
+        prefill * 1000.0,
+        prompt.len() as f64 / prefill
+    );
+
+    let max_batch = args.streams.iter().copied().max().unwrap_or(1);
+    let limits = BatchLimits { max_batch, max_queued: max_batch };
+    let batcher = Batcher::start(chat.clone(), limits, std::sync::Arc::new(Load::default()));
+    for &streams in &args.streams {
+        let started = Instant::now();
+        let mut receivers = Vec::new();
+        for i in 0..streams {
+            let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
+            let params = GenerationParams { max_tokens: args.tokens, ignore_eos: true, ..GenerationParams::default() };
+            let prompt = chat.text_prompt(&format!("Story {i}: once upon a time"));
+            batcher.submit(Job { prompt, params, events })?;
+            receivers.push(receiver);
+        }
+        let mut generated = 0usize;
+        for mut receiver in receivers {
+            while let Some(event) = receiver.blocking_recv() {
+                if let Event::Finished { completion_tokens, .. } = event? {
+                    generated += completion_tokens;
+                    break;
+                }
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        report += &format!(
+            "{streams:>2} streams: {generated} tokens in {elapsed:.2} s = {:.1} tokens/s aggregate, {:.1} ms per token per stream\n",
+            generated as f64 / elapsed,
+            elapsed * 1000.0 / args.tokens as f64
+        );
+    }
+    Ok(report)
 }
