@@ -18,6 +18,7 @@ pub mod error;
 pub mod fetch;
 pub mod grpc;
 pub mod models;
+pub mod q8_0;
 pub mod sampling;
 pub mod tokenizer;
 pub mod transformer;

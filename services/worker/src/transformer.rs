@@ -19,11 +19,13 @@
 //! llama.cpp's `get_rows` does, instead of dequantizing 262,144 rows.
 
 use std::io::{Read, Seek};
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::error::WorkerError;
+use crate::q8_0::PackedQ8_0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -85,6 +87,9 @@ enum Embeddings {
         blocks: Vec<u8>,
         hidden: usize,
     },
+    /// Tied to the output projection: rows read from its packed weights,
+    /// so the 262,144-row table is in memory once.
+    Tied(Arc<PackedQ8_0>),
     Dense(Tensor),
 }
 
@@ -104,6 +109,13 @@ impl Embeddings {
                 }
                 Tensor::from_vec(out, (1, ids.len(), *hidden), device)
             }
+            Embeddings::Tied(packed) => {
+                let mut out = Vec::with_capacity(ids.len() * packed.cols());
+                for &id in ids {
+                    packed.dequantize_row(id as usize, &mut out);
+                }
+                Tensor::from_vec(out, (1, ids.len(), packed.cols()), device)
+            }
             Embeddings::Dense(table) => {
                 let ids = Tensor::new(ids, device)?;
                 table.index_select(&ids, 0)?.unsqueeze(0)
@@ -112,9 +124,15 @@ impl Embeddings {
     }
 }
 
+enum Matmul {
+    Candle(QMatMul),
+    /// Q8_0 on AVX-512 VNNI: one pass over the weights for all rows.
+    Packed(Arc<PackedQ8_0>),
+}
+
 /// A quantized projection with an optional bias (Qwen2's q/k/v).
 struct Linear {
-    weight: QMatMul,
+    weight: Matmul,
     bias: Option<Tensor>,
     /// candle runs Q6_K with one kernel for a single row and another (with
     /// other rounding) for several; a lone row is run as two so a
@@ -124,22 +142,36 @@ struct Linear {
 
 impl Linear {
     fn new(qtensor: QTensor, bias: Option<Tensor>) -> candle_core::Result<Linear> {
-        let qtensor = if qtensor.dtype() == GgmlDType::Q5_0 && qtensor.device().is_cpu() {
-            widen_q5_0(&qtensor)?
-        } else {
-            qtensor
-        };
+        let cpu = qtensor.device().is_cpu();
+        let qtensor = if qtensor.dtype() == GgmlDType::Q5_0 && cpu { widen_q5_0(&qtensor)? } else { qtensor };
         let pad_single_row = qtensor.dtype() == GgmlDType::Q6K;
-        Ok(Linear { weight: QMatMul::from_qtensor(qtensor)?, bias, pad_single_row })
+        if qtensor.dtype() == GgmlDType::Q8_0 && cpu && PackedQ8_0::supported() {
+            let (rows, cols) = qtensor.shape().dims2()?;
+            if let Some(packed) = PackedQ8_0::pack(&qtensor.data()?, rows, cols) {
+                return Ok(Linear { weight: Matmul::Packed(Arc::new(packed)), bias, pad_single_row });
+            }
+        }
+        Ok(Linear { weight: Matmul::Candle(QMatMul::from_qtensor(qtensor)?), bias, pad_single_row })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
-        let y = if self.pad_single_row && rows == 1 {
-            let doubled = Tensor::cat(&[x, x], x.rank() - 2)?;
-            self.weight.forward(&doubled)?.narrow(x.rank() - 2, 0, 1)?
-        } else {
-            self.weight.forward(x)?
+        let y = match &self.weight {
+            Matmul::Packed(packed) => {
+                let mut shape = x.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = packed.rows();
+                }
+                let input = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; rows * packed.rows()];
+                packed.matmul(&input, rows, &mut out);
+                Tensor::from_vec(out, shape, x.device())?
+            }
+            Matmul::Candle(weight) if self.pad_single_row && rows == 1 => {
+                let doubled = Tensor::cat(&[x, x], x.rank() - 2)?;
+                weight.forward(&doubled)?.narrow(x.rank() - 2, 0, 1)?
+            }
+            Matmul::Candle(weight) => weight.forward(x)?,
         };
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),
@@ -255,16 +287,21 @@ impl Transformer {
         let mut tensor = |name: &str| -> Result<QTensor, WorkerError> { Ok(content.tensor(reader, name, device)?) };
         let dense = |q: QTensor| -> Result<Tensor, WorkerError> { Ok(q.dequantize(device)?) };
 
-        let embed_q = tensor("token_embd.weight")?;
-        let embeddings = if embed_q.dtype() == GgmlDType::Q8_0 && config.hidden.is_multiple_of(32) {
-            Embeddings::Q8_0 { blocks: embed_q.data()?.into_owned(), hidden: config.hidden }
-        } else {
-            Embeddings::Dense(embed_q.dequantize(device)?)
-        };
         // Tied embeddings: without `output.weight` the output projection is
         // the embedding table.
-        let output =
-            if names.contains("output.weight") { tensor("output.weight")? } else { tensor("token_embd.weight")? };
+        let tied = !names.contains("output.weight");
+        let output = Linear::new(tensor(if tied { "token_embd.weight" } else { "output.weight" })?, None)?;
+        let embeddings = match (&output.weight, tied) {
+            (Matmul::Packed(packed), true) => Embeddings::Tied(packed.clone()),
+            _ => {
+                let embed_q = tensor("token_embd.weight")?;
+                if embed_q.dtype() == GgmlDType::Q8_0 && config.hidden.is_multiple_of(32) {
+                    Embeddings::Q8_0 { blocks: embed_q.data()?.into_owned(), hidden: config.hidden }
+                } else {
+                    Embeddings::Dense(embed_q.dequantize(device)?)
+                }
+            }
+        };
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let p = format!("blk.{i}");
@@ -304,7 +341,7 @@ impl Transformer {
             });
         }
         let norm = dense(tensor("output_norm.weight")?)?;
-        Ok(Transformer { config, embeddings, layers, norm, output: Linear::new(output, None)?, device: device.clone() })
+        Ok(Transformer { config, embeddings, layers, norm, output, device: device.clone() })
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -456,7 +493,9 @@ impl Transformer {
         let rotate =
             if cfg.arch.interleaved_rope() { candle_nn::rotary_emb::rope_i } else { candle_nn::rotary_emb::rope };
         let q = rotate(&q, cos, sin)?;
-        let k = rotate(&k, cos, sin)?;
+        // The cache holds f16 precision, as llama.cpp's default KV cache.
+        let k = rotate(&k, cos, sin)?.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+        let v = v.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
 
         let (k, v, start) = match cache.take() {
             Some(prev) => (Tensor::cat(&[&prev.k, &k], 2)?, Tensor::cat(&[&prev.v, &v], 2)?, prev.start),
@@ -587,12 +626,14 @@ fn rope_tables(
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(len * half);
     let mut sin = Vec::with_capacity(len * half);
+    // ggml's order: each pair's angle is the previous one times the scale.
+    let theta_scale = base.powf(-2.0 / head_dim as f32);
     for p in start..start + len {
-        for i in 0..half {
-            let theta = base.powf(-2.0 * i as f32 / head_dim as f32);
-            let angle = p as f32 * theta;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
+        let mut theta = p as f32;
+        for _ in 0..half {
+            cos.push(theta.cos());
+            sin.push(theta.sin());
+            theta *= theta_scale;
         }
     }
     Ok((Tensor::from_vec(cos, (len, half), device)?, Tensor::from_vec(sin, (len, half), device)?))
