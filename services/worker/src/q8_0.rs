@@ -107,7 +107,7 @@ impl PackedQ8_0 {
         let blocks = self.cols / BLOCK;
         let mut quants = vec![0i8; m * self.cols];
         let mut scales = vec![0f32; m * blocks];
-        // 128 × the sum of each 4-input chunk, undoing the +128 stored in
+        // -128 × the sum of each 4-input chunk, undoing the +128 stored in
         // the weights.
         let mut offsets = vec![0i32; m * blocks * 8];
         for (i, values) in x.chunks_exact(BLOCK).enumerate() {
@@ -117,7 +117,7 @@ impl PackedQ8_0 {
             scales[i] = f16::from_f32(amax / 127.0).to_f32();
             for (j, (q, v)) in quants[i * BLOCK..(i + 1) * BLOCK].iter_mut().zip(values).enumerate() {
                 *q = (v * inverse).round_ties_even() as i8;
-                offsets[i * 8 + j / 4] += 128 * i32::from(*q);
+                offsets[i * 8 + j / 4] -= 128 * i32::from(*q);
             }
         }
         let out_ptr = SharedOut(out.as_mut_ptr());
@@ -156,9 +156,9 @@ impl PackedQ8_0 {
                     for (chunk, lane) in lanes.iter_mut().enumerate() {
                         let four = std::ptr::read_unaligned(quants.add(b * BLOCK + chunk * 4) as *const i32);
                         let weights = _mm512_loadu_si512(tiles.add((b * 8 + chunk) * 64) as *const _);
-                        let sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights, _mm512_set1_epi32(four));
-                        let offset = x.offsets[(r * blocks + b) * 8 + chunk];
-                        let sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(offset));
+                        // Starting from -offset removes the +128 in the same instruction.
+                        let start = _mm512_set1_epi32(x.offsets[(r * blocks + b) * 8 + chunk]);
+                        let sum = _mm512_dpbusd_epi32(start, weights, _mm512_set1_epi32(four));
                         *lane = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(sum), *lane);
                     }
                 }
