@@ -253,3 +253,90 @@ async fn a_full_batch_and_queue_answer_503_with_retry_after() {
     assert_eq!(body["error"]["code"], "model_unavailable", "{body}");
     drop((running, queued));
 }
+
+/// One worker serving two chat models (each with its own batch), and
+/// concurrent embedding requests batched together.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_worker_serves_two_chat_models_and_batches_embeddings() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap();
+    let fetched = tokio::process::Command::new(harness::BIN).arg("fetch-models").output().await.unwrap();
+    let stdout = String::from_utf8_lossy(&fetched.stdout);
+    let gguf = stdout.lines().find_map(|l| l.strip_prefix("chat model: ")).expect("fetch-models names the GGUF");
+    let catalog = data.path().join("catalog.toml");
+    let extra = r#"
+[[models]]
+id = "infermesh/gemma-3-270m-twin"
+owned_by = "google"
+kind = "chat"
+description = "the same weights under a second id, on the same worker"
+context_length = 32768
+max_output_tokens = 8192
+capabilities = ["chat", "completions", "streaming"]
+pricing = { prompt = 0.03, completion = 0.06 }
+"#;
+    std::fs::write(&catalog, format!("{}{extra}", infermesh_registry::catalog::DEFAULT_CATALOG)).unwrap();
+    let twin = format!("infermesh/gemma-3-270m-twin={gguf}");
+    let up = spawn(
+        "gateway",
+        &[
+            "up",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_dir,
+            "--no-nats",
+            "--config",
+            catalog.to_str().unwrap(),
+            "--extra-chat-model",
+            &twin,
+        ],
+    )
+    .await;
+    let base = format!("http://{}", up.address);
+    wait_ready(&base).await;
+    let key = signup(&base, "twin@example.com").await;
+    let complete = |model: &'static str| {
+        http()
+            .post(format!("{base}/v1/completions"))
+            .bearer_auth(&key)
+            .body(format!(
+                r#"{{"model":"{model}","prompt":"The capital of France is","max_tokens":6,"temperature":0}}"#
+            ))
+            .send()
+    };
+    let (first, second) = tokio::join!(complete("infermesh/gemma-3-270m"), complete("infermesh/gemma-3-270m-twin"));
+    let first: Value = first.unwrap().json().await.unwrap();
+    let second: Value = second.unwrap().json().await.unwrap();
+    assert_eq!(second["model"], "infermesh/gemma-3-270m-twin", "{second}");
+    assert_eq!(first["choices"][0]["text"], second["choices"][0]["text"], "same weights, same greedy text");
+
+    let embeds = (0..12).map(|i| {
+        http()
+            .post(format!("{base}/v1/embeddings"))
+            .bearer_auth(&key)
+            .body(format!(r#"{{"model":"infermesh/all-minilm-l6-v2","input":["sentence {i}","another {i}"]}}"#))
+            .send()
+    });
+    for response in futures::future::join_all(embeds).await {
+        let body: Value = response.unwrap().json().await.unwrap();
+        assert_eq!(body["data"].as_array().unwrap().len(), 2, "{body}");
+        assert_eq!(body["data"][1]["embedding"].as_array().unwrap().len(), 384);
+    }
+    // A bad input fails only its own request, even when batched with others.
+    let too_long = "word ".repeat(2000);
+    let (bad, good) = tokio::join!(
+        http()
+            .post(format!("{base}/v1/embeddings"))
+            .bearer_auth(&key)
+            .body(format!(r#"{{"model":"infermesh/all-minilm-l6-v2","input":"{too_long}"}}"#))
+            .send(),
+        http()
+            .post(format!("{base}/v1/embeddings"))
+            .bearer_auth(&key)
+            .body(r#"{"model":"infermesh/all-minilm-l6-v2","input":"fine"}"#)
+            .send()
+    );
+    assert_eq!(bad.unwrap().status(), 400);
+    assert_eq!(good.unwrap().status(), 200);
+}

@@ -3,11 +3,13 @@
 //! sentence-transformers does for this model.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{PaddingParams, Tokenizer};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::error::WorkerError;
 
@@ -52,15 +54,26 @@ impl EmbeddingModel {
 
     /// Unit-length embeddings, one per input, and the tokens consumed.
     pub fn embed(&self, inputs: &[String]) -> Result<(Vec<Vec<f32>>, usize), WorkerError> {
-        if inputs.is_empty() {
-            return Ok((Vec::new(), 0));
-        }
+        let tokens = self.check(inputs)?;
+        Ok((self.embed_checked(inputs)?, tokens))
+    }
+
+    /// The tokens `inputs` will consume, or why one of them is refused.
+    pub fn check(&self, inputs: &[String]) -> Result<usize, WorkerError> {
         let counts = self.count_tokens(inputs)?;
         if let Some((index, count)) = counts.iter().enumerate().find(|(_, c)| **c > self.max_tokens) {
             return Err(WorkerError::InvalidRequest(format!(
                 "input[{index}] has {count} tokens; this model takes at most {}",
                 self.max_tokens
             )));
+        }
+        Ok(counts.iter().sum())
+    }
+
+    /// Embeddings for inputs that passed [`EmbeddingModel::check`].
+    fn embed_checked(&self, inputs: &[String]) -> Result<Vec<Vec<f32>>, WorkerError> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
         }
         let encodings = self
             .tokenizer
@@ -80,6 +93,83 @@ impl EmbeddingModel {
         let mean = summed.broadcast_div(&lengths)?;
         let norms = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
         let unit = mean.broadcast_div(&norms)?;
-        Ok((unit.to_vec2::<f32>()?, counts.iter().sum()))
+        Ok(unit.to_vec2::<f32>()?)
+    }
+}
+
+type EmbedReply = oneshot::Sender<Result<(Vec<Vec<f32>>, usize), WorkerError>>;
+
+struct EmbedJob {
+    inputs: Vec<String>,
+    reply: EmbedReply,
+}
+
+/// Batches embedding requests: whatever arrived while the previous batch
+/// ran goes through BERT together (up to `max_inputs` inputs), so many
+/// small requests cost about one forward. Each request is validated on its
+/// own; a bad input fails only its request.
+pub struct EmbedBatcher {
+    queue: mpsc::Sender<EmbedJob>,
+}
+
+impl EmbedBatcher {
+    pub fn start(model: Arc<EmbeddingModel>, max_inputs: usize, max_queued: usize) -> EmbedBatcher {
+        let (queue, jobs) = mpsc::channel(max_queued.max(1));
+        let spawned =
+            std::thread::Builder::new().name("embed-batch".into()).spawn(move || batch_loop(&model, jobs, max_inputs));
+        if let Err(err) = spawned {
+            tracing::error!(error = %err, "cannot start the embedding batcher");
+        }
+        EmbedBatcher { queue }
+    }
+
+    pub async fn embed(&self, inputs: Vec<String>) -> Result<(Vec<Vec<f32>>, usize), WorkerError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue.try_send(EmbedJob { inputs, reply }).map_err(|refused| match refused {
+            mpsc::error::TrySendError::Full(_) => WorkerError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => WorkerError::ShuttingDown,
+        })?;
+        answer.await.map_err(|_| WorkerError::ShuttingDown)?
+    }
+}
+
+fn batch_loop(model: &EmbeddingModel, mut jobs: mpsc::Receiver<EmbedJob>, max_inputs: usize) {
+    while let Some(first) = jobs.blocking_recv() {
+        let mut batch = vec![first];
+        let mut inputs = batch[0].inputs.len();
+        while inputs < max_inputs {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    inputs += job.inputs.len();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut accepted = Vec::with_capacity(batch.len());
+        for job in batch {
+            match model.check(&job.inputs) {
+                Ok(tokens) => accepted.push((job, tokens)),
+                Err(err) => {
+                    let _ = job.reply.send(Err(err));
+                }
+            }
+        }
+        let all: Vec<String> = accepted.iter().flat_map(|(job, _)| job.inputs.iter().cloned()).collect();
+        match model.embed_checked(&all) {
+            Ok(vectors) => {
+                let mut vectors = vectors.into_iter();
+                for (job, tokens) in accepted {
+                    let mine: Vec<Vec<f32>> = vectors.by_ref().take(job.inputs.len()).collect();
+                    let _ = job.reply.send(Ok((mine, tokens)));
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "embedding batch failed");
+                for (job, _) in accepted {
+                    let _ = job.reply.send(Err(WorkerError::Model(err.to_string())));
+                }
+            }
+        }
     }
 }

@@ -12,27 +12,27 @@ use infermesh_proto::v1::{
     self as pb, DetokenizeRequest, DetokenizeResponse, EmbedRequest, EmbedResponse, Embedding, GenerateEvent,
     GenerateRequest, TokenizeRequest, TokenizeResponse, generate_event, generate_request, tokenize_request,
 };
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::chat::Message;
-use crate::embed::EmbeddingModel;
+use crate::embed::EmbedBatcher;
 use crate::engine::{self, Batcher, Event, Finish, GenerationParams, Job};
 use crate::error::WorkerError;
 use crate::models::ChatModel;
 use crate::sampling::{SamplingParams, Scored};
 
 pub struct WorkerGrpc {
-    pub chat: Option<(Arc<ChatModel>, Batcher)>,
-    pub embedding: Option<(String, Arc<EmbeddingModel>)>,
-    pub embed_permits: Arc<Semaphore>,
+    /// Each chat model with its own scheduler.
+    pub chat: Vec<(Arc<ChatModel>, Batcher)>,
+    pub embedding: Option<(String, EmbedBatcher)>,
 }
 
 impl WorkerGrpc {
     fn chat_model(&self, name: &str) -> Result<&(Arc<ChatModel>, Batcher), WorkerError> {
-        self.chat.as_ref().filter(|(m, _)| m.id == name).ok_or_else(|| WorkerError::UnknownModel(name.to_owned()))
+        self.chat.iter().find(|(m, _)| m.id == name).ok_or_else(|| WorkerError::UnknownModel(name.to_owned()))
     }
 }
 
@@ -134,14 +134,10 @@ impl WorkerService for WorkerGrpc {
 
     async fn embed(&self, request: Request<EmbedRequest>) -> Result<Response<EmbedResponse>, Status> {
         let EmbedRequest { model, inputs } = request.into_inner();
-        let embedding = match &self.embedding {
-            Some((id, embedding)) if *id == model => embedding.clone(),
+        let (vectors, tokens) = match &self.embedding {
+            Some((id, batcher)) if *id == model => batcher.embed(inputs).await?,
             _ => return Err(WorkerError::UnknownModel(model).into()),
         };
-        let _permit = self.embed_permits.acquire().await.map_err(|_| Status::from(WorkerError::ShuttingDown))?;
-        let (vectors, tokens) = tokio::task::spawn_blocking(move || embedding.embed(&inputs))
-            .await
-            .map_err(|join| Status::internal(format!("embedding task failed: {join}")))??;
         Ok(Response::new(EmbedResponse {
             embeddings: vectors.into_iter().map(|values| Embedding { values }).collect(),
             prompt_tokens: u32::try_from(tokens).unwrap_or(u32::MAX),

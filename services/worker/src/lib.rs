@@ -34,7 +34,6 @@ use infermesh_proto::v1::worker_service_server::WorkerServiceServer;
 use infermesh_proto::v1::{HeartbeatRequest, RegisterWorkerRequest, WorkerLoad};
 use infermesh_service::{BootstrapError, CancellationToken};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 pub use error::WorkerError;
 
@@ -53,6 +52,11 @@ pub struct WorkerConfig {
     /// Catalogue id the chat model is served under.
     #[arg(long = "chat-model-id", env = "INFERMESH_CHAT_MODEL_ID", default_value = DEFAULT_CHAT_MODEL_ID)]
     pub chat_model_id: String,
+    /// More chat models on this worker, each `ID=PATH` (a GGUF file, dir or
+    /// hub entry), each with its own batch and queue; repeat the flag or
+    /// separate with commas. Their ids must be in the registry's catalogue.
+    #[arg(long = "extra-chat-model", env = "INFERMESH_EXTRA_CHAT_MODELS", value_delimiter = ',')]
+    pub extra_chat_models: Vec<String>,
     /// Embedding model dir (config.json, tokenizer.json, model.safetensors)
     /// or hub cache entry; the default all-MiniLM-L6-v2 is fetched when unset.
     #[arg(long = "embedding-model", env = "INFERMESH_EMBEDDING_MODEL")]
@@ -74,9 +78,10 @@ pub struct WorkerConfig {
     /// refused with a 503 and Retry-After.
     #[arg(long = "max-queued-requests", env = "INFERMESH_MAX_QUEUED_REQUESTS", default_value_t = 64)]
     pub max_queued_requests: usize,
-    /// Embedding requests run at once; more wait.
-    #[arg(long = "max-concurrent-embeddings", env = "INFERMESH_MAX_CONCURRENT_EMBEDDINGS", default_value_t = 2)]
-    pub max_concurrent_embeddings: usize,
+    /// Inputs embedded in one batch; requests that arrive while a batch
+    /// runs are embedded together in the next.
+    #[arg(long = "max-embedding-batch", env = "INFERMESH_MAX_EMBEDDING_BATCH", default_value_t = 64)]
+    pub max_embedding_batch: usize,
 }
 
 impl WorkerConfig {
@@ -116,32 +121,59 @@ pub fn prepare_models(config: &WorkerConfig) -> Result<(PathBuf, PathBuf), Worke
     Ok((chat, embedding))
 }
 
+/// `ID=PATH` pairs from `--extra-chat-model`.
+fn extra_chat_models(config: &WorkerConfig) -> Result<Vec<(String, PathBuf)>, WorkerError> {
+    config
+        .extra_chat_models
+        .iter()
+        .map(|spec| match spec.split_once('=') {
+            Some((id, path)) if !id.trim().is_empty() && !path.trim().is_empty() => {
+                Ok((id.trim().to_owned(), fetch::resolve_gguf(std::path::Path::new(path.trim()))?))
+            }
+            _ => Err(WorkerError::Model(format!("--extra-chat-model expects ID=PATH; got {spec:?}"))),
+        })
+        .collect()
+}
+
 pub async fn run(
     config: WorkerConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
     let loading = config.clone();
-    let (chat, embedding) = tokio::task::spawn_blocking(move || -> Result<_, WorkerError> {
+    let (chats, embedding) = tokio::task::spawn_blocking(move || -> Result<_, WorkerError> {
         let (chat_path, embedding_dir) = prepare_models(&loading)?;
         let device = engine::device();
         let started = std::time::Instant::now();
-        let chat = models::ChatModel::load(&loading.chat_model_id, &chat_path, &device)?;
+        let mut chats = vec![models::ChatModel::load(&loading.chat_model_id, &chat_path, &device)?];
+        for (id, path) in extra_chat_models(&loading)? {
+            chats.push(models::ChatModel::load(&id, &path, &device)?);
+        }
         let embedding = embed::EmbeddingModel::load(&embedding_dir, &device)?;
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, ?device, "models loaded");
-        Ok((chat, embedding))
+        Ok((chats, embedding))
     })
     .await
     .map_err(|join| WorkerError::Model(format!("model loading panicked: {join}")))??;
 
-    let load = Arc::new(engine::Load::default());
-    let chat = Arc::new(chat);
     let limits = engine::BatchLimits { max_batch: config.max_batch_size, max_queued: config.max_queued_requests };
-    let batcher = engine::Batcher::start(chat.clone(), limits, load.clone());
+    let mut model_ids = Vec::new();
+    let mut loads = Vec::new();
+    let mut chat = Vec::new();
+    for model in chats {
+        let model = Arc::new(model);
+        let load = Arc::new(engine::Load::default());
+        model_ids.push(model.id.clone());
+        loads.push(load.clone());
+        chat.push((model.clone(), engine::Batcher::start(model, limits, load)));
+    }
+    model_ids.push(config.embedding_model_id.clone());
     let service = grpc::WorkerGrpc {
-        chat: Some((chat, batcher)),
-        embedding: Some((config.embedding_model_id.clone(), Arc::new(embedding))),
-        embed_permits: Arc::new(Semaphore::new(config.max_concurrent_embeddings.max(1))),
+        chat,
+        embedding: Some((
+            config.embedding_model_id.clone(),
+            embed::EmbedBatcher::start(Arc::new(embedding), config.max_embedding_batch, config.max_queued_requests),
+        )),
     };
     let stop = CancellationToken::new();
     if let Some(registry) = &config.registry_addr {
@@ -149,9 +181,8 @@ pub async fn run(
             Some(address) => address.clone(),
             None => listener.local_addr().map_err(BootstrapError::from)?.to_string(),
         };
-        let models = vec![config.chat_model_id.clone(), config.embedding_model_id.clone()];
         let client = RegistryServiceClient::new(infermesh_service::channel(registry)?);
-        tokio::spawn(stay_registered(client, advertise, models, load, stop.clone()));
+        tokio::spawn(stay_registered(client, advertise, model_ids, loads, stop.clone()));
     }
     let _stop = stop.drop_guard();
     let routes = tonic::service::Routes::new(WorkerServiceServer::new(service));
@@ -165,7 +196,7 @@ async fn stay_registered(
     mut client: RegistryServiceClient<infermesh_service::TracedChannel>,
     address: String,
     models: Vec<String>,
-    load: Arc<engine::Load>,
+    loads: Vec<Arc<engine::Load>>,
     stop: CancellationToken,
 ) {
     let worker_id = format!("worker-{}", uuid::Uuid::new_v4().simple());
@@ -191,8 +222,8 @@ async fn stay_registered(
             }
         } else {
             let current = WorkerLoad {
-                active_sequences: load.active.load(Ordering::Relaxed),
-                queued: load.queued.load(Ordering::Relaxed),
+                active_sequences: loads.iter().map(|l| l.active.load(Ordering::Relaxed)).sum(),
+                queued: loads.iter().map(|l| l.queued.load(Ordering::Relaxed)).sum(),
             };
             match client.heartbeat(HeartbeatRequest { worker_id: worker_id.clone(), load: Some(current) }).await {
                 Ok(response) => registered = response.into_inner().known,
