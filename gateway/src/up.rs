@@ -238,7 +238,7 @@ fn bench_engine(args: &BenchArgs) -> Result<String, infermesh_worker::WorkerErro
 
     let mut prompt = Vec::new();
     while prompt.len() < args.prompt_tokens {
-        prompt.extend(chat.text_prompt("The history of the city of Paris begins on an island in the Seine."));
+        prompt.extend(chat.text_prompt("The history of the city of Paris begins on an island in the Seine.")?);
     }
     prompt.truncate(args.prompt_tokens.max(1));
     let mut cache = chat.model.new_cache();
@@ -263,7 +263,7 @@ fn bench_engine(args: &BenchArgs) -> Result<String, infermesh_worker::WorkerErro
         for i in 0..streams {
             let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
             let params = GenerationParams { max_tokens: args.tokens, ignore_eos: true, ..GenerationParams::default() };
-            let prompt = chat.text_prompt(&format!("Story {i}: once upon a time"));
+            let prompt = chat.text_prompt(&format!("Story {i}: once upon a time"))?;
             batcher.submit(Job { prompt, params, events })?;
             receivers.push(receiver);
         }

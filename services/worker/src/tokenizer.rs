@@ -499,3 +499,70 @@ mod tests {
         assert_eq!(stream.finish(), "");
     }
 }
+
+/// A chat model's tokenizer: llama.cpp's SentencePiece from the GGUF, or
+/// Hugging Face's `tokenizer.json` when the model directory has one.
+pub enum TextTokenizer {
+    Spm(Box<SpmTokenizer>),
+    Hf(crate::hf_tokenizer::HfTokenizer),
+}
+
+impl TextTokenizer {
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            TextTokenizer::Spm(t) => t.vocab_size(),
+            TextTokenizer::Hf(t) => t.vocab_size(),
+        }
+    }
+
+    /// Ids for `text`: `add_special` adds BOS; `parse_special` reads
+    /// special-token text as those tokens (always, with tokenizer.json).
+    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>, WorkerError> {
+        match self {
+            TextTokenizer::Spm(t) => Ok(t.encode(text, add_special, parse_special)),
+            TextTokenizer::Hf(t) => t.encode(text, add_special),
+        }
+    }
+
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match self {
+            TextTokenizer::Spm(t) => t.token_bytes(id),
+            TextTokenizer::Hf(t) => t.token_bytes(id),
+        }
+    }
+
+    pub fn decode_special(&self, id: u32) -> String {
+        match self {
+            TextTokenizer::Spm(t) => t.decode_special(id),
+            TextTokenizer::Hf(t) => t.decode_special(id),
+        }
+    }
+
+    /// The text of a whole id sequence (invalid UTF-8 replaced).
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids.iter().flat_map(|id| self.token_bytes(*id)).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    pub fn bos(&self) -> Option<u32> {
+        match self {
+            TextTokenizer::Spm(t) => t.bos,
+            TextTokenizer::Hf(t) => t.bos,
+        }
+    }
+
+    pub fn eos(&self) -> Option<u32> {
+        match self {
+            TextTokenizer::Spm(t) => t.eos,
+            TextTokenizer::Hf(t) => t.eos,
+        }
+    }
+
+    /// Tokens that end generation.
+    pub fn end_of_generation(&self) -> &[u32] {
+        match self {
+            TextTokenizer::Spm(t) => &t.end_of_generation,
+            TextTokenizer::Hf(t) => &t.end_of_generation,
+        }
+    }
+}

@@ -27,7 +27,7 @@ type Events = UnboundedReceiver<Result<Event, WorkerError>>;
 
 fn submit(batcher: &Batcher, prompt: &str, params: GenerationParams) -> Events {
     let (events, receiver) = unbounded_channel();
-    let prompt = model().text_prompt(prompt);
+    let prompt = model().text_prompt(prompt).unwrap();
     batcher.submit(Job { prompt, params, events }).unwrap();
     receiver
 }
@@ -210,7 +210,7 @@ fn a_full_queue_refuses_with_overloaded() {
     std::thread::sleep(Duration::from_millis(300));
     let queued = submit(&batcher, "two", long());
     let (events, _receiver) = unbounded_channel();
-    let refused = batcher.submit(Job { prompt: model().text_prompt("three"), params: long(), events });
+    let refused = batcher.submit(Job { prompt: model().text_prompt("three").unwrap(), params: long(), events });
     assert!(matches!(refused, Err(WorkerError::Overloaded)), "{refused:?}");
     let status = tonic::Status::from(refused.unwrap_err());
     assert_eq!(status.code(), tonic::Code::Unavailable);
