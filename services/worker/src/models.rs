@@ -30,7 +30,7 @@ impl ChatModel {
         let (tokenizer, hf_template) = if dir.join("tokenizer.json").is_file() {
             let hf = HfTokenizer::from_dir(dir)?;
             let template = hf.chat_template.clone();
-            (TextTokenizer::Hf(hf), template)
+            (TextTokenizer::Hf(Box::new(hf)), template)
         } else {
             (TextTokenizer::Spm(Box::new(SpmTokenizer::from_gguf(&content)?)), None)
         };

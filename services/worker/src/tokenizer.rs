@@ -504,7 +504,7 @@ mod tests {
 /// Hugging Face's `tokenizer.json` when the model directory has one.
 pub enum TextTokenizer {
     Spm(Box<SpmTokenizer>),
-    Hf(crate::hf_tokenizer::HfTokenizer),
+    Hf(Box<crate::hf_tokenizer::HfTokenizer>),
 }
 
 impl TextTokenizer {
