@@ -437,69 +437,6 @@ impl Utf8Stream {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn toy() -> SpmTokenizer {
-        let mut texts: Vec<String> =
-            vec!["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "\n\n", "▁", "a", "b", "ab", "▁ab", "c"]
-                .into_iter()
-                .map(str::to_owned)
-                .collect();
-        let mut kinds = vec![
-            TokenKind::Control,
-            TokenKind::Control,
-            TokenKind::Control,
-            TokenKind::Control,
-            TokenKind::Control,
-            TokenKind::UserDefined,
-        ];
-        kinds.extend([TokenKind::Normal; 6]);
-        let mut scores = vec![0.0; texts.len()];
-        scores[9] = -1.0;
-        scores[10] = -0.5;
-        for byte in 0..=255u8 {
-            texts.push(format!("<0x{byte:02X}>"));
-            kinds.push(TokenKind::Byte);
-            scores.push(0.0);
-        }
-        SpmTokenizer::new(texts, scores, kinds, Some(2), Some(1), true, false)
-    }
-
-    #[test]
-    fn merges_best_pair_first_and_falls_back_to_bytes() {
-        let tok = toy();
-        assert_eq!(tok.encode(" ab", false, false), vec![10]);
-        assert_eq!(tok.encode("abc", true, false), vec![2, 9, 11]);
-        // "é" is not in the vocabulary: two byte tokens.
-        let ids = tok.encode("é", false, false);
-        assert_eq!(ids.len(), 2);
-        assert_eq!(tok.decode(&ids), "é");
-    }
-
-    #[test]
-    fn user_defined_tokens_split_always_control_tokens_only_when_asked() {
-        let tok = toy();
-        assert_eq!(tok.encode("a\n\nb", false, false), vec![7, 5, 8]);
-        let literal = tok.encode("<start_of_turn>", false, false);
-        assert!(literal.len() > 1);
-        assert_eq!(tok.encode("<start_of_turn>", false, true), vec![4]);
-        assert_eq!(tok.decode(&[4, 7]), "a");
-    }
-
-    #[test]
-    fn utf8_stream_never_emits_half_a_character() {
-        let mut stream = Utf8Stream::default();
-        let bytes = "é🙂".as_bytes();
-        assert_eq!(stream.push(&bytes[..1]), "");
-        assert_eq!(stream.push(&bytes[1..3]), "é");
-        assert_eq!(stream.push(&bytes[3..5]), "");
-        assert_eq!(stream.push(&bytes[5..]), "🙂");
-        assert_eq!(stream.finish(), "");
-    }
-}
-
 /// A chat model's tokenizer: llama.cpp's SentencePiece from the GGUF, or
 /// Hugging Face's `tokenizer.json` when the model directory has one.
 pub enum TextTokenizer {
@@ -564,5 +501,68 @@ impl TextTokenizer {
             TextTokenizer::Spm(t) => &t.end_of_generation,
             TextTokenizer::Hf(t) => &t.end_of_generation,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toy() -> SpmTokenizer {
+        let mut texts: Vec<String> =
+            vec!["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "\n\n", "▁", "a", "b", "ab", "▁ab", "c"]
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+        let mut kinds = vec![
+            TokenKind::Control,
+            TokenKind::Control,
+            TokenKind::Control,
+            TokenKind::Control,
+            TokenKind::Control,
+            TokenKind::UserDefined,
+        ];
+        kinds.extend([TokenKind::Normal; 6]);
+        let mut scores = vec![0.0; texts.len()];
+        scores[9] = -1.0;
+        scores[10] = -0.5;
+        for byte in 0..=255u8 {
+            texts.push(format!("<0x{byte:02X}>"));
+            kinds.push(TokenKind::Byte);
+            scores.push(0.0);
+        }
+        SpmTokenizer::new(texts, scores, kinds, Some(2), Some(1), true, false)
+    }
+
+    #[test]
+    fn merges_best_pair_first_and_falls_back_to_bytes() {
+        let tok = toy();
+        assert_eq!(tok.encode(" ab", false, false), vec![10]);
+        assert_eq!(tok.encode("abc", true, false), vec![2, 9, 11]);
+        // "é" is not in the vocabulary: two byte tokens.
+        let ids = tok.encode("é", false, false);
+        assert_eq!(ids.len(), 2);
+        assert_eq!(tok.decode(&ids), "é");
+    }
+
+    #[test]
+    fn user_defined_tokens_split_always_control_tokens_only_when_asked() {
+        let tok = toy();
+        assert_eq!(tok.encode("a\n\nb", false, false), vec![7, 5, 8]);
+        let literal = tok.encode("<start_of_turn>", false, false);
+        assert!(literal.len() > 1);
+        assert_eq!(tok.encode("<start_of_turn>", false, true), vec![4]);
+        assert_eq!(tok.decode(&[4, 7]), "a");
+    }
+
+    #[test]
+    fn utf8_stream_never_emits_half_a_character() {
+        let mut stream = Utf8Stream::default();
+        let bytes = "é🙂".as_bytes();
+        assert_eq!(stream.push(&bytes[..1]), "");
+        assert_eq!(stream.push(&bytes[1..3]), "é");
+        assert_eq!(stream.push(&bytes[3..5]), "");
+        assert_eq!(stream.push(&bytes[5..]), "🙂");
+        assert_eq!(stream.finish(), "");
     }
 }
