@@ -147,11 +147,14 @@ pub async fn run(
         let (chat_path, embedding_dir) = prepare_models(&loading)?;
         let device = engine::device();
         let started = std::time::Instant::now();
+        // The embedding model first: its safetensors are read whole and then
+        // copied into tensors, a transient best paid while little else is
+        // resident (it set the worker's peak RSS when loaded last).
+        let embedding = embed::EmbeddingModel::load(&embedding_dir, &device)?;
         let mut chats = vec![models::ChatModel::load(&loading.chat_model_id, &chat_path, &device)?];
         for (id, path) in extra_chat_models(&loading)? {
             chats.push(models::ChatModel::load(&id, &path, &device)?);
         }
-        let embedding = embed::EmbeddingModel::load(&embedding_dir, &device)?;
         tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, ?device, "models loaded");
         Ok((chats, embedding))
     })

@@ -56,25 +56,52 @@ impl PackedQ8_0 {
     /// Packs raw Q8_0 blocks of a `[rows, cols]` weight; `None` when the
     /// shape does not tile (the caller keeps candle's kernel).
     pub fn pack(raw: &[u8], rows: usize, cols: usize) -> Option<PackedQ8_0> {
-        if !rows.is_multiple_of(TILE_COLS) || !cols.is_multiple_of(BLOCK) || raw.len() != rows * cols / BLOCK * 34 {
+        if raw.len() != rows * cols / BLOCK * Q8_0_BYTES {
             return None;
+        }
+        let group_bytes = TILE_COLS * cols / BLOCK * Q8_0_BYTES;
+        let mut groups = raw.chunks(group_bytes);
+        Self::pack_groups(rows, cols, |buffer| {
+            buffer.copy_from_slice(groups.next().unwrap_or_default());
+            Ok(())
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// Packs a weight read 16 rows at a time from `reader` (positioned at
+    /// its data), so the raw tensor is never in memory whole: loading the
+    /// 178 MB output table costs its packed size, not twice that.
+    pub fn read<R: std::io::Read>(reader: &mut R, rows: usize, cols: usize) -> std::io::Result<Option<PackedQ8_0>> {
+        Self::pack_groups(rows, cols, |buffer| reader.read_exact(buffer))
+    }
+
+    fn pack_groups(
+        rows: usize,
+        cols: usize,
+        mut next_group: impl FnMut(&mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<Option<PackedQ8_0>> {
+        if !rows.is_multiple_of(TILE_COLS) || !cols.is_multiple_of(BLOCK) {
+            return Ok(None);
         }
         let blocks = cols / BLOCK;
         let mut tiles = vec![0u8; rows * cols];
         let mut scales = vec![0f32; rows * blocks];
-        for row in 0..rows {
-            let (group, lane) = (row / TILE_COLS, row % TILE_COLS);
-            for b in 0..blocks {
-                let block = &raw[(row * blocks + b) * Q8_0_BYTES..][..Q8_0_BYTES];
-                let tile = group * blocks + b;
-                scales[tile * TILE_COLS + lane] = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                for (i, q) in block[2..].iter().enumerate() {
-                    let (chunk, within) = (i / 4, i % 4);
-                    tiles[((tile * 8 + chunk) * TILE_COLS + lane) * 4 + within] = q.wrapping_add(128);
+        let mut raw = vec![0u8; TILE_COLS * blocks * Q8_0_BYTES];
+        for group in 0..rows / TILE_COLS {
+            next_group(&mut raw)?;
+            for (lane, row) in raw.chunks_exact(blocks * Q8_0_BYTES).enumerate() {
+                for (b, block) in row.chunks_exact(Q8_0_BYTES).enumerate() {
+                    let tile = group * blocks + b;
+                    scales[tile * TILE_COLS + lane] = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                    for (i, q) in block[2..].iter().enumerate() {
+                        let (chunk, within) = (i / 4, i % 4);
+                        tiles[((tile * 8 + chunk) * TILE_COLS + lane) * 4 + within] = q.wrapping_add(128);
+                    }
                 }
             }
         }
-        Some(PackedQ8_0 { rows, cols, tiles, scales })
+        Ok(Some(PackedQ8_0 { rows, cols, tiles, scales }))
     }
 
     pub fn rows(&self) -> usize {
@@ -200,6 +227,9 @@ mod tests {
             QTensor::quantize(&Tensor::from_vec(weights, (rows, cols), &Device::Cpu).unwrap(), GgmlDType::Q8_0)
                 .unwrap();
         let packed = PackedQ8_0::pack(&weight.data().unwrap(), rows, cols).unwrap();
+        let streamed =
+            PackedQ8_0::read(&mut std::io::Cursor::new(weight.data().unwrap()), rows, cols).unwrap().unwrap();
+        assert_eq!((streamed.tiles.clone(), streamed.scales.clone()), (packed.tiles.clone(), packed.scales.clone()));
         let reference = QMatMul::from_qtensor(weight).unwrap();
         for m in [1usize, 3, 8] {
             let x: Vec<f32> = (0..m * cols).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 111.0).collect();

@@ -154,6 +154,28 @@ impl Linear {
         Ok(Linear { weight: Matmul::Candle(QMatMul::from_qtensor(qtensor)?), bias, pad_single_row })
     }
 
+    /// A Q8_0 weight packed straight from the file, when the kernel runs
+    /// here; `None` leaves it to [`Linear::new`].
+    fn read_packed<R: Read + Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        name: &str,
+        device: &Device,
+    ) -> Result<Option<Linear>, WorkerError> {
+        let Some(info) = content.tensor_infos.get(name) else { return Ok(None) };
+        let Ok((rows, cols)) = info.shape.dims2() else { return Ok(None) };
+        if info.ggml_dtype != GgmlDType::Q8_0 || !device.is_cpu() || !PackedQ8_0::supported() {
+            return Ok(None);
+        }
+        let io = |err: std::io::Error| WorkerError::Model(format!("reading {name}: {err}"));
+        reader.seek(std::io::SeekFrom::Start(content.tensor_data_offset + info.offset)).map_err(io)?;
+        Ok(PackedQ8_0::read(reader, rows, cols).map_err(io)?.map(|packed| Linear {
+            weight: Matmul::Packed(Arc::new(packed)),
+            bias: None,
+            pad_single_row: false,
+        }))
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
         let y = match &self.weight {
@@ -284,13 +306,18 @@ impl Transformer {
             )));
         }
         let names: std::collections::HashSet<&str> = content.tensor_infos.keys().map(String::as_str).collect();
-        let mut tensor = |name: &str| -> Result<QTensor, WorkerError> { Ok(content.tensor(reader, name, device)?) };
-        let dense = |q: QTensor| -> Result<Tensor, WorkerError> { Ok(q.dequantize(device)?) };
-
         // Tied embeddings: without `output.weight` the output projection is
         // the embedding table.
         let tied = !names.contains("output.weight");
-        let output = Linear::new(tensor(if tied { "token_embd.weight" } else { "output.weight" })?, None)?;
+        let output_name = if tied { "token_embd.weight" } else { "output.weight" };
+        let packed_output = Linear::read_packed(content, reader, output_name, device)?;
+        let mut tensor = |name: &str| -> Result<QTensor, WorkerError> { Ok(content.tensor(reader, name, device)?) };
+        let dense = |q: QTensor| -> Result<Tensor, WorkerError> { Ok(q.dequantize(device)?) };
+
+        let output = match packed_output {
+            Some(packed) => packed,
+            None => Linear::new(tensor(output_name)?, None)?,
+        };
         let embeddings = match (&output.weight, tied) {
             (Matmul::Packed(packed), true) => Embeddings::Tied(packed.clone()),
             _ => {
