@@ -19,7 +19,7 @@
 //! llama.cpp's `get_rows` does, instead of dequantizing 262,144 rows.
 
 use std::io::{Read, Seek};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{D, DType, Device, Module, Tensor};
@@ -483,19 +483,50 @@ impl Transformer {
             k = rms_norm(&k, norm, cfg.rms_eps)?;
         }
         let window = if layer.sliding { cfg.sliding_window } else { None };
-        let mut outputs = Vec::with_capacity(segments.len());
+        // Each sequence attends over its own cache, independently of the
+        // others, so a decode batch spreads them over the pool's threads.
+        struct Work<'c> {
+            offset: usize,
+            seq: usize,
+            position: usize,
+            rope: &'c Rope,
+            cache: Mutex<&'c mut Option<LayerCache>>,
+            out: Mutex<Option<candle_core::Result<Tensor>>>,
+        }
         let mut offset = 0;
+        let mut work = Vec::with_capacity(segments.len());
         for (segment, (global, local)) in segments.iter_mut().zip(ropes) {
             let seq = segment.tokens.len();
             let rope = match (layer.sliding, local) {
                 (true, Some(local)) => local,
                 _ => global,
             };
-            let part = |t: &Tensor| t.narrow(1, offset, seq)?.transpose(1, 2)?.contiguous();
-            let (q, k, v) = (part(&q)?, part(&k)?, part(&v)?);
-            let cache = &mut segment.cache.layers[index];
-            outputs.push(self.attend(q, k, v, rope, segment.cache.position, window, cache)?);
+            let position = segment.cache.position;
+            let cache = Mutex::new(&mut segment.cache.layers[index]);
+            work.push(Work { offset, seq, position, rope, cache, out: Mutex::new(None) });
             offset += seq;
+        }
+        let run = |item: &Work<'_>| -> candle_core::Result<Tensor> {
+            let part = |t: &Tensor| t.narrow(1, item.offset, item.seq)?.transpose(1, 2)?.contiguous();
+            let mut cache = item.cache.lock().map_err(|_| candle_core::Error::Msg("poisoned KV cache".into()))?;
+            self.attend(part(&q)?, part(&k)?, part(&v)?, item.rope, item.position, window, &mut cache)
+        };
+        let execute = |item: &Work<'_>| {
+            let result = run(item);
+            if let Ok(mut out) = item.out.lock() {
+                *out = Some(result);
+            }
+        };
+        if work.len() > 1 && self.device.is_cpu() {
+            candle_core::utils::barrier_pool()
+                .execute_chunked(work.len(), |range| work[range].iter().for_each(execute));
+        } else {
+            work.iter().for_each(execute);
+        }
+        let mut outputs = Vec::with_capacity(work.len());
+        for item in work {
+            let out = item.out.into_inner().ok().flatten();
+            outputs.push(out.unwrap_or_else(|| Err(candle_core::Error::Msg("attention did not run".into())))?);
         }
         let out = Tensor::cat(&outputs, 1)?;
         layer.o.forward(&out)
