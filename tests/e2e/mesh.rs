@@ -10,7 +10,7 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use harness::{http, run_openai_client, signup, spawn, spawn_nats, wait_ready};
+use harness::{http, run_openai_client, signup, spawn, spawn_nats, start_up, wait_ready};
 use infermesh_proto::v1::UsageEvent;
 use prost::Message;
 use serde_json::Value;
@@ -23,10 +23,7 @@ async fn active_sequences(base: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn up_serves_the_openai_sdk_and_stops_generating_when_the_client_leaves() {
     let data = tempfile::tempdir().unwrap();
-    let data_dir = data.path().to_str().unwrap();
-    let up = spawn("gateway", &["up", "--http", "127.0.0.1:0", "--data-dir", data_dir, "--no-nats"]).await;
-    let base = format!("http://{}", up.address);
-    wait_ready(&base).await;
+    let (_up, base) = start_up(data.path(), &[]).await;
     let key = signup(&base, "sdk@example.com").await;
 
     let result = run_openai_client(&base, &key).await;
@@ -142,26 +139,9 @@ async fn separate_processes_publish_a_usage_event_per_request_on_nats() {
 #[tokio::test(flavor = "multi_thread")]
 async fn credit_and_rate_limits_are_enforced_with_openai_errors() {
     let data = tempfile::tempdir().unwrap();
-    let data_dir = data.path().to_str().unwrap();
     // $0.000001 of credit and 2 requests a minute per key.
-    let up = spawn(
-        "gateway",
-        &[
-            "up",
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-            data_dir,
-            "--no-nats",
-            "--signup-credit",
-            "0.000001",
-            "--default-requests-per-minute",
-            "2",
-        ],
-    )
-    .await;
-    let base = format!("http://{}", up.address);
-    wait_ready(&base).await;
+    let (_up, base) =
+        start_up(data.path(), &["--signup-credit", "0.000001", "--default-requests-per-minute", "2"]).await;
     let key = signup(&base, "limits@example.com").await;
     let embed = || {
         http()
@@ -214,25 +194,7 @@ async fn credit_and_rate_limits_are_enforced_with_openai_errors() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_batch_and_queue_answer_503_with_retry_after() {
     let data = tempfile::tempdir().unwrap();
-    let data_dir = data.path().to_str().unwrap();
-    let up = spawn(
-        "gateway",
-        &[
-            "up",
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-            data_dir,
-            "--no-nats",
-            "--max-batch-size",
-            "1",
-            "--max-queued-requests",
-            "1",
-        ],
-    )
-    .await;
-    let base = format!("http://{}", up.address);
-    wait_ready(&base).await;
+    let (_up, base) = start_up(data.path(), &["--max-batch-size", "1", "--max-queued-requests", "1"]).await;
     let key = signup(&base, "busy@example.com").await;
     let long = || {
         http()
@@ -259,7 +221,6 @@ async fn a_full_batch_and_queue_answer_503_with_retry_after() {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_worker_serves_two_chat_models_and_batches_embeddings() {
     let data = tempfile::tempdir().unwrap();
-    let data_dir = data.path().to_str().unwrap();
     let fetched = tokio::process::Command::new(harness::BIN).arg("fetch-models").output().await.unwrap();
     let stdout = String::from_utf8_lossy(&fetched.stdout);
     let gguf = stdout.lines().find_map(|l| l.strip_prefix("chat model: ")).expect("fetch-models names the GGUF");
@@ -277,24 +238,8 @@ pricing = { prompt = 0.03, completion = 0.06 }
 "#;
     std::fs::write(&catalog, format!("{}{extra}", infermesh_registry::catalog::DEFAULT_CATALOG)).unwrap();
     let twin = format!("infermesh/gemma-3-270m-twin={gguf}");
-    let up = spawn(
-        "gateway",
-        &[
-            "up",
-            "--http",
-            "127.0.0.1:0",
-            "--data-dir",
-            data_dir,
-            "--no-nats",
-            "--config",
-            catalog.to_str().unwrap(),
-            "--extra-chat-model",
-            &twin,
-        ],
-    )
-    .await;
-    let base = format!("http://{}", up.address);
-    wait_ready(&base).await;
+    let (_up, base) =
+        start_up(data.path(), &["--config", catalog.to_str().unwrap(), "--extra-chat-model", &twin]).await;
     let key = signup(&base, "twin@example.com").await;
     let complete = |model: &'static str| {
         http()

@@ -335,10 +335,6 @@ impl Batcher {
             }
         }
     }
-
-    pub fn load(&self) -> &Arc<Load> {
-        &self.load
-    }
 }
 
 fn schedule(model: &ChatModel, jobs: &Receiver<Job>, max_batch: usize, load: &Load) {

@@ -42,6 +42,12 @@ impl TokenKind {
     }
 }
 
+/// Token bytes joined, then read as UTF-8 (invalid sequences replaced).
+fn decode_with(ids: &[u32], token_bytes: impl Fn(u32) -> Vec<u8>) -> String {
+    let bytes: Vec<u8> = ids.iter().flat_map(|id| token_bytes(*id)).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 #[derive(Debug)]
 pub struct SpmTokenizer {
     texts: Vec<String>,
@@ -362,8 +368,7 @@ impl SpmTokenizer {
 
     /// The text of a whole id sequence (invalid UTF-8 replaced).
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|id| self.token_bytes(*id)).collect();
-        String::from_utf8_lossy(&bytes).into_owned()
+        decode_with(ids, |id| self.token_bytes(id))
     }
 }
 
@@ -477,8 +482,7 @@ impl TextTokenizer {
 
     /// The text of a whole id sequence (invalid UTF-8 replaced).
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|id| self.token_bytes(*id)).collect();
-        String::from_utf8_lossy(&bytes).into_owned()
+        decode_with(ids, |id| self.token_bytes(id))
     }
 
     pub fn bos(&self) -> Option<u32> {

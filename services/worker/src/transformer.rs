@@ -723,11 +723,6 @@ fn attention_mask(
     Tensor::from_vec(mask, (group * seq, kv_len), device)?.to_dtype(DType::F32)
 }
 
-/// Greedy next token.
-pub fn argmax(logits: &Tensor) -> Result<u32, WorkerError> {
-    Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -90,7 +90,8 @@ fn teacher_forced_top1_agreement_with_llama_cpp_is_at_least_95_percent() {
         let first = case.prompt_ids.len() - 1;
         let mut strict_prefix = None;
         for (step, expected) in case.greedy_ids.iter().enumerate() {
-            let ours = infermesh_worker::transformer::argmax(&logits.get(first + step).unwrap()).unwrap();
+            let row = logits.get(first + step).unwrap().to_vec1::<f32>().unwrap();
+            let ours = infermesh_worker::sampling::argmax(&row);
             total += 1;
             if ours == *expected {
                 agree += 1;
