@@ -34,6 +34,21 @@ pub struct PackedQ8_0 {
     tiles: Vec<u8>,
     /// `[rows/16][cols/32][16]` block scales.
     scales: Vec<f32>,
+    accumulation: Accumulation,
+}
+
+/// How block products are summed into a dot product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accumulation {
+    /// llama.cpp's order: 8 lanes of 4 products, each lane scaled and
+    /// accumulated per block, the lanes added at the end. Its rounding,
+    /// which matters wherever the result is quantized again downstream.
+    LlamaCppLanes,
+    /// Each block's 32 products summed exactly as integers, then scaled
+    /// once: ~2× less work, the same value to float rounding (~1e-7
+    /// relative). For the output projection, whose logits feed nothing
+    /// but sampling.
+    BlockSums,
 }
 
 struct SharedOut(*mut f32);
@@ -101,7 +116,11 @@ impl PackedQ8_0 {
                 }
             }
         }
-        Ok(Some(PackedQ8_0 { rows, cols, tiles, scales }))
+        Ok(Some(PackedQ8_0 { rows, cols, tiles, scales, accumulation: Accumulation::LlamaCppLanes }))
+    }
+
+    pub fn with_accumulation(self, accumulation: Accumulation) -> PackedQ8_0 {
+        PackedQ8_0 { accumulation, ..self }
     }
 
     pub fn rows(&self) -> usize {
@@ -137,27 +156,62 @@ impl PackedQ8_0 {
         // -128 × the sum of each 4-input chunk, undoing the +128 stored in
         // the weights.
         let mut offsets = vec![0i32; m * blocks * 8];
-        for (i, values) in x.chunks_exact(BLOCK).enumerate() {
-            // As llama.cpp's quantize_row_q8_0 on x86: 127/amax, ties to even.
-            let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let inverse = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            scales[i] = f16::from_f32(amax / 127.0).to_f32();
-            for (j, (q, v)) in quants[i * BLOCK..(i + 1) * BLOCK].iter_mut().zip(values).enumerate() {
-                *q = (v * inverse).round_ties_even() as i8;
-                offsets[i * 8 + j / 4] -= 128 * i32::from(*q);
-            }
+        // SAFETY: `supported()` gated construction; the slices are sized
+        // for `m * cols` inputs above.
+        unsafe { quantize_rows(x, &mut quants, &mut scales) };
+        for (chunk, offset) in quants.chunks_exact(4).zip(offsets.iter_mut()) {
+            *offset = -128 * chunk.iter().map(|q| i32::from(*q)).sum::<i32>();
         }
+        let block_offsets: Vec<i32> = match self.accumulation {
+            Accumulation::LlamaCppLanes => Vec::new(),
+            Accumulation::BlockSums => offsets.chunks_exact(8).map(|chunks| chunks.iter().sum()).collect(),
+        };
         let out_ptr = SharedOut(out.as_mut_ptr());
         let groups = self.rows / TILE_COLS;
-        let activations = Activations { quants: &quants, scales: &scales, offsets: &offsets, m };
+        let activations =
+            Activations { quants: &quants, scales: &scales, offsets: &offsets, block_offsets: &block_offsets, m };
         barrier_pool().execute_chunked(groups, |range| {
             let out = &out_ptr;
             for group in range {
                 // SAFETY: `supported()` gated construction; each group
                 // writes only its own 16 columns of every output row.
-                unsafe { self.group(group, &activations, out.0) }
+                unsafe {
+                    match self.accumulation {
+                        Accumulation::LlamaCppLanes => self.group(group, &activations, out.0),
+                        Accumulation::BlockSums => self.group_block_sums(group, &activations, out.0),
+                    }
+                }
             }
         });
+    }
+
+    /// Pulls the next group's tiles and scales into cache while this group
+    /// computes: `step` of `steps` (one per row and block) fetches its
+    /// share. Without it the weights stream in while the first row runs and
+    /// the other rows run with memory idle, so time was the sum of the two.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn prefetch_next_group(&self, group: usize, step: usize, steps: usize) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        const LINE: usize = 64;
+        let next = group + 1;
+        if next * TILE_COLS >= self.rows {
+            return;
+        }
+        let tile_bytes = self.cols * TILE_COLS;
+        let scale_bytes = self.cols / BLOCK * TILE_COLS * 4;
+        let lines = (tile_bytes + scale_bytes).div_ceil(LINE);
+        let per_step = lines.div_ceil(steps);
+        for line in step * per_step..((step + 1) * per_step).min(lines) {
+            let byte = line * LINE;
+            let address = if byte < tile_bytes {
+                self.tiles.as_ptr().wrapping_add(next * tile_bytes + byte)
+            } else {
+                self.scales.as_ptr().wrapping_add((next * scale_bytes + byte - tile_bytes) / 4) as *const u8
+            };
+            // SAFETY: a prefetch of an address inside our own buffers.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(address as *const i8) };
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -176,6 +230,7 @@ impl PackedQ8_0 {
                 // the order of ggml's hsum_float_8: llama.cpp's own rounding.
                 let mut lanes = [_mm512_setzero_ps(); 8];
                 for b in 0..blocks {
+                    self.prefetch_next_group(group, r * blocks + b, x.m * blocks);
                     let scale = _mm512_mul_ps(
                         _mm512_loadu_ps(weight_scales.add(b * TILE_COLS)),
                         _mm512_set1_ps(x.scales[r * blocks + b]),
@@ -197,22 +252,118 @@ impl PackedQ8_0 {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn group_block_sums(&self, group: usize, x: &Activations<'_>, out: *mut f32) {
+        use std::arch::x86_64::*;
+        let blocks = self.cols / BLOCK;
+        // SAFETY: as in `group`.
+        unsafe {
+            let tiles = self.tiles.as_ptr().add(group * blocks * BLOCK * TILE_COLS);
+            let weight_scales = self.scales.as_ptr().add(group * blocks * TILE_COLS);
+            for r in 0..x.m {
+                let quants = x.quants.as_ptr().add(r * self.cols);
+                let mut acc = _mm512_setzero_ps();
+                for b in 0..blocks {
+                    self.prefetch_next_group(group, r * blocks + b, x.m * blocks);
+                    let scale = _mm512_mul_ps(
+                        _mm512_loadu_ps(weight_scales.add(b * TILE_COLS)),
+                        _mm512_set1_ps(x.scales[r * blocks + b]),
+                    );
+                    // Two dependency chains of four, so the adds overlap.
+                    let mut even = _mm512_set1_epi32(x.block_offsets[r * blocks + b]);
+                    let mut odd = _mm512_setzero_si512();
+                    for chunk in (0..8).step_by(2) {
+                        let input = |c: usize| {
+                            _mm512_set1_epi32(std::ptr::read_unaligned(quants.add(b * BLOCK + c * 4) as *const i32))
+                        };
+                        let weights = |c: usize| _mm512_loadu_si512(tiles.add((b * 8 + c) * 64) as *const _);
+                        even = _mm512_dpbusd_epi32(even, weights(chunk), input(chunk));
+                        odd = _mm512_dpbusd_epi32(odd, weights(chunk + 1), input(chunk + 1));
+                    }
+                    acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), acc);
+                }
+                _mm512_storeu_ps(out.add(r * self.rows + group * TILE_COLS), acc);
+            }
+        }
+    }
+
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn group(&self, _group: usize, _x: &Activations<'_>, _out: *mut f32) {
         unreachable!("PackedQ8_0::supported() is false off x86_64")
     }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn group_block_sums(&self, _group: usize, _x: &Activations<'_>, _out: *mut f32) {
+        unreachable!("PackedQ8_0::supported() is false off x86_64")
+    }
+}
+
+/// Activations quantized per 32 values as llama.cpp's `quantize_row_q8_0`
+/// on x86: scale `amax / 127` (kept at f16 precision), values times
+/// `127 / amax` rounded half to even. Vectorized because the scheduler
+/// thread runs it alone before every matmul while the pool waits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn quantize_rows(x: &[f32], quants: &mut [i8], scales: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for ((values, out), scale) in x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()) {
+        // SAFETY: each chunk holds exactly 32 values / 32 bytes.
+        unsafe {
+            let low = _mm512_loadu_ps(values.as_ptr());
+            let high = _mm512_loadu_ps(values.as_ptr().add(16));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+            let inverse = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            *scale = f16::from_f32(amax / 127.0).to_f32();
+            let inverse = _mm512_set1_ps(inverse);
+            // The default MXCSR rounding is to nearest, ties to even.
+            let low = _mm512_cvtps_epi32(_mm512_mul_ps(low, inverse));
+            let high = _mm512_cvtps_epi32(_mm512_mul_ps(high, inverse));
+            _mm_storeu_si128(out.as_mut_ptr() as *mut __m128i, _mm512_cvtsepi32_epi8(low));
+            _mm_storeu_si128(out.as_mut_ptr().add(16) as *mut __m128i, _mm512_cvtsepi32_epi8(high));
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn quantize_rows(_x: &[f32], _quants: &mut [i8], _scales: &mut [f32]) {
+    unreachable!("PackedQ8_0::supported() is false off x86_64")
 }
 
 struct Activations<'a> {
     quants: &'a [i8],
     scales: &'a [f32],
     offsets: &'a [i32],
+    /// Per block, the sum of its 8 `offsets` (for [`Accumulation::BlockSums`]).
+    block_offsets: &'a [i32],
     m: usize,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activations_quantize_as_llama_cpp_ties_to_even() {
+        if !PackedQ8_0::supported() {
+            return;
+        }
+        // amax 127 makes the multiplier exactly 1, so the halves are ties.
+        let mut x: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) * 0.77).collect();
+        x[..8].copy_from_slice(&[127.0, 2.5, -3.5, 0.5, -0.5, 1.5, 126.5, -2.5]);
+        x[40..].iter_mut().for_each(|v| *v = 0.0);
+        let (mut quants, mut scales) = (vec![0i8; 64], vec![0f32; 2]);
+        // SAFETY: the CPU supports the kernel (checked above).
+        unsafe { quantize_rows(&x, &mut quants, &mut scales) };
+        for (b, values) in x.chunks_exact(BLOCK).enumerate() {
+            let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let inverse = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            assert_eq!(scales[b], f16::from_f32(amax / 127.0).to_f32());
+            let expected: Vec<i8> = values.iter().map(|v| (v * inverse).round_ties_even() as i8).collect();
+            assert_eq!(quants[b * BLOCK..(b + 1) * BLOCK], expected[..], "block {b}");
+        }
+        assert_eq!(quants[..8], [127, 2, -4, 0, 0, 2, 126, -2]);
+    }
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
 

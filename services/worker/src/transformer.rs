@@ -22,10 +22,11 @@ use std::io::{Read, Seek};
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
-use candle_core::{D, DType, Device, Module, Tensor};
+use candle_core::{D, Device, Module, Tensor};
 
+use crate::attention::{Heads, LayerCache, Rope, Step};
 use crate::error::WorkerError;
-use crate::q8_0::PackedQ8_0;
+use crate::q8_0::{Accumulation, PackedQ8_0};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -160,6 +161,7 @@ impl Linear {
         content: &gguf_file::Content,
         reader: &mut R,
         name: &str,
+        accumulation: Accumulation,
         device: &Device,
     ) -> Result<Option<Linear>, WorkerError> {
         let Some(info) = content.tensor_infos.get(name) else { return Ok(None) };
@@ -170,7 +172,7 @@ impl Linear {
         let io = |err: std::io::Error| WorkerError::Model(format!("reading {name}: {err}"));
         reader.seek(std::io::SeekFrom::Start(content.tensor_data_offset + info.offset)).map_err(io)?;
         Ok(PackedQ8_0::read(reader, rows, cols).map_err(io)?.map(|packed| Linear {
-            weight: Matmul::Packed(Arc::new(packed)),
+            weight: Matmul::Packed(Arc::new(packed.with_accumulation(accumulation))),
             bias: None,
             pad_single_row: false,
         }))
@@ -236,18 +238,7 @@ pub struct KvCache {
     pub position: usize,
 }
 
-#[derive(Debug, Clone)]
-struct LayerCache {
-    k: Tensor,
-    v: Tensor,
-    /// Absolute position of the first cached entry (sliding layers drop
-    /// what falls out of the window).
-    start: usize,
-}
-
-/// Rotary tables `(cos, sin)` for one segment's positions.
-type Rope = (Tensor, Tensor);
-/// A segment's global-layer tables, and its sliding-layer ones (Gemma 3).
+/// A segment's global-layer rotary tables, and its sliding-layer ones (Gemma 3).
 type SegmentRope = (Rope, Option<Rope>);
 
 /// One sequence's share of a batched forward: its next tokens (a prefill
@@ -310,7 +301,9 @@ impl Transformer {
         // the embedding table.
         let tied = !names.contains("output.weight");
         let output_name = if tied { "token_embd.weight" } else { "output.weight" };
-        let packed_output = Linear::read_packed(content, reader, output_name, device)?;
+        // The logits only feed sampling, so llama.cpp's lane order (needed
+        // where a result is quantized again) buys nothing here: block sums.
+        let packed_output = Linear::read_packed(content, reader, output_name, Accumulation::BlockSums, device)?;
         let mut tensor = |name: &str| -> Result<QTensor, WorkerError> { Ok(content.tensor(reader, name, device)?) };
         let dense = |q: QTensor| -> Result<Tensor, WorkerError> { Ok(q.dequantize(device)?) };
 
@@ -430,11 +423,8 @@ impl Transformer {
         let mut ropes = Vec::with_capacity(segments.len());
         for segment in segments.iter() {
             let (position, len) = (segment.cache.position, segment.tokens.len());
-            let global = rope_tables(cfg.head_dim, cfg.rope_base_global, position, len, &self.device)?;
-            let local = match cfg.sliding_window {
-                Some(_) => Some(rope_tables(cfg.head_dim, cfg.rope_base_local, position, len, &self.device)?),
-                None => None,
-            };
+            let global = Rope::new(cfg.head_dim, cfg.rope_base_global, position, len);
+            let local = cfg.sliding_window.map(|_| Rope::new(cfg.head_dim, cfg.rope_base_local, position, len));
             ropes.push((global, local));
         }
         for (index, layer) in self.layers.iter().enumerate() {
@@ -472,17 +462,24 @@ impl Transformer {
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
         let total = x.dim(1)?;
-        let heads_of = |t: Tensor, heads: usize| t.reshape((1, total, heads, cfg.head_dim));
-        let mut q = heads_of(layer.q.forward(x)?, cfg.heads)?;
-        let mut k = heads_of(layer.k.forward(x)?, cfg.kv_heads)?;
-        let v = heads_of(layer.v.forward(x)?, cfg.kv_heads)?;
+        let mut q = layer.q.forward(x)?;
+        let mut k = layer.k.forward(x)?;
         if let Some(norm) = &layer.q_norm {
-            q = rms_norm(&q, norm, cfg.rms_eps)?;
+            q = rms_norm(&q.reshape((total, cfg.heads, cfg.head_dim))?, norm, cfg.rms_eps)?;
         }
         if let Some(norm) = &layer.k_norm {
-            k = rms_norm(&k, norm, cfg.rms_eps)?;
+            k = rms_norm(&k.reshape((total, cfg.kv_heads, cfg.head_dim))?, norm, cfg.rms_eps)?;
         }
+        let host = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let (q, k, v) = (host(q)?, host(k)?, host(layer.v.forward(x)?)?);
+        let heads = Heads {
+            heads: cfg.heads,
+            kv_heads: cfg.kv_heads,
+            head_dim: cfg.head_dim,
+            interleaved_rope: cfg.arch.interleaved_rope(),
+        };
         let window = if layer.sliding { cfg.sliding_window } else { None };
+        let (q_width, kv_width) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
         // Each sequence attends over its own cache, independently of the
         // others, so a decode batch spreads them over the pool's threads.
         struct Work<'c> {
@@ -491,7 +488,7 @@ impl Transformer {
             position: usize,
             rope: &'c Rope,
             cache: Mutex<&'c mut Option<LayerCache>>,
-            out: Mutex<Option<candle_core::Result<Tensor>>>,
+            out: Mutex<Option<candle_core::Result<Vec<f32>>>>,
         }
         let mut offset = 0;
         let mut work = Vec::with_capacity(segments.len());
@@ -506,10 +503,20 @@ impl Transformer {
             work.push(Work { offset, seq, position, rope, cache, out: Mutex::new(None) });
             offset += seq;
         }
-        let run = |item: &Work<'_>| -> candle_core::Result<Tensor> {
-            let part = |t: &Tensor| t.narrow(1, item.offset, item.seq)?.transpose(1, 2)?.contiguous();
+        let run = |item: &Work<'_>| -> candle_core::Result<Vec<f32>> {
+            fn rows<'x>(x: &'x [f32], item: &Work<'_>, width: usize) -> &'x [f32] {
+                &x[item.offset * width..(item.offset + item.seq) * width]
+            }
+            let step = Step {
+                q: rows(&q, item, q_width),
+                k: rows(&k, item, kv_width),
+                v: rows(&v, item, kv_width),
+                rope: item.rope,
+                position: item.position,
+                window,
+            };
             let mut cache = item.cache.lock().map_err(|_| candle_core::Error::Msg("poisoned KV cache".into()))?;
-            self.attend(part(&q)?, part(&k)?, part(&v)?, item.rope, item.position, window, &mut cache)
+            heads.attend(step, &mut cache, &self.device)
         };
         let execute = |item: &Work<'_>| {
             let result = run(item);
@@ -517,72 +524,18 @@ impl Transformer {
                 *out = Some(result);
             }
         };
-        if work.len() > 1 && self.device.is_cpu() {
+        if work.len() > 1 {
             candle_core::utils::barrier_pool()
                 .execute_chunked(work.len(), |range| work[range].iter().for_each(execute));
         } else {
             work.iter().for_each(execute);
         }
-        let mut outputs = Vec::with_capacity(work.len());
+        let mut out = Vec::with_capacity(total * q_width);
         for item in work {
-            let out = item.out.into_inner().ok().flatten();
-            outputs.push(out.unwrap_or_else(|| Err(candle_core::Error::Msg("attention did not run".into())))?);
+            let part = item.out.into_inner().ok().flatten();
+            out.extend(part.unwrap_or_else(|| Err(candle_core::Error::Msg("attention did not run".into())))?);
         }
-        let out = Tensor::cat(&outputs, 1)?;
-        layer.o.forward(&out)
-    }
-
-    /// Attention for one sequence: `q` `[1, heads, seq, dim]`, `k`/`v`
-    /// `[1, kv_heads, seq, dim]` for positions `[position, position + seq)`.
-    /// Returns `[1, seq, heads * dim]`.
-    #[allow(clippy::too_many_arguments)]
-    fn attend(
-        &self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        (cos, sin): &Rope,
-        position: usize,
-        window: Option<usize>,
-        cache: &mut Option<LayerCache>,
-    ) -> candle_core::Result<Tensor> {
-        let cfg = &self.config;
-        let seq = q.dim(2)?;
-        let rotate =
-            if cfg.arch.interleaved_rope() { candle_nn::rotary_emb::rope_i } else { candle_nn::rotary_emb::rope };
-        let q = rotate(&q, cos, sin)?;
-        // The cache holds f16 precision, as llama.cpp's default KV cache.
-        let k = rotate(&k, cos, sin)?.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
-        let v = v.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
-
-        let (k, v, start) = match cache.take() {
-            Some(prev) => (Tensor::cat(&[&prev.k, &k], 2)?, Tensor::cat(&[&prev.v, &v], 2)?, prev.start),
-            None => (k, v, position),
-        };
-        let kv_len = k.dim(2)?;
-        // Keep only what a later query can still see.
-        let keep_from = match window {
-            Some(w) => (position + seq).saturating_sub(w).max(start),
-            None => start,
-        };
-        *cache = Some(if keep_from > start {
-            let drop = keep_from - start;
-            LayerCache { k: k.narrow(2, drop, kv_len - drop)?, v: v.narrow(2, drop, kv_len - drop)?, start: keep_from }
-        } else {
-            LayerCache { k: k.clone(), v: v.clone(), start }
-        });
-
-        // Grouped-query attention without copying K/V per head: fold the
-        // query heads of each KV head into the row dimension.
-        let group = cfg.heads / cfg.kv_heads;
-        let q = q.reshape((1, cfg.kv_heads, group * seq, cfg.head_dim))?;
-        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let mask = attention_mask(seq, position, start, kv_len, window, group, &self.device)?;
-        let scores = scores.broadcast_add(&mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v.contiguous()?)?;
-        out.reshape((1, cfg.heads, seq, cfg.head_dim))?.transpose(1, 2)?.reshape((1, seq, cfg.heads * cfg.head_dim))
+        layer.o.forward(&Tensor::from_vec(out, (1, total, q_width), &self.device)?)
     }
 }
 
@@ -673,89 +626,9 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor
     Tensor::from_vec(values, x.shape(), x.device())
 }
 
-/// NEOX-style rotary tables for positions `[start, start + len)`.
-fn rope_tables(
-    head_dim: usize,
-    base: f32,
-    start: usize,
-    len: usize,
-    device: &Device,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let mut cos = Vec::with_capacity(len * half);
-    let mut sin = Vec::with_capacity(len * half);
-    // ggml's order: each pair's angle is the previous one times the scale.
-    let theta_scale = base.powf(-2.0 / head_dim as f32);
-    for p in start..start + len {
-        let mut theta = p as f32;
-        for _ in 0..half {
-            cos.push(theta.cos());
-            sin.push(theta.sin());
-            theta *= theta_scale;
-        }
-    }
-    Ok((Tensor::from_vec(cos, (len, half), device)?, Tensor::from_vec(sin, (len, half), device)?))
-}
-
-/// Additive mask `[group * seq, kv_len]`: query `i` (absolute position
-/// `position + i`) sees key `j` (absolute `start + j`) when the key is not
-/// in its future and, for sliding layers, `query - key < window`.
-fn attention_mask(
-    seq: usize,
-    position: usize,
-    start: usize,
-    kv_len: usize,
-    window: Option<usize>,
-    group: usize,
-    device: &Device,
-) -> candle_core::Result<Tensor> {
-    let mut mask = Vec::with_capacity(group * seq * kv_len);
-    for _ in 0..group {
-        for i in 0..seq {
-            let query = position + i;
-            for j in 0..kv_len {
-                let key = start + j;
-                let visible = key <= query && window.is_none_or(|w| query - key < w);
-                mask.push(if visible { 0.0f32 } else { f32::NEG_INFINITY });
-            }
-        }
-    }
-    Tensor::from_vec(mask, (group * seq, kv_len), device)?.to_dtype(DType::F32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn visible(mask: &Tensor) -> Vec<Vec<bool>> {
-        mask.to_vec2::<f32>().unwrap().into_iter().map(|row| row.into_iter().map(|v| v == 0.0).collect()).collect()
-    }
-
-    #[test]
-    fn sliding_mask_admits_exactly_window_positions() {
-        let window = 512;
-        let seq = 600;
-        let mask = attention_mask(seq, 0, 0, seq, Some(window), 1, &Device::Cpu).unwrap();
-        let rows = visible(&mask);
-        assert_eq!(rows[599].iter().filter(|v| **v).count(), window);
-        assert!(!rows[599][599 - window]);
-        assert!(rows[599][600 - window]);
-        assert_eq!(rows[10].iter().filter(|v| **v).count(), 11);
-    }
-
-    #[test]
-    fn decode_mask_respects_window_and_cache_offset() {
-        // Decoding position 1000 with a cache that starts at 488.
-        let mask = attention_mask(1, 1000, 488, 513, Some(512), 1, &Device::Cpu).unwrap();
-        let row = &visible(&mask)[0];
-        assert!(!row[0], "position 488 is 512 behind: outside the window");
-        assert!(row[1..].iter().all(|v| *v));
-        let global = attention_mask(2, 5, 0, 7, None, 2, &Device::Cpu).unwrap();
-        let rows = visible(&global);
-        assert_eq!(rows.len(), 4);
-        assert_eq!(rows[0].iter().filter(|v| **v).count(), 6);
-        assert_eq!(rows[3].iter().filter(|v| **v).count(), 7);
-    }
 
     #[test]
     fn q5_0_widens_to_q8_0_without_changing_a_weight() {
@@ -767,15 +640,5 @@ mod tests {
         let a = q5.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = q8.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(a, b);
-    }
-
-    #[test]
-    fn rope_tables_start_at_the_given_position() {
-        let (cos, sin) = rope_tables(4, 10_000.0, 3, 2, &Device::Cpu).unwrap();
-        let cos = cos.to_vec2::<f32>().unwrap();
-        let sin = sin.to_vec2::<f32>().unwrap();
-        assert!((cos[0][0] - 3f32.cos()).abs() < 1e-6);
-        assert!((sin[1][0] - 4f32.sin()).abs() < 1e-6);
-        assert!((sin[0][1] - (3.0f32 * 0.01).sin()).abs() < 1e-6);
     }
 }
