@@ -25,6 +25,7 @@ const TILE_COLS: usize = 16;
 const BLOCK: usize = 32;
 const Q8_0_BYTES: usize = 34;
 
+#[derive(Clone)]
 pub struct PackedQ8_0 {
     rows: usize,
     cols: usize,
@@ -391,15 +392,18 @@ mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            let mut out = vec![0f32; m * rows];
-            packed.matmul(&x, m, &mut out);
-            for (a, b) in out.iter().zip(&expected) {
-                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "m={m}: {a} vs {b}");
+            let block_sums = PackedQ8_0 { accumulation: Accumulation::BlockSums, ..packed.clone() };
+            for packed in [&packed, &block_sums] {
+                let mut out = vec![0f32; m * rows];
+                packed.matmul(&x, m, &mut out);
+                for (a, b) in out.iter().zip(&expected) {
+                    assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "m={m}: {a} vs {b}");
+                }
+                // Row 0 is the same alone as in a batch.
+                let mut alone = vec![0f32; rows];
+                packed.matmul(&x[..cols], 1, &mut alone);
+                assert_eq!(alone[..], out[..rows]);
             }
-            // Row 0 is the same alone as in a batch.
-            let mut alone = vec![0f32; rows];
-            packed.matmul(&x[..cols], 1, &mut alone);
-            assert_eq!(alone[..], out[..rows]);
         }
         let mut row = Vec::new();
         packed.dequantize_row(5, &mut row);
