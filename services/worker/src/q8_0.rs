@@ -262,29 +262,67 @@ impl PackedQ8_0 {
         unsafe {
             let tiles = self.tiles.as_ptr().add(group * blocks * BLOCK * TILE_COLS);
             let weight_scales = self.scales.as_ptr().add(group * blocks * TILE_COLS);
-            for r in 0..x.m {
-                let quants = x.quants.as_ptr().add(r * self.cols);
-                let mut acc = _mm512_setzero_ps();
-                for b in 0..blocks {
-                    self.prefetch_next_group(group, r * blocks + b, x.m * blocks);
-                    let scale = _mm512_mul_ps(
-                        _mm512_loadu_ps(weight_scales.add(b * TILE_COLS)),
-                        _mm512_set1_ps(x.scales[r * blocks + b]),
-                    );
-                    // Two dependency chains of four, so the adds overlap.
-                    let mut even = _mm512_set1_epi32(x.block_offsets[r * blocks + b]);
-                    let mut odd = _mm512_setzero_si512();
-                    for chunk in (0..8).step_by(2) {
-                        let input = |c: usize| {
-                            _mm512_set1_epi32(std::ptr::read_unaligned(quants.add(b * BLOCK + c * 4) as *const i32))
-                        };
-                        let weights = |c: usize| _mm512_loadu_si512(tiles.add((b * 8 + c) * 64) as *const _);
-                        even = _mm512_dpbusd_epi32(even, weights(chunk), input(chunk));
-                        odd = _mm512_dpbusd_epi32(odd, weights(chunk + 1), input(chunk + 1));
-                    }
-                    acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd)), acc);
+            let mut r = 0;
+            while r < x.m {
+                // Up to four rows at once share each weight load and give
+                // the core eight independent chains.
+                let step = (x.m - r).min(4);
+                match step {
+                    4 => self.block_sums_rows::<4>(group, r, tiles, weight_scales, x, out),
+                    3 => self.block_sums_rows::<3>(group, r, tiles, weight_scales, x, out),
+                    2 => self.block_sums_rows::<2>(group, r, tiles, weight_scales, x, out),
+                    _ => self.block_sums_rows::<1>(group, r, tiles, weight_scales, x, out),
                 }
-                _mm512_storeu_ps(out.add(r * self.rows + group * TILE_COLS), acc);
+                r += step;
+            }
+        }
+    }
+
+    /// Rows `first..first + R` of one group, for [`Accumulation::BlockSums`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn block_sums_rows<const R: usize>(
+        &self,
+        group: usize,
+        first: usize,
+        tiles: *const u8,
+        weight_scales: *const f32,
+        x: &Activations<'_>,
+        out: *mut f32,
+    ) {
+        use std::arch::x86_64::*;
+        let blocks = self.cols / BLOCK;
+        // SAFETY: as in `group`; rows `first..first + R` exist in `x`.
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..blocks {
+                self.prefetch_next_group(group, (first / R) * blocks + b, x.m.div_ceil(R) * blocks);
+                let weight_scale = _mm512_loadu_ps(weight_scales.add(b * TILE_COLS));
+                // Two chains of four per row, so the adds overlap.
+                let mut even: [__m512i; R] =
+                    std::array::from_fn(|i| _mm512_set1_epi32(*x.block_offsets.get_unchecked((first + i) * blocks + b)));
+                let mut odd = [_mm512_setzero_si512(); R];
+                for chunk in (0..8).step_by(2) {
+                    let weights = |c: usize| _mm512_loadu_si512(tiles.add((b * 8 + c) * 64) as *const _);
+                    let input = |row: usize, c: usize| {
+                        let at = x.quants.as_ptr().add((first + row) * self.cols + b * BLOCK + c * 4);
+                        _mm512_set1_epi32(std::ptr::read_unaligned(at as *const i32))
+                    };
+                    let (w_even, w_odd) = (weights(chunk), weights(chunk + 1));
+                    for row in 0..R {
+                        even[row] = _mm512_dpbusd_epi32(even[row], w_even, input(row, chunk));
+                        odd[row] = _mm512_dpbusd_epi32(odd[row], w_odd, input(row, chunk + 1));
+                    }
+                }
+                for row in 0..R {
+                    let scale =
+                        _mm512_mul_ps(weight_scale, _mm512_set1_ps(*x.scales.get_unchecked((first + row) * blocks + b)));
+                    let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[row], odd[row]));
+                    acc[row] = _mm512_fmadd_ps(scale, sum, acc[row]);
+                }
+            }
+            for (row, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.add((first + row) * self.rows + group * TILE_COLS), *acc);
             }
         }
     }
