@@ -448,3 +448,41 @@ mod tests {
         assert_eq!(row.len(), cols);
     }
 }
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn time_output_table() {
+        let (rows, cols) = (262_144usize, 640usize);
+        let blocks = cols / BLOCK;
+        let mut raw = vec![0u8; rows * blocks * Q8_0_BYTES];
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b = (i * 7919 % 251) as u8;
+        }
+        for blk in raw.chunks_exact_mut(Q8_0_BYTES) {
+            blk[0] = 0;
+            blk[1] = 0x20;
+        }
+        let lanes = PackedQ8_0::pack(&raw, rows, cols).unwrap();
+        drop(raw);
+        let sums = lanes.clone().with_accumulation(Accumulation::BlockSums);
+        for round in 0..3 {
+            for (name, packed) in [("lanes", &lanes), ("sums", &sums)] {
+                for m in [1usize, 8] {
+                    let x: Vec<f32> = (0..m * cols).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 111.0).collect();
+                    let mut out = vec![0f32; m * rows];
+                    let iters = 30;
+                    let mut best = f64::MAX;
+                    for _ in 0..iters {
+                        let t = std::time::Instant::now();
+                        packed.matmul(&x, m, &mut out);
+                        best = best.min(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    eprintln!("round {round} {name} m={m}: best {best:.2} ms");
+                }
+            }
+        }
+    }
+}

@@ -168,13 +168,18 @@ impl Sampler {
 }
 
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in values.iter().enumerate() {
-        if *v > values[best] {
-            best = i;
+    // Max over 16 lanes (this form vectorizes), then the first index that
+    // holds it: the lowest id wins a tie, as a scan from the front would.
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = values.chunks_exact(16);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane = if *v > *lane { *v } else { *lane };
         }
     }
-    best as u32
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |a, v| if *v > a { *v } else { a });
+    values.iter().position(|v| *v == max).unwrap_or(0) as u32
 }
 
 /// The log-probability of `chosen` under the model's raw logits, with the
@@ -212,6 +217,18 @@ mod tests {
         assert_eq!(sampler.sample(&mut [1.0, 3.0, 2.0]), 0);
         let mut plain = Sampler::new(params(0.0), &[]);
         assert_eq!(plain.sample(&mut [1.0, 3.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn argmax_takes_the_first_of_equal_maxima_in_lanes_and_tail() {
+        let mut values = vec![0.0f32; 53];
+        assert_eq!(argmax(&values), 0);
+        values[7] = 2.0;
+        values[39] = 2.0;
+        assert_eq!(argmax(&values), 7);
+        values[51] = 3.0;
+        assert_eq!(argmax(&values), 51, "the tail beyond the last 16 counts");
+        assert_eq!(argmax(&[-5.0, -1.0, -1.0]), 1);
     }
 
     #[test]
