@@ -12,6 +12,7 @@
 //! On start it registers its models with the registry and heartbeats its
 //! load, so gateways can route to it.
 
+pub mod activation;
 pub mod attention;
 pub mod chat;
 pub mod embed;

@@ -256,7 +256,6 @@ impl PackedQ8_0 {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn group_block_sums(&self, group: usize, x: &Activations<'_>, out: *mut f32) {
-        use std::arch::x86_64::*;
         let blocks = self.cols / BLOCK;
         // SAFETY: as in `group`.
         unsafe {
@@ -299,8 +298,9 @@ impl PackedQ8_0 {
                 self.prefetch_next_group(group, (first / R) * blocks + b, x.m.div_ceil(R) * blocks);
                 let weight_scale = _mm512_loadu_ps(weight_scales.add(b * TILE_COLS));
                 // Two chains of four per row, so the adds overlap.
-                let mut even: [__m512i; R] =
-                    std::array::from_fn(|i| _mm512_set1_epi32(*x.block_offsets.get_unchecked((first + i) * blocks + b)));
+                let mut even: [__m512i; R] = std::array::from_fn(|i| {
+                    _mm512_set1_epi32(*x.block_offsets.get_unchecked((first + i) * blocks + b))
+                });
                 let mut odd = [_mm512_setzero_si512(); R];
                 for chunk in (0..8).step_by(2) {
                     let weights = |c: usize| _mm512_loadu_si512(tiles.add((b * 8 + c) * 64) as *const _);
@@ -315,8 +315,10 @@ impl PackedQ8_0 {
                     }
                 }
                 for row in 0..R {
-                    let scale =
-                        _mm512_mul_ps(weight_scale, _mm512_set1_ps(*x.scales.get_unchecked((first + row) * blocks + b)));
+                    let scale = _mm512_mul_ps(
+                        weight_scale,
+                        _mm512_set1_ps(*x.scales.get_unchecked((first + row) * blocks + b)),
+                    );
                     let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[row], odd[row]));
                     acc[row] = _mm512_fmadd_ps(scale, sum, acc[row]);
                 }
@@ -446,43 +448,5 @@ mod tests {
         let mut row = Vec::new();
         packed.dequantize_row(5, &mut row);
         assert_eq!(row.len(), cols);
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn time_output_table() {
-        let (rows, cols) = (262_144usize, 640usize);
-        let blocks = cols / BLOCK;
-        let mut raw = vec![0u8; rows * blocks * Q8_0_BYTES];
-        for (i, b) in raw.iter_mut().enumerate() {
-            *b = (i * 7919 % 251) as u8;
-        }
-        for blk in raw.chunks_exact_mut(Q8_0_BYTES) {
-            blk[0] = 0;
-            blk[1] = 0x20;
-        }
-        let lanes = PackedQ8_0::pack(&raw, rows, cols).unwrap();
-        drop(raw);
-        let sums = lanes.clone().with_accumulation(Accumulation::BlockSums);
-        for round in 0..3 {
-            for (name, packed) in [("lanes", &lanes), ("sums", &sums)] {
-                for m in [1usize, 8] {
-                    let x: Vec<f32> = (0..m * cols).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 111.0).collect();
-                    let mut out = vec![0f32; m * rows];
-                    let iters = 30;
-                    let mut best = f64::MAX;
-                    for _ in 0..iters {
-                        let t = std::time::Instant::now();
-                        packed.matmul(&x, m, &mut out);
-                        best = best.min(t.elapsed().as_secs_f64() * 1000.0);
-                    }
-                    eprintln!("round {round} {name} m={m}: best {best:.2} ms");
-                }
-            }
-        }
     }
 }

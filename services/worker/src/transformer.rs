@@ -437,9 +437,17 @@ impl Transformer {
             };
             let x_mid = (h + residual)?;
             let h = rms_norm(&x_mid, &layer.ffn_norm, cfg.rms_eps)?;
-            let gate = layer.gate.forward(&h)?;
-            let gate = if cfg.arch == Arch::Gemma3 { gelu_like_ggml(&gate)? } else { candle_nn::ops::silu(&gate)? };
-            let h = layer.down.forward(&(gate * layer.up.forward(&h)?)?)?;
+            let (gate, up) = (layer.gate.forward(&h)?, layer.up.forward(&h)?);
+            let gated = match cfg.arch {
+                Arch::Gemma3 if gate.device().is_cpu() => {
+                    let mut values = gate.flatten_all()?.to_vec1::<f32>()?;
+                    crate::activation::gelu_mul(&mut values, &up.flatten_all()?.to_vec1::<f32>()?);
+                    Tensor::from_vec(values, gate.shape(), gate.device())?
+                }
+                Arch::Gemma3 => (gate.gelu()? * up)?,
+                _ => (candle_nn::ops::silu(&gate)? * up)?,
+            };
+            let h = layer.down.forward(&gated)?;
             let h = match &layer.post_ffn_norm {
                 Some(norm) => rms_norm(&h, norm, cfg.rms_eps)?,
                 None => h,
@@ -568,41 +576,6 @@ fn widen_q5_0(q5: &QTensor) -> candle_core::Result<QTensor> {
         q5.shape().dims().to_vec(),
         &q5.device(),
     )
-}
-
-/// GELU (tanh form) as ggml computes it on CPU: the input rounded to f16
-/// and looked up in a table of f16 results, identity above 10 and zero
-/// below -10. Matching its rounding keeps greedy output on llama.cpp's
-/// path where the top two logits are close.
-fn gelu_like_ggml(x: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() {
-        return x.gelu();
-    }
-    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        (0..=u16::MAX)
-            .map(|bits| {
-                let v = half::f16::from_bits(bits).to_f32();
-                let gelu = 0.5 * v * (1.0 + (0.797_884_6_f32 * v * (1.0 + 0.044_715 * v * v)).tanh());
-                half::f16::from_f32(gelu).to_f32()
-            })
-            .collect()
-    });
-    let values: Vec<f32> = x
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(|v| {
-            if v <= -10.0 {
-                0.0
-            } else if v >= 10.0 {
-                v
-            } else {
-                table[half::f16::from_f32(v).to_bits() as usize]
-            }
-        })
-        .collect();
-    Tensor::from_vec(values, x.shape(), x.device())
 }
 
 /// RMS norm with ggml's rounding: squares summed in f64, the row scaled by
