@@ -207,9 +207,9 @@ impl Choice {
 
     /// Samples the next token from this choice's logits and turns it into
     /// events.
-    fn advance(&mut self, mut logits: Vec<f32>, model: &ChatModel, params: &GenerationParams) -> Vec<Event> {
-        let raw = params.logprobs.map(|top| (logits.clone(), top));
-        let next = self.sampler.sample(&mut logits);
+    fn advance(&mut self, logits: &mut [f32], model: &ChatModel, params: &GenerationParams) -> Vec<Event> {
+        let raw = params.logprobs.map(|top| (logits.to_vec(), top));
+        let next = self.sampler.sample(logits);
         self.generated += 1;
         let logprob = raw.map(|(raw, top)| {
             let (chosen, top) = logprobs(&raw, next, top);
@@ -402,11 +402,11 @@ fn step(model: &ChatModel, groups: &mut [Group]) {
             }
         }
     }
-    let forward = |segments: &mut [Segment<'_>]| -> Result<Vec<Vec<f32>>, WorkerError> {
+    let forward = |segments: &mut [Segment<'_>]| -> Result<Vec<f32>, WorkerError> {
         if segments.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(model.model.forward_batch(segments)?.to_vec2::<f32>()?)
+        model.model.forward_batch(segments)
     };
     let mut slots = Vec::new();
     let mut outcome = forward(&mut decode_segments);
@@ -424,7 +424,7 @@ fn step(model: &ChatModel, groups: &mut [Group]) {
             Err(err) => outcome = Err(err),
         }
     }
-    let rows = match outcome {
+    let mut rows = match outcome {
         Ok(rows) => rows,
         Err(err) => {
             // Every sequence in this step may have a half-written cache.
@@ -437,7 +437,9 @@ fn step(model: &ChatModel, groups: &mut [Group]) {
             return;
         }
     };
-    for (slot, logits) in slots.into_iter().zip(rows) {
+    // The output projection's width, which may exceed the tokenizer's.
+    let vocab = rows.len() / slots.len().max(1);
+    for (slot, logits) in slots.into_iter().zip(rows.chunks_exact_mut(vocab)) {
         match slot {
             Slot::Prefill(g, end) => {
                 let group = &mut groups[g];
@@ -456,7 +458,7 @@ fn step(model: &ChatModel, groups: &mut [Group]) {
                     .collect();
                 let mut events = Vec::new();
                 for choice in &mut choices {
-                    events.extend(choice.advance(logits.clone(), model, params));
+                    events.extend(choice.advance(&mut logits.to_vec(), model, params));
                 }
                 group.phase = Phase::Decode(choices);
                 group.send(events);

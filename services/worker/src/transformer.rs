@@ -179,19 +179,15 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let rows = x.elem_count() / x.dim(D::Minus1)?;
         let y = match &self.weight {
             Matmul::Packed(packed) => {
                 let mut shape = x.dims().to_vec();
                 if let Some(last) = shape.last_mut() {
                     *last = packed.rows();
                 }
-                let input = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = vec![0f32; rows * packed.rows()];
-                packed.matmul(&input, rows, &mut out);
-                Tensor::from_vec(out, shape, x.device())?
+                Tensor::from_vec(self.packed_matmul(packed, x)?, shape, x.device())?
             }
-            Matmul::Candle(weight) if self.pad_single_row && rows == 1 => {
+            Matmul::Candle(weight) if self.pad_single_row && x.elem_count() == x.dim(D::Minus1)? => {
                 let doubled = Tensor::cat(&[x, x], x.rank() - 2)?;
                 weight.forward(&doubled)?.narrow(x.rank() - 2, 0, 1)?
             }
@@ -201,6 +197,22 @@ impl Linear {
             Some(bias) => y.broadcast_add(bias),
             None => Ok(y),
         }
+    }
+
+    /// As [`Linear::forward`], flattened into host memory.
+    fn forward_to_host(&self, x: &Tensor) -> candle_core::Result<Vec<f32>> {
+        match (&self.weight, &self.bias) {
+            (Matmul::Packed(packed), None) => self.packed_matmul(packed, x),
+            _ => self.forward(x)?.flatten_all()?.to_vec1::<f32>(),
+        }
+    }
+
+    fn packed_matmul(&self, packed: &PackedQ8_0, x: &Tensor) -> candle_core::Result<Vec<f32>> {
+        let rows = x.elem_count() / x.dim(D::Minus1)?;
+        let input = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; rows * packed.rows()];
+        packed.matmul(&input, rows, &mut out);
+        Ok(out)
     }
 }
 
@@ -381,11 +393,13 @@ impl Transformer {
 
     /// One step over a ragged batch: every segment's tokens run at its
     /// cache's position and are appended to its cache. Returns the logits
-    /// of each segment's last token, `[segments, vocab]`.
+    /// of each segment's last token, `[segments][vocab]` flat, in host
+    /// memory (the sampler's side; the 262,144-wide rows are not copied
+    /// again on the way).
     ///
     /// A sequence's logits do not depend on what else is in the batch: the
     /// matmuls treat rows independently and attention is per segment.
-    pub fn forward_batch(&self, segments: &mut [Segment<'_>]) -> Result<Tensor, WorkerError> {
+    pub fn forward_batch(&self, segments: &mut [Segment<'_>]) -> Result<Vec<f32>, WorkerError> {
         let x = self.hidden_states(segments)?;
         let mut last_rows = Vec::with_capacity(segments.len());
         let mut offset = 0u32;
@@ -395,7 +409,8 @@ impl Transformer {
         }
         let rows = Tensor::new(last_rows.as_slice(), &self.device)?;
         let x = x.squeeze(0)?.index_select(&rows, 0)?.unsqueeze(0)?;
-        Ok(self.logits(&x)?.squeeze(0)?)
+        let x = rms_norm(&x, &self.norm, self.config.rms_eps)?;
+        Ok(self.output.forward_to_host(&x)?)
     }
 
     fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
