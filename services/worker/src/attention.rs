@@ -11,7 +11,7 @@
 //! straight over the buffer. A prefill chunk (many queries) runs as
 //! batched matmuls with an additive mask.
 
-// SIMD intrinsics need `unsafe`; it is confined to `score_tile` and `add_scaled`.
+// SIMD intrinsics need `unsafe`; it is confined to `score_tile` and `weighted_sum`.
 #![allow(unsafe_code)]
 
 use candle_core::{DType, Device, Tensor};
@@ -225,9 +225,7 @@ impl Heads {
                 scores.iter_mut().for_each(|score| *score *= scale);
                 softmax(scores);
                 let out = &mut out[(kv_head * group + in_group) * dim..][..dim];
-                for (j, p) in scores.iter().enumerate() {
-                    add_scaled(out, *p, &values[j * width + kv_head * dim..][..dim]);
-                }
+                weighted_sum(scores, &values[kv_head * dim..], width, out);
             }
         }
         out
@@ -361,27 +359,44 @@ unsafe fn score_tile_avx512(queries: &[f32], keys: &[f32], sums: &mut [[f32; TIL
     }
 }
 
-/// `out += scale * x`.
-fn add_scaled(out: &mut [f32], scale: f32, x: &[f32]) {
+/// `out[d] = Σ_j probs[j] · values[j * stride + d]`, each element a chain
+/// of fused multiply-adds in `j` order (the order of candle's matmul in the
+/// prefill path).
+fn weighted_sum(probs: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if avx512() && out.len().is_multiple_of(16) {
-        // SAFETY: the CPU has AVX-512F and both slices hold `out.len()` values.
-        return unsafe { add_scaled_avx512(out, scale, x) };
+    if avx512() && out.len().is_multiple_of(128) {
+        // SAFETY: the CPU has AVX-512F; row `j` of `values` holds `out.len()`
+        // values from `j * stride` for every `j < probs.len()`.
+        return unsafe { weighted_sum_avx512(probs, values, stride, out) };
     }
-    out.iter_mut().zip(x).for_each(|(o, x)| *o += scale * x);
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for (j, p) in probs.iter().enumerate() {
+        for (o, v) in out.iter_mut().zip(&values[j * stride..]) {
+            *o = p.mul_add(*v, *o);
+        }
+    }
 }
 
+/// 128 outputs at a time held in registers across all the rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn add_scaled_avx512(out: &mut [f32], scale: f32, x: &[f32]) {
+unsafe fn weighted_sum_avx512(probs: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
-    assert_eq!(out.len(), x.len());
-    // SAFETY: every access is at a multiple of 16 below `out.len()`.
+    assert!(probs.is_empty() || (probs.len() - 1) * stride + out.len() <= values.len());
+    // SAFETY: checked above: every row read stays inside `values`.
     unsafe {
-        let scale = _mm512_set1_ps(scale);
-        for i in (0..out.len()).step_by(16) {
-            let o = out.as_mut_ptr().add(i);
-            _mm512_storeu_ps(o, _mm512_fmadd_ps(scale, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(o)));
+        for start in (0..out.len()).step_by(128) {
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for (j, p) in probs.iter().enumerate() {
+                let p = _mm512_set1_ps(*p);
+                let row = values.as_ptr().add(j * stride + start);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(p, _mm512_loadu_ps(row.add(i * 16)), *acc);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(start + i * 16), *acc);
+            }
         }
     }
 }

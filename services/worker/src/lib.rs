@@ -12,13 +12,13 @@
 //! On start it registers its models with the registry and heartbeats its
 //! load, so gateways can route to it.
 
-pub mod activation;
 pub mod attention;
 pub mod chat;
 pub mod embed;
 pub mod engine;
 pub mod error;
 pub mod fetch;
+pub mod ggml_ops;
 pub mod grpc;
 pub mod hf_tokenizer;
 pub mod models;

@@ -456,7 +456,7 @@ impl Transformer {
             let gated = match cfg.arch {
                 Arch::Gemma3 if gate.device().is_cpu() => {
                     let mut values = gate.flatten_all()?.to_vec1::<f32>()?;
-                    crate::activation::gelu_mul(&mut values, &up.flatten_all()?.to_vec1::<f32>()?);
+                    crate::ggml_ops::gelu_mul(&mut values, &up.flatten_all()?.to_vec1::<f32>()?);
                     Tensor::from_vec(values, gate.shape(), gate.device())?
                 }
                 Arch::Gemma3 => (gate.gelu()? * up)?,
@@ -593,24 +593,13 @@ fn widen_q5_0(q5: &QTensor) -> candle_core::Result<QTensor> {
     )
 }
 
-/// RMS norm with ggml's rounding: squares summed in f64, the row scaled by
-/// the reciprocal root, then by the weight. (With GELU's table, this halves
-/// the logit error against llama.cpp at the first position.)
+/// RMS norm over the last dimension ([`crate::ggml_ops::rms_norm`] on CPU).
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     if !x.device().is_cpu() {
         return candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps);
     }
-    let dim = x.dim(D::Minus1)?;
-    let weight = weight.to_vec1::<f32>()?;
     let mut values = x.flatten_all()?.to_vec1::<f32>()?;
-    for row in values.chunks_exact_mut(dim) {
-        let sum: f64 = row.iter().map(|v| f64::from(v * v)).sum();
-        let mean = (sum / dim as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
-        for (v, w) in row.iter_mut().zip(&weight) {
-            *v = (*v * scale) * w;
-        }
-    }
+    crate::ggml_ops::rms_norm(&mut values, &weight.to_vec1::<f32>()?, eps);
     Tensor::from_vec(values, x.shape(), x.device())
 }
 
