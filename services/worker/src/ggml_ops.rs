@@ -78,6 +78,14 @@ unsafe fn gelu_mul_avx512(gate: &mut [f32], up: &[f32], table: &[f32]) {
     }
 }
 
+/// `silu(gate[i]) * up[i]` (Llama, Qwen), in place in `gate`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gate and up widths");
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
 /// RMS-normalizes each `weight.len()`-wide row of `values` in place.
 pub fn rms_norm(values: &mut [f32], weight: &[f32], eps: f32) {
     let dim = weight.len();

@@ -120,6 +120,25 @@ impl PackedQ8_0 {
         Ok(Some(PackedQ8_0 { rows, cols, tiles, scales, accumulation: Accumulation::LlamaCppLanes }))
     }
 
+    /// The weights of `parts` stacked into one (their outputs side by side),
+    /// so projections of the same input run as one matmul: one pass over
+    /// the activations, one dispatch to the pool. `None` unless every part
+    /// has the same input width and accumulation.
+    pub fn stack(parts: Vec<PackedQ8_0>) -> Option<PackedQ8_0> {
+        let first = parts.first()?;
+        let (cols, accumulation) = (first.cols, first.accumulation);
+        if parts.iter().any(|p| p.cols != cols || p.accumulation != accumulation) {
+            return None;
+        }
+        let mut stacked = PackedQ8_0 { rows: 0, cols, tiles: Vec::new(), scales: Vec::new(), accumulation };
+        for part in parts {
+            stacked.rows += part.rows;
+            stacked.tiles.extend_from_slice(&part.tiles);
+            stacked.scales.extend_from_slice(&part.scales);
+        }
+        Some(stacked)
+    }
+
     pub fn with_accumulation(self, accumulation: Accumulation) -> PackedQ8_0 {
         PackedQ8_0 { accumulation, ..self }
     }

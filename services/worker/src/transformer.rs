@@ -216,10 +216,67 @@ impl Linear {
     }
 }
 
+/// Projections of one input (q/k/v, gate/up). Where every part is a
+/// packed Q8_0 weight without bias they run as one stacked matmul: the
+/// activations are quantized once and the pool is woken once.
+enum Projections {
+    Stacked { weight: PackedQ8_0, widths: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>) -> Projections {
+        let packed_alone = |linear: &Linear| match &linear.weight {
+            Matmul::Packed(p) if Arc::strong_count(p) == 1 && linear.bias.is_none() => Some(p.cols()),
+            _ => None,
+        };
+        let widths: Option<Vec<usize>> = parts.iter().map(packed_alone).collect();
+        let same_input = widths.is_some_and(|w| w.windows(2).all(|pair| pair[0] == pair[1]));
+        if parts.len() < 2 || !same_input {
+            return Projections::Separate(parts);
+        }
+        let mut packed = Vec::with_capacity(parts.len());
+        for linear in parts {
+            let Matmul::Packed(weight) = linear.weight else { unreachable!("checked: every part is packed") };
+            match Arc::try_unwrap(weight) {
+                Ok(weight) => packed.push(weight),
+                Err(_) => unreachable!("checked: no other owner"),
+            }
+        }
+        let widths = packed.iter().map(PackedQ8_0::rows).collect();
+        match PackedQ8_0::stack(packed) {
+            Some(weight) => Projections::Stacked { weight, widths },
+            None => unreachable!("checked: the parts share their input width and accumulation"),
+        }
+    }
+
+    /// Each part's output for the rows of `x`, in host memory `[rows][width]`.
+    fn forward_to_host(&self, x: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+        match self {
+            Projections::Separate(parts) => parts.iter().map(|part| part.forward_to_host(x)).collect(),
+            Projections::Stacked { weight, widths } => {
+                let rows = x.elem_count() / x.dim(D::Minus1)?;
+                let input = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; rows * weight.rows()];
+                weight.matmul(&input, rows, &mut out);
+                let mut parts: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(rows * w)).collect();
+                for row in out.chunks_exact(weight.rows()) {
+                    let mut rest = row;
+                    for (part, width) in parts.iter_mut().zip(widths) {
+                        let (mine, others) = rest.split_at(*width);
+                        part.extend_from_slice(mine);
+                        rest = others;
+                    }
+                }
+                Ok(parts)
+            }
+        }
+    }
+}
+
 struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// Query, key and value projections.
+    qkv: Projections,
     o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
@@ -227,8 +284,8 @@ struct Layer {
     post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     post_ffn_norm: Option<Tensor>,
-    gate: Linear,
-    up: Linear,
+    /// The MLP's gate and up projections.
+    gate_up: Projections,
     down: Linear,
     sliding: bool,
 }
@@ -356,9 +413,7 @@ impl Transformer {
                 t.ok_or_else(|| WorkerError::Model(format!("GGUF has no {p}.{name}.weight")))
             };
             layers.push(Layer {
-                q,
-                k,
-                v,
+                qkv: Projections::new(vec![q, k, v]),
                 o,
                 q_norm: norm("attn_q_norm")?,
                 k_norm: norm("attn_k_norm")?,
@@ -366,8 +421,7 @@ impl Transformer {
                 post_attn_norm: norm("post_attention_norm")?,
                 ffn_norm: required(norm("ffn_norm")?, "ffn_norm")?,
                 post_ffn_norm: norm("post_ffw_norm")?,
-                gate,
-                up,
+                gate_up: Projections::new(vec![gate, up]),
                 down,
                 sliding: config.sliding_window.is_some() && (i + 1) % config.sliding_window_pattern != 0,
             });
@@ -452,17 +506,20 @@ impl Transformer {
             };
             let x_mid = (h + residual)?;
             let h = rms_norm(&x_mid, &layer.ffn_norm, cfg.rms_eps)?;
-            let (gate, up) = (layer.gate.forward(&h)?, layer.up.forward(&h)?);
-            let gated = match cfg.arch {
-                Arch::Gemma3 if gate.device().is_cpu() => {
-                    let mut values = gate.flatten_all()?.to_vec1::<f32>()?;
-                    crate::ggml_ops::gelu_mul(&mut values, &up.flatten_all()?.to_vec1::<f32>()?);
-                    Tensor::from_vec(values, gate.shape(), gate.device())?
-                }
-                Arch::Gemma3 => (gate.gelu()? * up)?,
-                _ => (candle_nn::ops::silu(&gate)? * up)?,
+            let (mut gate, up) = match <[Vec<f32>; 2]>::try_from(layer.gate_up.forward_to_host(&h)?) {
+                Ok([gate, up]) => (gate, up),
+                Err(_) => candle_core::bail!("gate and up projections"),
             };
-            let h = layer.down.forward(&gated)?;
+            match cfg.arch {
+                Arch::Gemma3 => crate::ggml_ops::gelu_mul(&mut gate, &up),
+                _ => crate::ggml_ops::silu_mul(&mut gate, &up),
+            }
+            let width = gate.len() / h.dims()[..h.rank() - 1].iter().product::<usize>();
+            let mut shape = h.dims().to_vec();
+            if let Some(last) = shape.last_mut() {
+                *last = width;
+            }
+            let h = layer.down.forward(&Tensor::from_vec(gate, shape, &self.device)?)?;
             let h = match &layer.post_ffn_norm {
                 Some(norm) => rms_norm(&h, norm, cfg.rms_eps)?,
                 None => h,
@@ -485,16 +542,17 @@ impl Transformer {
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.config;
         let total = x.dim(1)?;
-        let mut q = layer.q.forward(x)?;
-        let mut k = layer.k.forward(x)?;
+        let (mut q, mut k, v) = match <[Vec<f32>; 3]>::try_from(layer.qkv.forward_to_host(x)?) {
+            Ok([q, k, v]) => (q, k, v),
+            Err(_) => candle_core::bail!("query, key and value projections"),
+        };
+        // Per head, so over head_dim-wide rows.
         if let Some(norm) = &layer.q_norm {
-            q = rms_norm(&q.reshape((total, cfg.heads, cfg.head_dim))?, norm, cfg.rms_eps)?;
+            crate::ggml_ops::rms_norm(&mut q, &norm.to_vec1::<f32>()?, cfg.rms_eps);
         }
         if let Some(norm) = &layer.k_norm {
-            k = rms_norm(&k.reshape((total, cfg.kv_heads, cfg.head_dim))?, norm, cfg.rms_eps)?;
+            crate::ggml_ops::rms_norm(&mut k, &norm.to_vec1::<f32>()?, cfg.rms_eps);
         }
-        let host = |t: Tensor| t.flatten_all()?.to_vec1::<f32>();
-        let (q, k, v) = (host(q)?, host(k)?, host(layer.v.forward(x)?)?);
         let heads = Heads {
             heads: cfg.heads,
             kv_heads: cfg.kv_heads,
