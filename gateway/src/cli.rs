@@ -37,6 +37,10 @@ pub enum Command {
     Auth {
         #[arg(long, env = "INFERMESH_AUTH_LISTEN", default_value = "127.0.0.1:50051")]
         listen: String,
+        /// NATS server for key events (revocations reach every gateway at
+        /// once); none means gateways wait out their key cache TTL.
+        #[arg(long = "nats-url", env = "INFERMESH_NATS_URL")]
+        nats_url: Option<String>,
         #[command(flatten)]
         config: AuthConfig,
     },
@@ -91,6 +95,10 @@ pub struct GatewayArgs {
     pub registry: String,
     #[arg(long = "ratelimit-addr", env = "INFERMESH_RATELIMIT_ADDR", default_value = "127.0.0.1:50054")]
     pub ratelimit: String,
+    /// NATS server whose key events evict cached keys; none means a cached
+    /// key is trusted for `--key-cache-ms`.
+    #[arg(long = "nats-url", env = "INFERMESH_NATS_URL")]
+    pub nats_url: Option<String>,
     #[command(flatten)]
     pub config: GatewayConfig,
 }
@@ -111,6 +119,13 @@ fn service_error(err: impl std::fmt::Display) -> CliError {
     CliError::Service(err.to_string())
 }
 
+async fn connect_bus(url: Option<&str>) -> Result<Option<infermesh_bus::Bus>, CliError> {
+    match url {
+        Some(url) => Ok(Some(infermesh_bus::Bus::connect(url).await.map_err(service_error)?)),
+        None => Ok(None),
+    }
+}
+
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Up(args) => crate::up::run(args).await,
@@ -123,18 +138,17 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 registry: args.registry,
                 ratelimit: args.ratelimit,
             };
-            crate::run(args.config, peers, listener, shutdown_signal()).await.map_err(service_error)
+            let bus = connect_bus(args.nats_url.as_deref()).await?;
+            crate::run(args.config, peers, bus, listener, shutdown_signal()).await.map_err(service_error)
         }
-        Command::Auth { listen, config } => {
+        Command::Auth { listen, nats_url, config } => {
             let listener = bind(&listen).await?;
             infermesh_service::announce("auth", &listener).map_err(service_error)?;
-            infermesh_auth::run(config, listener, shutdown_signal()).await.map_err(service_error)
+            let bus = connect_bus(nats_url.as_deref()).await?;
+            infermesh_auth::run(config, bus, listener, shutdown_signal()).await.map_err(service_error)
         }
         Command::Billing { listen, nats_url, config } => {
-            let bus = match nats_url {
-                Some(url) => Some(infermesh_bus::Bus::connect(&url).await.map_err(service_error)?),
-                None => None,
-            };
+            let bus = connect_bus(nats_url.as_deref()).await?;
             let listener = bind(&listen).await?;
             infermesh_service::announce("billing", &listener).map_err(service_error)?;
             infermesh_billing::run(config, bus, listener, shutdown_signal()).await.map_err(service_error)

@@ -44,13 +44,17 @@ pub enum RunError {
     Bootstrap(#[from] BootstrapError),
     #[error("invalid --signup-credit {0}: must be a non-negative dollar amount")]
     SignupCredit(f64),
+    #[error("cannot subscribe to key events: {0}")]
+    KeyEvents(String),
     #[error("HTTP server failed: {0}")]
     Http(#[from] std::io::Error),
 }
 
+/// Serves the HTTP API; with a `bus`, key events evict cached keys at once.
 pub async fn run(
     config: GatewayConfig,
     peers: PeerAddresses,
+    bus: Option<infermesh_bus::Bus>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
@@ -60,6 +64,14 @@ pub async fn run(
     let mesh = mesh::Mesh::connect(peers, Duration::from_millis(config.key_cache_ms))?;
     let stop = CancellationToken::new();
     tokio::spawn(mesh.clone().watch_catalog(stop.clone()));
+    if let Some(bus) = bus {
+        let events = bus
+            .client()
+            .subscribe(infermesh_bus::subjects::KEYS_ALL)
+            .await
+            .map_err(|err| RunError::KeyEvents(err.to_string()))?;
+        tokio::spawn(mesh.clone().evict_on_key_events(events, stop.clone()));
+    }
     let _stop = stop.drop_guard();
     let state = app::AppState { mesh, signup_credit_nanos, metrics: infermesh_telemetry::metrics_handle() };
     let router = app::router(state, config.max_body_bytes);

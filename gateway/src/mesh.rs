@@ -77,6 +77,26 @@ impl Mesh {
         Ok(info)
     }
 
+    /// Evicts each key named by a `keys.*` event (`infermesh.v1.KeyEvent`),
+    /// so a revocation anywhere reaches this gateway's cache at once.
+    pub async fn evict_on_key_events(self: Arc<Self>, mut events: async_nats::Subscriber, stop: CancellationToken) {
+        use futures::StreamExt;
+        use prost::Message;
+        loop {
+            let message = tokio::select! {
+                () = stop.cancelled() => return,
+                message = events.next() => match message {
+                    Some(message) => message,
+                    None => return,
+                },
+            };
+            match infermesh_proto::v1::KeyEvent::decode(message.payload) {
+                Ok(event) => self.forget_key(&event.key_id),
+                Err(err) => tracing::warn!(subject = %message.subject, error = %err, "undecodable key event"),
+            }
+        }
+    }
+
     /// Drops a key from this gateway's cache at once (after a revoke here).
     pub fn forget_key(&self, key_id: &str) {
         let mut cache = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

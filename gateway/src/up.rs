@@ -143,9 +143,10 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         default_requests_per_minute: args.default_requests_per_minute,
         default_tokens_per_minute: args.default_tokens_per_minute,
     };
+    let (auth_bus, gateway_bus) = (bus.clone(), bus.clone());
     let s = stop.clone();
     services.spawn(async move {
-        ("auth", infermesh_auth::run(auth_config, auth, s.cancelled_owned()).await.map_err(|e| e.to_string()))
+        ("auth", infermesh_auth::run(auth_config, auth_bus, auth, s.cancelled_owned()).await.map_err(|e| e.to_string()))
     });
     let billing_config = BillingConfig { database_url: sqlite_url(&data_dir, "billing.db"), hold_ttl_secs: 900 };
     let s = stop.clone();
@@ -167,8 +168,15 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     let http_address = addr(&http)?;
     let s = stop.clone();
     let gateway_config = args.gateway.clone();
+    println!(
+        "infermesh up services: auth={} billing={} registry={} ratelimit={}",
+        peers.auth, peers.billing, peers.registry, peers.ratelimit
+    );
     services.spawn(async move {
-        ("gateway", crate::run(gateway_config, peers, http, s.cancelled_owned()).await.map_err(|e| e.to_string()))
+        (
+            "gateway",
+            crate::run(gateway_config, peers, gateway_bus, http, s.cancelled_owned()).await.map_err(|e| e.to_string()),
+        )
     });
 
     println!("infermesh gateway listening on {http_address}");

@@ -33,6 +33,8 @@ pub fn venv_bin(program: &str) -> PathBuf {
 pub struct Proc {
     pub child: Child,
     pub address: String,
+    /// What it printed before it was listening.
+    pub banner: Vec<String>,
 }
 
 fn quiet(command: &mut Command) -> &mut Command {
@@ -52,11 +54,13 @@ pub async fn spawn(service: &str, args: &[&str]) -> Proc {
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
     let needle = format!("infermesh {service} listening on ");
+    let mut banner = Vec::new();
     let address = tokio::time::timeout(Duration::from_secs(300), async {
         while let Some(line) = lines.next_line().await.expect("read stdout") {
             if let Some(address) = line.strip_prefix(&needle) {
                 return address.to_owned();
             }
+            banner.push(line);
         }
         panic!("infermesh {service} exited before listening");
     })
@@ -64,7 +68,7 @@ pub async fn spawn(service: &str, args: &[&str]) -> Proc {
     .expect("service did not start within 300 s");
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Proc { child, address }
+    Proc { child, address, banner }
 }
 
 /// `infermesh up` without NATS on a free port with its data in `data_dir`,
@@ -79,6 +83,44 @@ pub async fn start_up(data_dir: &Path, extra: &[&str]) -> (Proc, String) {
     (up, base)
 }
 
+/// A gateway process of its own in front of the services of an
+/// `infermesh up` (`up`), plus `extra` flags; returns it ready, with its
+/// base URL.
+pub async fn spawn_gateway(up: &Proc, extra: &[&str]) -> (Proc, String) {
+    let services = up
+        .banner
+        .iter()
+        .find_map(|line| line.strip_prefix("infermesh up services: "))
+        .expect("`infermesh up` prints its services' addresses");
+    let address = |name: &str| {
+        services
+            .split(' ')
+            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name} in {services:?}"))
+            .to_owned()
+    };
+    let (auth, billing, registry, ratelimit) =
+        (address("auth"), address("billing"), address("registry"), address("ratelimit"));
+    let mut args = vec![
+        "gateway",
+        "--http",
+        "127.0.0.1:0",
+        "--auth-addr",
+        &auth,
+        "--billing-addr",
+        &billing,
+        "--registry-addr",
+        &registry,
+        "--ratelimit-addr",
+        &ratelimit,
+    ];
+    args.extend_from_slice(extra);
+    let gateway = spawn("gateway", &args).await;
+    let base = format!("http://{}", gateway.address);
+    wait_ready(&base).await;
+    (gateway, base)
+}
+
 /// A real nats-server with JetStream on a free port.
 pub async fn spawn_nats(store: &Path) -> Proc {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -90,7 +132,7 @@ pub async fn spawn_nats(store: &Path) -> Proc {
         assert!(Instant::now() < deadline, "nats-server did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Proc { child, address: format!("nats://127.0.0.1:{port}") }
+    Proc { child, address: format!("nats://127.0.0.1:{port}"), banner: Vec::new() }
 }
 
 pub fn http() -> reqwest::Client {

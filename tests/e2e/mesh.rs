@@ -10,7 +10,7 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use harness::{http, run_openai_client, signup, spawn, spawn_nats, start_up, wait_ready};
+use harness::{http, run_openai_client, signup, spawn, spawn_gateway, spawn_nats, start_up, wait_ready};
 use infermesh_proto::v1::UsageEvent;
 use prost::Message;
 use serde_json::Value;
@@ -284,4 +284,54 @@ pricing = { prompt = 0.03, completion = 0.06 }
     );
     assert_eq!(bad.unwrap().status(), 400);
     assert_eq!(good.unwrap().status(), 200);
+}
+
+/// A key revoked through one gateway is refused by another within a
+/// second, although both cache verified keys for a minute: auth announces
+/// the revocation on NATS and every subscribed gateway evicts the key. A
+/// gateway without NATS keeps trusting its cache, which shows the event,
+/// not the cache expiring, did it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_key_is_refused_by_every_gateway_within_a_second() {
+    let data = tempfile::tempdir().unwrap();
+    let nats = spawn_nats(&data.path().join("nats")).await;
+    let minute_cache = ["--key-cache-ms", "60000"];
+    let (up, base_a) =
+        start_up(&data.path().join("up"), &["--nats-url", &nats.address, minute_cache[0], minute_cache[1]]).await;
+    let (_b, base_b) = spawn_gateway(&up, &["--nats-url", &nats.address, minute_cache[0], minute_cache[1]]).await;
+    let (_c, base_without_events) = spawn_gateway(&up, &minute_cache).await;
+
+    let key = signup(&base_a, "revoke@example.com").await;
+    let models = |base: &str| http().get(format!("{base}/v1/models")).bearer_auth(&key).send();
+    for base in [&base_a, &base_b, &base_without_events] {
+        assert_eq!(models(base).await.unwrap().status(), 200, "{base} verifies (and caches) the key");
+    }
+    let keys: Value =
+        http().get(format!("{base_a}/v1/keys")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    let key_id = keys["data"][0]["id"].as_str().expect("the key's id").to_owned();
+
+    let revoked = Instant::now();
+    let response = http().delete(format!("{base_a}/v1/keys/{key_id}")).bearer_auth(&key).send().await.unwrap();
+    assert!(response.status().is_success(), "revoke: {}", response.status());
+    loop {
+        let response = models(&base_b).await.unwrap();
+        if response.status() == 401 {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["type"], "authentication_error", "{body}");
+            assert!(body["error"]["message"].as_str().unwrap().contains("revoked"), "{body}");
+            assert!(!body.to_string().contains(&key), "the key is never echoed");
+            break;
+        }
+        assert_eq!(response.status(), 200);
+        assert!(revoked.elapsed() < Duration::from_secs(1), "gateway B still accepts the key after 1 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(revoked.elapsed() < Duration::from_secs(1), "took {:?}", revoked.elapsed());
+    assert_eq!(models(&base_a).await.unwrap().status(), 401);
+    assert_eq!(
+        models(&base_without_events).await.unwrap().status(),
+        200,
+        "without key events a gateway trusts its cache until the TTL"
+    );
+    drop(up);
 }

@@ -16,6 +16,12 @@ use bytes::Bytes;
 pub mod subjects {
     /// `infermesh.v1.UsageEvent`, one per settled request.
     pub const USAGE_SETTLED: &str = "usage.settled.v1";
+    /// `infermesh.v1.KeyEvent`: a key was revoked.
+    pub const KEYS_REVOKED: &str = "keys.revoked.v1";
+    /// `infermesh.v1.KeyEvent`: a key's state (disabled, limits) changed.
+    pub const KEYS_UPDATED: &str = "keys.updated.v1";
+    /// Every key event, for caches that evict on any of them.
+    pub const KEYS_ALL: &str = "keys.>";
     /// Streams created on connect: (name, subject filter).
     pub const STREAMS: [(&str, &str); 3] = [("USAGE", "usage.>"), ("CREDIT", "credit.>"), ("KEYS", "keys.>")];
 }

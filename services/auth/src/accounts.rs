@@ -1,7 +1,10 @@
 //! Sign-up, key lifecycle and verification.
 
-use infermesh_proto::v1::{CreatedKey, KeyInfo, RateLimit};
+use infermesh_bus::Bus;
+use infermesh_bus::subjects::KEYS_REVOKED;
+use infermesh_proto::v1::{CreatedKey, KeyEvent, KeyInfo, RateLimit};
 use infermesh_service::now_unix_ms;
+use prost::Message;
 
 use crate::AuthConfig;
 use crate::error::AuthError;
@@ -12,6 +15,8 @@ use crate::store::{KeyRecord, NewKey, Store};
 pub struct Accounts {
     store: Store,
     default_limits: RateLimit,
+    /// Where key events go; none means gateways rely on their cache TTL.
+    bus: Option<Bus>,
 }
 
 pub struct NewKeyRequest<'a> {
@@ -22,13 +27,14 @@ pub struct NewKeyRequest<'a> {
 }
 
 impl Accounts {
-    pub async fn open(config: &AuthConfig) -> Result<Accounts, AuthError> {
+    pub async fn open(config: &AuthConfig, bus: Option<Bus>) -> Result<Accounts, AuthError> {
         Ok(Accounts {
             store: Store::open(&config.database_url).await?,
             default_limits: RateLimit {
                 requests_per_minute: config.default_requests_per_minute,
                 tokens_per_minute: config.default_tokens_per_minute,
             },
+            bus,
         })
     }
 
@@ -66,10 +72,23 @@ impl Accounts {
     }
 
     pub async fn revoke_key(&self, account_id: &str, key_id: &str) -> Result<(), AuthError> {
-        if self.store.revoke_key(account_id, key_id, now_unix_ms() / 1000).await? {
-            Ok(())
-        } else {
-            Err(AuthError::KeyNotFound(key_id.to_owned()))
+        let at = now_unix_ms();
+        if !self.store.revoke_key(account_id, key_id, at / 1000).await? {
+            return Err(AuthError::KeyNotFound(key_id.to_owned()));
+        }
+        self.announce(KEYS_REVOKED, key_id, account_id, at).await;
+        Ok(())
+    }
+
+    /// Tells every gateway to drop `key_id` from its cache. The change is
+    /// already stored, so a failed publish is logged, not returned: gateways
+    /// then see it when their cached entry expires.
+    async fn announce(&self, subject: &str, key_id: &str, account_id: &str, at_unix_ms: i64) {
+        let Some(bus) = &self.bus else { return };
+        let event = KeyEvent { key_id: key_id.to_owned(), account_id: account_id.to_owned(), at_unix_ms };
+        let dedupe_id = format!("{subject}:{key_id}:{at_unix_ms}");
+        if let Err(err) = bus.publish(subject, &dedupe_id, event.encode_to_vec().into()).await {
+            tracing::warn!(error = %err, key_id, "key event not published; gateways fall back to their cache TTL");
         }
     }
 
@@ -201,7 +220,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("auth.db").display());
         let config = AuthConfig { database_url: url, default_requests_per_minute: 7, default_tokens_per_minute: 1000 };
-        let accounts = Accounts::open(&config).await.unwrap();
+        let accounts = Accounts::open(&config, None).await.unwrap();
         (dir, accounts)
     }
 

@@ -45,12 +45,14 @@ pub enum RunError {
     Serve(#[from] BootstrapError),
 }
 
+/// Serves auth; key revocations are announced on `bus` when there is one.
 pub async fn run(
     config: AuthConfig,
+    bus: Option<infermesh_bus::Bus>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
-    let accounts = Accounts::open(&config).await?;
+    let accounts = Accounts::open(&config, bus).await?;
     let routes = tonic::service::Routes::new(AuthServiceServer::new(grpc::AuthGrpc::new(accounts)));
     infermesh_service::serve_grpc(listener, routes, &["infermesh.v1.AuthService"], shutdown).await?;
     Ok(())
