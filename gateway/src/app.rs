@@ -19,6 +19,8 @@ use crate::routes::{MaxBodyBytes, account, chat, completions, embeddings, health
 pub struct AppState {
     pub mesh: Arc<Mesh>,
     pub signup_credit_nanos: i64,
+    /// Sign-ups allowed per source IP per minute (0: no limit).
+    pub signups_per_minute_per_ip: u32,
     pub metrics: Option<PrometheusHandle>,
 }
 

@@ -36,6 +36,10 @@ pub struct GatewayConfig {
     /// How long a verified key is trusted before auth is asked again.
     #[arg(long = "key-cache-ms", env = "INFERMESH_KEY_CACHE_MS", default_value_t = 5_000)]
     pub key_cache_ms: u64,
+    /// Sign-ups allowed per source IP per minute, counted by the ratelimit
+    /// service so every gateway shares the count (0: no limit).
+    #[arg(long = "signups-per-minute-per-ip", env = "INFERMESH_SIGNUPS_PER_MINUTE_PER_IP", default_value_t = 3)]
+    pub signups_per_minute_per_ip: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +77,16 @@ pub async fn run(
         tokio::spawn(mesh.clone().evict_on_key_events(events, stop.clone()));
     }
     let _stop = stop.drop_guard();
-    let state = app::AppState { mesh, signup_credit_nanos, metrics: infermesh_telemetry::metrics_handle() };
+    let state = app::AppState {
+        mesh,
+        signup_credit_nanos,
+        signups_per_minute_per_ip: config.signups_per_minute_per_ip,
+        metrics: infermesh_telemetry::metrics_handle(),
+    };
     let router = app::router(state, config.max_body_bytes);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await?;
+    // The peer address feeds the per-IP sign-up limit.
+    axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await?;
     Ok(())
 }

@@ -335,3 +335,26 @@ async fn a_revoked_key_is_refused_by_every_gateway_within_a_second() {
     );
     drop(up);
 }
+
+/// Sign-ups are counted per source IP: beyond the limit a 429 in OpenAI's
+/// shape with a Retry-After, and the refused sign-up creates nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signup_flood_from_one_address_is_refused_with_429() {
+    let data = tempfile::tempdir().unwrap();
+    let (_up, base) = start_up(data.path(), &["--signups-per-minute-per-ip", "2"]).await;
+    signup(&base, "first@example.com").await;
+    signup(&base, "second@example.com").await;
+    let response =
+        http().post(format!("{base}/v1/auth/signup")).body(r#"{"email":"third@example.com"}"#).send().await.unwrap();
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_exceeded", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("sign-ups"), "{body}");
+    // The limit is checked before anything else: even a duplicate email
+    // gets the 429, not a 409 that would reveal the account exists.
+    let duplicate =
+        http().post(format!("{base}/v1/auth/signup")).body(r#"{"email":"first@example.com"}"#).send().await.unwrap();
+    assert_eq!(duplicate.status(), 429);
+}

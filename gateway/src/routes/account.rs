@@ -8,11 +8,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use infermesh_proto::v1::{
-    CreateKeyRequest, GetBalanceRequest, GetGenerationRequest, GetKeyUsageRequest, GrantRequest, KeyInfo, KeyUsage,
-    ListKeysRequest, RevokeKeyRequest, SignupRequest,
+    AcquireRequest, CommitRequest, CreateKeyRequest, GetBalanceRequest, GetGenerationRequest, GetKeyUsageRequest,
+    GrantRequest, KeyInfo, KeyUsage, ListKeysRequest, RateLimit, RevokeKeyRequest, SignupRequest,
 };
-use infermesh_service::ErrorKind;
 use infermesh_service::money::{dollars_to_nanos, nanos_to_dollars};
+use infermesh_service::{ErrorKind, MeshError};
 use serde::Deserialize;
 use serde_json::Value;
 use serde_json::json;
@@ -28,8 +28,15 @@ struct Signup {
     email: String,
 }
 
-pub async fn signup(State(state): State<AppState>, RawBody(body): RawBody) -> Result<Response, ApiError> {
+pub async fn signup(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
     let Signup { email } = parse_json(&body)?;
+    if let Some(ip) = ip {
+        admit_signup(&state, ip).await?;
+    }
     let created =
         state.mesh.auth.clone().signup(SignupRequest { email }).await.map_err(peer_error("auth"))?.into_inner();
     let key = created.key.unwrap_or_default();
@@ -59,6 +66,53 @@ pub async fn signup(State(state): State<AppState>, RawBody(body): RawBody) -> Re
         "message": "Store this key now: it is shown only once.",
     });
     Ok((StatusCode::CREATED, axum::Json(body)).into_response())
+}
+
+/// The TCP peer's address (no proxy header is trusted), when the server
+/// was started with connect info.
+pub struct ClientIp(Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let peer = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>();
+        Ok(ClientIp(peer.map(|info| info.0.ip())))
+    }
+}
+
+/// Counts a sign-up against its source IP in the ratelimit service, so the
+/// limit holds across gateways; beyond it, a 429 with a truthful Retry-After.
+async fn admit_signup(state: &AppState, ip: std::net::IpAddr) -> Result<(), ApiError> {
+    let per_minute = state.signups_per_minute_per_ip;
+    if per_minute == 0 {
+        return Ok(());
+    }
+    let (key_id, request_id) = (format!("signup-ip:{ip}"), format!("signup-{}", uuid::Uuid::new_v4().simple()));
+    let mut ratelimit = state.mesh.ratelimit.clone();
+    let acquired = ratelimit
+        .acquire(AcquireRequest {
+            key_id: key_id.clone(),
+            request_id: request_id.clone(),
+            estimated_tokens: 0,
+            limits: Some(RateLimit { requests_per_minute: per_minute, tokens_per_minute: 0 }),
+        })
+        .await
+        .map_err(peer_error("ratelimit"))?
+        .into_inner();
+    if !acquired.allowed {
+        let retry_after_s = acquired.retry_after_ms.div_ceil(1000).max(1);
+        return Err(ApiError(
+            MeshError::new(
+                ErrorKind::RateLimited,
+                format!("too many sign-ups from this address: {per_minute} per minute; retry after {retry_after_s} s"),
+            )
+            .with_retry_after_ms(acquired.retry_after_ms),
+        ));
+    }
+    // Nothing to meter in tokens: close the admission at once.
+    let _ = ratelimit.commit(CommitRequest { key_id, request_id, actual_tokens: 0 }).await;
+    Ok(())
 }
 
 fn dollars(nanos: Option<i64>) -> Value {
