@@ -1,7 +1,7 @@
 //! Sign-up, key lifecycle and verification.
 
 use infermesh_bus::Bus;
-use infermesh_bus::subjects::KEYS_REVOKED;
+use infermesh_bus::subjects::{KEYS_REVOKED, KEYS_UPDATED};
 use infermesh_proto::v1::{CreatedKey, KeyEvent, KeyInfo, RateLimit};
 use infermesh_service::now_unix_ms;
 use prost::Message;
@@ -9,7 +9,7 @@ use prost::Message;
 use crate::AuthConfig;
 use crate::error::AuthError;
 use crate::keys;
-use crate::store::{KeyRecord, NewKey, Store};
+use crate::store::{KeyChange, KeyRecord, NewKey, Store};
 
 #[derive(Clone, Debug)]
 pub struct Accounts {
@@ -78,6 +78,16 @@ impl Accounts {
         }
         self.announce(KEYS_REVOKED, key_id, account_id, at).await;
         Ok(())
+    }
+
+    /// An operator's change to a key, announced so every gateway re-reads it.
+    pub async fn update_key(&self, key_id: &str, change: &KeyChange) -> Result<KeyInfo, AuthError> {
+        if !self.store.update_key(key_id, change).await? {
+            return Err(AuthError::KeyNotFound(key_id.to_owned()));
+        }
+        let record = self.store.key_by_id(key_id).await?.ok_or_else(|| AuthError::KeyNotFound(key_id.to_owned()))?;
+        self.announce(KEYS_UPDATED, key_id, &record.account_id, now_unix_ms()).await;
+        Ok(self.info(&record))
     }
 
     /// Tells every gateway to drop `key_id` from its cache. The change is
@@ -236,6 +246,28 @@ mod tests {
 
         accounts.revoke_key(&account_id, &info.key_id).await.unwrap();
         assert!(matches!(accounts.verify(&created.key).await, Err(AuthError::RevokedKey)));
+    }
+
+    #[tokio::test]
+    async fn an_operator_change_touches_only_the_fields_it_sets() {
+        let (_dir, accounts) = accounts().await;
+        let (_, created) = accounts.signup("ops@example.com").await.unwrap();
+        let id = created.info.unwrap().key_id;
+        let change = KeyChange { limit_nanos: Some(5), requests_per_minute: Some(60), ..KeyChange::default() };
+        let info = accounts.update_key(&id, &change).await.unwrap();
+        assert_eq!((info.limit_nanos, info.disabled), (Some(5), false));
+        let limits = info.rate_limit.unwrap();
+        assert_eq!((limits.requests_per_minute, limits.tokens_per_minute), (60, 1000), "tokens keep the default");
+
+        let info = accounts.update_key(&id, &KeyChange { disabled: Some(true), ..KeyChange::default() }).await.unwrap();
+        assert_eq!((info.limit_nanos, info.disabled), (Some(5), true), "the limit stays");
+        assert!(matches!(accounts.verify(&created.key).await, Err(AuthError::DisabledKey)));
+
+        let change = KeyChange { disabled: Some(false), clear_limit: true, ..KeyChange::default() };
+        let info = accounts.update_key(&id, &change).await.unwrap();
+        assert_eq!((info.limit_nanos, info.disabled), (None, false));
+        assert!(accounts.verify(&created.key).await.is_ok());
+        assert!(matches!(accounts.update_key("key_nope", &change).await, Err(AuthError::KeyNotFound(_))));
     }
 
     #[tokio::test]

@@ -3,11 +3,12 @@
 use infermesh_proto::v1::auth_service_server::AuthService;
 use infermesh_proto::v1::{
     CreateKeyRequest, CreatedKey, GetKeyInfoRequest, KeyInfo, ListKeysRequest, ListKeysResponse, RevokeKeyRequest,
-    RevokeKeyResponse, SignupRequest, SignupResponse, VerifyKeyRequest,
+    RevokeKeyResponse, SignupRequest, SignupResponse, UpdateKeyRequest, VerifyKeyRequest,
 };
 use tonic::{Request, Response, Status};
 
 use crate::accounts::{Accounts, NewKeyRequest};
+use crate::store::KeyChange;
 
 pub struct AuthGrpc {
     accounts: Accounts,
@@ -51,6 +52,13 @@ impl AuthService for AuthGrpc {
     async fn verify_key(&self, request: Request<VerifyKeyRequest>) -> Result<Response<KeyInfo>, Status> {
         let VerifyKeyRequest { key } = request.into_inner();
         Ok(Response::new(self.accounts.verify(&key).await?))
+    }
+
+    async fn update_key(&self, request: Request<UpdateKeyRequest>) -> Result<Response<KeyInfo>, Status> {
+        let UpdateKeyRequest { key_id, disabled, limit_nanos, clear_limit, requests_per_minute, tokens_per_minute } =
+            request.into_inner();
+        let change = KeyChange { disabled, limit_nanos, clear_limit, requests_per_minute, tokens_per_minute };
+        Ok(Response::new(self.accounts.update_key(&key_id, &change).await?))
     }
 
     async fn get_key_info(&self, request: Request<GetKeyInfoRequest>) -> Result<Response<KeyInfo>, Status> {

@@ -36,6 +36,16 @@ pub struct NewKey<'a> {
     pub created_at: i64,
 }
 
+/// An operator's change to a key: `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct KeyChange {
+    pub disabled: Option<bool>,
+    pub limit_nanos: Option<i64>,
+    pub clear_limit: bool,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+}
+
 /// The unique columns a key can be found by.
 #[derive(Clone, Copy)]
 enum KeyColumn {
@@ -117,6 +127,27 @@ impl Store {
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(account_id).fetch_all(&self.pool).await?;
         rows.iter().map(key_from_row).collect()
+    }
+
+    /// Applies the set fields of `change`; false when no live key has `key_id`.
+    pub async fn update_key(&self, key_id: &str, change: &KeyChange) -> Result<bool, AuthError> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET \
+               disabled = COALESCE($1, disabled), \
+               limit_nanos = CASE WHEN $2 THEN NULL ELSE COALESCE($3, limit_nanos) END, \
+               requests_per_minute = COALESCE($4, requests_per_minute), \
+               tokens_per_minute = COALESCE($5, tokens_per_minute) \
+             WHERE id = $6 AND revoked_at IS NULL",
+        )
+        .bind(change.disabled)
+        .bind(change.clear_limit)
+        .bind(change.limit_nanos)
+        .bind(change.requests_per_minute.map(i64::from))
+        .bind(change.tokens_per_minute.map(i64::from))
+        .bind(key_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Returns false when the account holds no such live key.
