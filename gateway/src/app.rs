@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::error::ApiError;
 use crate::mesh::Mesh;
-use crate::routes::{MaxBodyBytes, account, chat, completions, embeddings, health, models, tokenize};
+use crate::routes::{MaxBodyBytes, account, admin, chat, completions, embeddings, health, models, tokenize};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -21,6 +21,8 @@ pub struct AppState {
     pub signup_credit_nanos: i64,
     /// Sign-ups allowed per source IP per minute (0: no limit).
     pub signups_per_minute_per_ip: u32,
+    /// The operator token for `/admin/v1/`; none turns those routes off.
+    pub admin_token: Option<Arc<str>>,
     pub metrics: Option<PrometheusHandle>,
 }
 
@@ -51,6 +53,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/generation", get(account::generation))
         .route("/v1/keys", get(account::list_keys).post(account::create_key))
         .route("/v1/keys/{id}", axum::routing::delete(account::revoke_key))
+        .route("/admin/v1/keys/{id}", axum::routing::patch(admin::update_key))
         .route("/health", get(health::health))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -18,6 +18,7 @@ pub mod routes;
 pub mod up;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use infermesh_service::{BootstrapError, CancellationToken};
@@ -40,6 +41,9 @@ pub struct GatewayConfig {
     /// service so every gateway shares the count (0: no limit).
     #[arg(long = "signups-per-minute-per-ip", env = "INFERMESH_SIGNUPS_PER_MINUTE_PER_IP", default_value_t = 3)]
     pub signups_per_minute_per_ip: u32,
+    /// Token for the operator routes under `/admin/v1/`; unset turns them off.
+    #[arg(long = "admin-token", env = "INFERMESH_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +85,7 @@ pub async fn run(
         mesh,
         signup_credit_nanos,
         signups_per_minute_per_ip: config.signups_per_minute_per_ip,
+        admin_token: config.admin_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from),
         metrics: infermesh_telemetry::metrics_handle(),
     };
     let router = app::router(state, config.max_body_bytes);

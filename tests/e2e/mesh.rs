@@ -358,3 +358,73 @@ async fn a_signup_flood_from_one_address_is_refused_with_429() {
         http().post(format!("{base}/v1/auth/signup")).body(r#"{"email":"first@example.com"}"#).send().await.unwrap();
     assert_eq!(duplicate.status(), 429);
 }
+
+/// `PATCH /admin/v1/keys/{id}` behind the admin token: rate limits, the
+/// credit limit and disabling take effect at once; bad tokens, bodies and
+/// ids get OpenAI-shaped errors; a gateway without a token serves no admin
+/// route.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_changes_a_key_through_the_admin_routes() {
+    let data = tempfile::tempdir().unwrap();
+    let (up, base) = start_up(data.path(), &["--admin-token", "operator-secret"]).await;
+    let key = signup(&base, "admin@example.com").await;
+    let keys: Value =
+        http().get(format!("{base}/v1/keys")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    let key_id = keys["data"][0]["id"].as_str().unwrap().to_owned();
+    let patch = |base: &str, token: &str, id: &str, body: &'static str| {
+        http().patch(format!("{base}/admin/v1/keys/{id}")).bearer_auth(token).body(body).send()
+    };
+    let error_of = |response: reqwest::Response| async move {
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        (status, body["error"]["type"].as_str().unwrap_or_default().to_owned(), body.to_string())
+    };
+
+    let (status, kind, _) = error_of(patch(&base, "wrong", &key_id, r#"{"disabled":true}"#).await.unwrap()).await;
+    assert_eq!((status, kind.as_str()), (401, "authentication_error"));
+    let (status, _, body) = error_of(patch(&base, &key, &key_id, r#"{"disabled":true}"#).await.unwrap()).await;
+    assert_eq!(status, 401, "a client key is not the admin token: {body}");
+    let (status, _, body) =
+        error_of(patch(&base, "operator-secret", &key_id, r#"{"limit":"lots"}"#).await.unwrap()).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("limit"), "{body}");
+    let (status, _, body) =
+        error_of(patch(&base, "operator-secret", &key_id, r#"{"rate_limit":{"requests_per_hour":1}}"#).await.unwrap())
+            .await;
+    assert_eq!(status, 400, "unknown fields are refused: {body}");
+    let (status, _, _) =
+        error_of(patch(&base, "operator-secret", "key_missing", r#"{"disabled":true}"#).await.unwrap()).await;
+    assert_eq!(status, 404);
+
+    // One request per minute: the second chat completion is refused.
+    let response = patch(&base, "operator-secret", &key_id, r#"{"rate_limit":{"requests_per_minute":1},"limit":0.5}"#)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let changed: Value = response.json().await.unwrap();
+    assert_eq!(changed["data"]["rate_limit"]["requests_per_minute"], 1, "{changed}");
+    assert_eq!(changed["data"]["limit"], 0.5, "{changed}");
+    let chat = || {
+        http()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .body(r#"{"model":"infermesh/gemma-3-270m","messages":[{"role":"user","content":"hi"}],"max_tokens":1}"#)
+            .send()
+    };
+    assert_eq!(chat().await.unwrap().status(), 200);
+    let refused = chat().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+
+    // Disabled: refused at once, with the reason.
+    assert_eq!(patch(&base, "operator-secret", &key_id, r#"{"disabled":true}"#).await.unwrap().status(), 200);
+    let (status, kind, body) =
+        error_of(http().get(format!("{base}/v1/models")).bearer_auth(&key).send().await.unwrap()).await;
+    assert_eq!((status, kind.as_str()), (401, "authentication_error"));
+    assert!(body.contains("disabled"), "{body}");
+
+    let (_plain, plain_base) = spawn_gateway(&up, &[]).await;
+    let (status, kind, _) =
+        error_of(patch(&plain_base, "operator-secret", &key_id, r#"{"disabled":false}"#).await.unwrap()).await;
+    assert_eq!((status, kind.as_str()), (403, "permission_denied"));
+}

@@ -126,7 +126,7 @@ fn rfc3339(unix_seconds: Option<i64>) -> Value {
         .map_or(Value::Null, Value::String)
 }
 
-fn key_json(info: &KeyInfo, usage: &KeyUsage) -> Value {
+pub(crate) fn key_json(info: &KeyInfo, usage: &KeyUsage) -> Value {
     json!({
         "id": info.key_id,
         "name": info.name,
@@ -140,7 +140,7 @@ fn key_json(info: &KeyInfo, usage: &KeyUsage) -> Value {
     })
 }
 
-async fn key_usage(state: &AppState, key_id: &str) -> Result<KeyUsage, ApiError> {
+pub(crate) async fn key_usage(state: &AppState, key_id: &str) -> Result<KeyUsage, ApiError> {
     let request = GetKeyUsageRequest { key_id: key_id.to_owned() };
     Ok(state.mesh.billing.clone().get_key_usage(request).await.map_err(peer_error("billing"))?.into_inner())
 }

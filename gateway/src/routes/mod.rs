@@ -1,6 +1,7 @@
 //! HTTP handlers, one module per surface.
 
 pub mod account;
+pub mod admin;
 pub mod chat;
 pub mod completions;
 pub mod embeddings;

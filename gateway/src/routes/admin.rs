@@ -1,0 +1,98 @@
+//! Operator routes under `/admin/v1/`, behind the admin token
+//! (`--admin-token`): without one configured they answer 403.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use infermesh_proto::v1::UpdateKeyRequest;
+use infermesh_service::ErrorKind;
+use infermesh_service::money::dollars_to_nanos;
+use serde::{Deserialize, Deserializer};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::app::AppState;
+use crate::error::{ApiError, parse_json};
+use crate::mesh::peer_error;
+use crate::routes::RawBody;
+use crate::routes::account::{key_json, key_usage};
+
+/// Admits the caller when it sends the admin token as a bearer token.
+fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &state.admin_token else {
+        return Err(ApiError::new(
+            ErrorKind::PermissionDenied,
+            "admin routes are off: start the gateway with --admin-token (INFERMESH_ADMIN_TOKEN)",
+        ));
+    };
+    let given = crate::admission::api_key(headers).map_err(|_| {
+        ApiError::new(ErrorKind::Authentication, "admin routes need `Authorization: Bearer <admin token>`")
+    })?;
+    // Digests first, so the comparison is constant-time over equal lengths.
+    let (given, expected) = (Sha256::digest(given.as_bytes()), Sha256::digest(expected.as_bytes()));
+    if !infermesh_auth::keys::constant_time_eq(&given, &expected) {
+        return Err(ApiError::new(ErrorKind::Authentication, "invalid admin token"));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyPatch {
+    disabled: Option<bool>,
+    /// Dollars; `null` removes the limit, absent leaves it.
+    #[serde(default, deserialize_with = "present")]
+    limit: Option<Option<f64>>,
+    rate_limit: Option<RateLimitPatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitPatch {
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u32>,
+}
+
+/// Tells `"limit": null` (clear) from an absent `limit` (leave).
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(deserializer).map(Some)
+}
+
+/// `PATCH /admin/v1/keys/{id}` with any of `disabled`, `limit`,
+/// `rate_limit: {requests_per_minute, tokens_per_minute}`. Every gateway
+/// sees the change at once through `keys.updated`.
+pub async fn update_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(key_id): Path<String>,
+    RawBody(body): RawBody,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&state, &headers)?;
+    let KeyPatch { disabled, limit, rate_limit } = parse_json(&body)?;
+    let limit_nanos = match limit {
+        Some(Some(dollars)) => Some(
+            dollars_to_nanos(dollars)
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| ApiError::invalid("limit", "`limit` must be a non-negative dollar amount or null"))?,
+        ),
+        _ => None,
+    };
+    let rate_limit = rate_limit.unwrap_or(RateLimitPatch { requests_per_minute: None, tokens_per_minute: None });
+    let request = UpdateKeyRequest {
+        key_id: key_id.clone(),
+        disabled,
+        limit_nanos,
+        clear_limit: matches!(limit, Some(None)),
+        requests_per_minute: rate_limit.requests_per_minute,
+        tokens_per_minute: rate_limit.tokens_per_minute,
+    };
+    let info = state.mesh.auth.clone().update_key(request).await.map_err(peer_error("auth"))?.into_inner();
+    state.mesh.forget_key(&key_id);
+    let usage = key_usage(&state, &key_id).await?;
+    let mut data = key_json(&info, &usage);
+    data["rate_limit"] = json!(info.rate_limit.map(|r| json!({
+        "requests_per_minute": r.requests_per_minute,
+        "tokens_per_minute": r.tokens_per_minute,
+    })));
+    Ok(Json(json!({ "data": data })))
+}
