@@ -143,6 +143,10 @@ impl PackedQ8_0 {
         PackedQ8_0 { accumulation, ..self }
     }
 
+    pub fn accumulation(&self) -> Accumulation {
+        self.accumulation
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }

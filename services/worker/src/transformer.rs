@@ -185,7 +185,7 @@ impl Linear {
                 if let Some(last) = shape.last_mut() {
                     *last = packed.rows();
                 }
-                Tensor::from_vec(self.packed_matmul(packed, x)?, shape, x.device())?
+                Tensor::from_vec(packed_matmul(packed, x)?, shape, x.device())?
             }
             Matmul::Candle(weight) if self.pad_single_row && x.elem_count() == x.dim(D::Minus1)? => {
                 let doubled = Tensor::cat(&[x, x], x.rank() - 2)?;
@@ -202,18 +202,19 @@ impl Linear {
     /// As [`Linear::forward`], flattened into host memory.
     fn forward_to_host(&self, x: &Tensor) -> candle_core::Result<Vec<f32>> {
         match (&self.weight, &self.bias) {
-            (Matmul::Packed(packed), None) => self.packed_matmul(packed, x),
+            (Matmul::Packed(packed), None) => packed_matmul(packed, x),
             _ => self.forward(x)?.flatten_all()?.to_vec1::<f32>(),
         }
     }
+}
 
-    fn packed_matmul(&self, packed: &PackedQ8_0, x: &Tensor) -> candle_core::Result<Vec<f32>> {
-        let rows = x.elem_count() / x.dim(D::Minus1)?;
-        let input = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; rows * packed.rows()];
-        packed.matmul(&input, rows, &mut out);
-        Ok(out)
-    }
+/// `x · weightᵀ` for every row of `x`, into host memory `[rows][weight rows]`.
+fn packed_matmul(packed: &PackedQ8_0, x: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let rows = x.elem_count() / x.dim(D::Minus1)?;
+    let input = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; rows * packed.rows()];
+    packed.matmul(&input, rows, &mut out);
+    Ok(out)
 }
 
 /// Projections of one input (q/k/v, gate/up). Where every part is a
@@ -227,11 +228,13 @@ enum Projections {
 impl Projections {
     fn new(parts: Vec<Linear>) -> Projections {
         let packed_alone = |linear: &Linear| match &linear.weight {
-            Matmul::Packed(p) if Arc::strong_count(p) == 1 && linear.bias.is_none() => Some(p.cols()),
+            Matmul::Packed(p) if Arc::strong_count(p) == 1 && linear.bias.is_none() => {
+                Some((p.cols(), p.accumulation()))
+            }
             _ => None,
         };
-        let widths: Option<Vec<usize>> = parts.iter().map(packed_alone).collect();
-        let same_input = widths.is_some_and(|w| w.windows(2).all(|pair| pair[0] == pair[1]));
+        let inputs: Option<Vec<(usize, Accumulation)>> = parts.iter().map(packed_alone).collect();
+        let same_input = inputs.is_some_and(|i| i.windows(2).all(|pair| pair[0] == pair[1]));
         if parts.len() < 2 || !same_input {
             return Projections::Separate(parts);
         }
@@ -255,10 +258,8 @@ impl Projections {
         match self {
             Projections::Separate(parts) => parts.iter().map(|part| part.forward_to_host(x)).collect(),
             Projections::Stacked { weight, widths } => {
-                let rows = x.elem_count() / x.dim(D::Minus1)?;
-                let input = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = vec![0f32; rows * weight.rows()];
-                weight.matmul(&input, rows, &mut out);
+                let out = packed_matmul(weight, x)?;
+                let rows = out.len() / weight.rows();
                 let mut parts: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(rows * w)).collect();
                 for row in out.chunks_exact(weight.rows()) {
                     let mut rest = row;
