@@ -209,6 +209,15 @@ impl PackedQ8_0 {
         });
     }
 
+    /// Where group `group`'s tiles and block scales start.
+    fn group_weights(&self, group: usize) -> (*const u8, *const f32) {
+        let blocks = self.cols / BLOCK;
+        (
+            self.tiles.as_ptr().wrapping_add(group * blocks * BLOCK * TILE_COLS),
+            self.scales.as_ptr().wrapping_add(group * blocks * TILE_COLS),
+        )
+    }
+
     /// Pulls the next group's tiles and scales into cache while this group
     /// computes: `step` of `steps` (one per row and block) fetches its
     /// share. Without it the weights stream in while the first row runs and
@@ -246,8 +255,7 @@ impl PackedQ8_0 {
         // SAFETY (all pointer arithmetic below): offsets stay inside the
         // tiles/scales of `group` and inside row `r` of `x` and `out`.
         unsafe {
-            let tiles = self.tiles.as_ptr().add(group * blocks * BLOCK * TILE_COLS);
-            let weight_scales = self.scales.as_ptr().add(group * blocks * TILE_COLS);
+            let (tiles, weight_scales) = self.group_weights(group);
             for r in 0..x.m {
                 let quants = x.quants.as_ptr().add(r * self.cols);
                 // One accumulator per 4-input lane, combined at the end in
@@ -279,11 +287,9 @@ impl PackedQ8_0 {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     unsafe fn group_block_sums(&self, group: usize, x: &Activations<'_>, out: *mut f32) {
-        let blocks = self.cols / BLOCK;
         // SAFETY: as in `group`.
         unsafe {
-            let tiles = self.tiles.as_ptr().add(group * blocks * BLOCK * TILE_COLS);
-            let weight_scales = self.scales.as_ptr().add(group * blocks * TILE_COLS);
+            let (tiles, weight_scales) = self.group_weights(group);
             let mut r = 0;
             while r < x.m {
                 // Up to four rows at once share each weight load and give
