@@ -26,7 +26,7 @@ use candle_core::{D, Device, Module, Tensor};
 
 use crate::attention::{Heads, LayerCache, Rope, Step};
 use crate::error::WorkerError;
-use crate::q8_0::{Accumulation, PackedQ8_0};
+use crate::q8_0::PackedQ8_0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
@@ -161,7 +161,6 @@ impl Linear {
         content: &gguf_file::Content,
         reader: &mut R,
         name: &str,
-        accumulation: Accumulation,
         device: &Device,
     ) -> Result<Option<Linear>, WorkerError> {
         let Some(info) = content.tensor_infos.get(name) else { return Ok(None) };
@@ -172,7 +171,7 @@ impl Linear {
         let io = |err: std::io::Error| WorkerError::Model(format!("reading {name}: {err}"));
         reader.seek(std::io::SeekFrom::Start(content.tensor_data_offset + info.offset)).map_err(io)?;
         Ok(PackedQ8_0::read(reader, rows, cols).map_err(io)?.map(|packed| Linear {
-            weight: Matmul::Packed(Arc::new(packed.with_accumulation(accumulation))),
+            weight: Matmul::Packed(Arc::new(packed)),
             bias: None,
             pad_single_row: false,
         }))
@@ -228,12 +227,10 @@ enum Projections {
 impl Projections {
     fn new(parts: Vec<Linear>) -> Projections {
         let packed_alone = |linear: &Linear| match &linear.weight {
-            Matmul::Packed(p) if Arc::strong_count(p) == 1 && linear.bias.is_none() => {
-                Some((p.cols(), p.accumulation()))
-            }
+            Matmul::Packed(p) if Arc::strong_count(p) == 1 && linear.bias.is_none() => Some(p.cols()),
             _ => None,
         };
-        let inputs: Option<Vec<(usize, Accumulation)>> = parts.iter().map(packed_alone).collect();
+        let inputs: Option<Vec<usize>> = parts.iter().map(packed_alone).collect();
         let same_input = inputs.is_some_and(|i| i.windows(2).all(|pair| pair[0] == pair[1]));
         if parts.len() < 2 || !same_input {
             return Projections::Separate(parts);
@@ -249,7 +246,7 @@ impl Projections {
         let widths = packed.iter().map(PackedQ8_0::rows).collect();
         match PackedQ8_0::stack(packed) {
             Some(weight) => Projections::Stacked { weight, widths },
-            None => unreachable!("checked: the parts share their input width and accumulation"),
+            None => unreachable!("checked: the parts share their input width"),
         }
     }
 
@@ -371,9 +368,7 @@ impl Transformer {
         // the embedding table.
         let tied = !names.contains("output.weight");
         let output_name = if tied { "token_embd.weight" } else { "output.weight" };
-        // The logits only feed sampling, so llama.cpp's lane order (needed
-        // where a result is quantized again) buys nothing here: block sums.
-        let packed_output = Linear::read_packed(content, reader, output_name, Accumulation::BlockSums, device)?;
+        let packed_output = Linear::read_packed(content, reader, output_name, device)?;
         let mut tensor = |name: &str| -> Result<QTensor, WorkerError> { Ok(content.tensor(reader, name, device)?) };
         let dense = |q: QTensor| -> Result<Tensor, WorkerError> { Ok(q.dequantize(device)?) };
 
