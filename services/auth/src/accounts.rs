@@ -226,17 +226,48 @@ fn is_plausible_email(email: &str) -> bool {
 mod tests {
     use super::*;
 
-    async fn accounts() -> (tempfile::TempDir, Accounts) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("auth.db").display());
-        let config = AuthConfig { database_url: url, default_requests_per_minute: 7, default_tokens_per_minute: 1000 };
-        let accounts = Accounts::open(&config, None).await.unwrap();
-        (dir, accounts)
+    use infermesh_sql::test_postgres::TestPostgres;
+
+    async fn open(database_url: String) -> Accounts {
+        let config = AuthConfig { database_url, default_requests_per_minute: 7, default_tokens_per_minute: 1000 };
+        Accounts::open(&config, None).await.unwrap()
     }
 
-    #[tokio::test]
-    async fn signup_then_verify_then_revoke() {
-        let (_dir, accounts) = accounts().await;
+    /// Each case runs on SQLite (a test each) and on PostgreSQL (one server
+    /// for all, a fresh database per case).
+    macro_rules! on_both_stores {
+        ($($case:ident),* $(,)?) => {
+            mod on_sqlite {
+                $(
+                    #[tokio::test]
+                    async fn $case() {
+                        let dir = tempfile::tempdir().unwrap();
+                        let accounts = super::open(format!("sqlite://{}", dir.path().join("auth.db").display())).await;
+                        super::$case(accounts).await;
+                    }
+                )*
+            }
+
+            #[tokio::test]
+            async fn every_store_case_on_postgres() {
+                let server = TestPostgres::start();
+                $(
+                    eprintln!("postgres: {}", stringify!($case));
+                    $case(open(server.fresh_database()).await).await;
+                )*
+            }
+        };
+    }
+
+    on_both_stores!(
+        signup_then_verify_then_revoke,
+        an_operator_change_touches_only_the_fields_it_sets,
+        duplicate_email_is_refused,
+        bad_keys_say_why,
+        expired_key_is_refused_and_keys_are_listed,
+    );
+
+    async fn signup_then_verify_then_revoke(accounts: Accounts) {
         let (account_id, created) = accounts.signup("Me@Example.com").await.unwrap();
         let info = accounts.verify(&created.key).await.unwrap();
         assert_eq!(info.account_id, account_id);
@@ -248,9 +279,7 @@ mod tests {
         assert!(matches!(accounts.verify(&created.key).await, Err(AuthError::RevokedKey)));
     }
 
-    #[tokio::test]
-    async fn an_operator_change_touches_only_the_fields_it_sets() {
-        let (_dir, accounts) = accounts().await;
+    async fn an_operator_change_touches_only_the_fields_it_sets(accounts: Accounts) {
         let (_, created) = accounts.signup("ops@example.com").await.unwrap();
         let id = created.info.unwrap().key_id;
         let change = KeyChange { limit_nanos: Some(5), requests_per_minute: Some(60), ..KeyChange::default() };
@@ -270,16 +299,12 @@ mod tests {
         assert!(matches!(accounts.update_key("key_nope", &change).await, Err(AuthError::KeyNotFound(_))));
     }
 
-    #[tokio::test]
-    async fn duplicate_email_is_refused() {
-        let (_dir, accounts) = accounts().await;
+    async fn duplicate_email_is_refused(accounts: Accounts) {
         accounts.signup("a@b.io").await.unwrap();
         assert!(matches!(accounts.signup("A@b.io").await, Err(AuthError::DuplicateEmail(_))));
     }
 
-    #[tokio::test]
-    async fn bad_keys_say_why() {
-        let (_dir, accounts) = accounts().await;
+    async fn bad_keys_say_why(accounts: Accounts) {
         assert!(matches!(accounts.verify("").await, Err(AuthError::MissingKey)));
         assert!(matches!(accounts.verify("sk-123").await, Err(AuthError::MalformedKey)));
         let unknown = crate::keys::generate();
@@ -287,9 +312,7 @@ mod tests {
         assert!(matches!(accounts.signup("nope").await, Err(AuthError::InvalidEmail(_))));
     }
 
-    #[tokio::test]
-    async fn expired_key_is_refused_and_keys_are_listed() {
-        let (_dir, accounts) = accounts().await;
+    async fn expired_key_is_refused_and_keys_are_listed(accounts: Accounts) {
         let (account_id, _) = accounts.signup("x@y.dev").await.unwrap();
         let expired = accounts
             .create_key(&NewKeyRequest {

@@ -22,8 +22,8 @@ pub enum AuthError {
     KeyNotFound(String),
     #[error("storage error: {0}")]
     Storage(#[from] sqlx::Error),
-    #[error("migration error: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Database(#[from] infermesh_sql::SqlError),
 }
 
 impl From<AuthError> for MeshError {
@@ -38,7 +38,7 @@ impl From<AuthError> for MeshError {
             AuthError::InvalidEmail(_) => ErrorKind::InvalidRequest,
             AuthError::DuplicateEmail(_) => ErrorKind::Conflict,
             AuthError::KeyNotFound(_) => ErrorKind::NotFound,
-            AuthError::Storage(_) | AuthError::Migrate(_) => {
+            AuthError::Storage(_) | AuthError::Database(_) => {
                 tracing::error!(error = %err, "auth storage failure");
                 return MeshError::internal("auth storage failure; retry shortly");
             }

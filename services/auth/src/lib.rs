@@ -22,7 +22,8 @@ pub use error::AuthError;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct AuthConfig {
-    /// Where accounts and keys live (sqlx URL).
+    /// Where accounts and keys live: `sqlite://…` (created if missing) or
+    /// `postgres://…` (migrated on start).
     #[arg(
         long = "auth-database-url",
         env = "INFERMESH_AUTH_DATABASE_URL",

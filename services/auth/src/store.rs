@@ -1,10 +1,8 @@
-//! Accounts and keys in SQL (SQLite for the embedded default).
+//! Accounts and keys in SQL: SQLite for the embedded default, PostgreSQL
+//! for a shared deployment (the database URL chooses).
 
-use std::str::FromStr;
-use std::time::Duration;
-
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{Row, SqlitePool};
+use infermesh_sql::{Migrations, Pool, on_pool};
+use sqlx::Row;
 
 use crate::error::AuthError;
 
@@ -53,9 +51,53 @@ enum KeyColumn {
     Id,
 }
 
+/// A [`KeyRecord`] from a row of [`KEY_COLUMNS`], for either backend's row type.
+macro_rules! key_from_row {
+    ($row:expr) => {{
+        let row = $row;
+        let rpm: Option<i64> = row.try_get("requests_per_minute")?;
+        let tpm: Option<i64> = row.try_get("tokens_per_minute")?;
+        Ok::<_, AuthError>(KeyRecord {
+            id: row.try_get("id")?,
+            account_id: row.try_get("account_id")?,
+            name: row.try_get("name")?,
+            prefix: row.try_get("prefix")?,
+            key_hash: row.try_get("key_hash")?,
+            limit_nanos: row.try_get("limit_nanos")?,
+            disabled: row.try_get("disabled")?,
+            revoked_at: row.try_get("revoked_at")?,
+            expires_at: row.try_get("expires_at")?,
+            requests_per_minute: rpm.and_then(|v| u32::try_from(v).ok()),
+            tokens_per_minute: tpm.and_then(|v| u32::try_from(v).ok()),
+            created_at: row.try_get("created_at")?,
+            is_free_tier: row.try_get("is_free_tier")?,
+        })
+    }};
+}
+
 #[derive(Clone, Debug)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: Pool,
+}
+
+/// Inserts a key row; shared by sign-up (with its account) and key creation.
+macro_rules! insert_key {
+    ($executor:expr, $key:expr) => {
+        sqlx::query(
+            "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, limit_nanos, expires_at, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind($key.id)
+        .bind($key.account_id)
+        .bind($key.name)
+        .bind($key.prefix)
+        .bind($key.key_hash)
+        .bind($key.limit_nanos)
+        .bind($key.expires_at)
+        .bind($key.created_at)
+        .execute($executor)
+        .await
+    };
 }
 
 const KEY_COLUMNS: &str = "k.id, k.account_id, k.name, k.prefix, k.key_hash, k.limit_nanos, \
@@ -64,39 +106,37 @@ const KEY_COLUMNS: &str = "k.id, k.account_id, k.name, k.prefix, k.key_hash, k.l
 
 impl Store {
     pub async fn open(database_url: &str) -> Result<Store, AuthError> {
-        let options = SqliteConnectOptions::from_str(database_url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Store { pool })
+        let migrations = Migrations {
+            sqlite: sqlx::migrate!("./migrations/sqlite"),
+            postgres: sqlx::migrate!("./migrations/postgres"),
+        };
+        Ok(Store { pool: Pool::open(database_url, &migrations).await? })
     }
 
     /// Creates the account and its first key in one transaction.
     pub async fn create_account(&self, account_id: &str, email: &str, first_key: &NewKey<'_>) -> Result<(), AuthError> {
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO accounts (id, email, created_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (email) DO NOTHING",
-        )
-        .bind(account_id)
-        .bind(email)
-        .bind(first_key.created_at)
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            return Err(AuthError::DuplicateEmail(email.to_owned()));
-        }
-        insert_key(&mut tx, first_key).await?;
-        tx.commit().await?;
+        on_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO accounts (id, email, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (email) DO NOTHING",
+            )
+            .bind(account_id)
+            .bind(email)
+            .bind(first_key.created_at)
+            .execute(&mut *tx)
+            .await?;
+            if inserted.rows_affected() == 0 {
+                return Err(AuthError::DuplicateEmail(email.to_owned()));
+            }
+            insert_key!(&mut *tx, first_key)?;
+            tx.commit().await?;
+        });
         Ok(())
     }
 
     pub async fn create_key(&self, key: &NewKey<'_>) -> Result<(), AuthError> {
-        let mut tx = self.pool.begin().await?;
-        insert_key(&mut tx, key).await?;
-        tx.commit().await?;
+        on_pool!(&self.pool, pool => insert_key!(pool, key).map(drop)?);
         Ok(())
     }
 
@@ -116,8 +156,10 @@ impl Store {
         let sql = format!(
             "SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.{column} = $1"
         );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(value).fetch_optional(&self.pool).await?;
-        row.map(|row| key_from_row(&row)).transpose()
+        on_pool!(&self.pool, pool => {
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(value).fetch_optional(pool).await?;
+            row.map(|row| key_from_row!(row)).transpose()
+        })
     }
 
     pub async fn keys_of_account(&self, account_id: &str) -> Result<Vec<KeyRecord>, AuthError> {
@@ -125,80 +167,44 @@ impl Store {
             "SELECT {KEY_COLUMNS} FROM api_keys k JOIN accounts a ON a.id = k.account_id \
              WHERE k.account_id = $1 AND k.revoked_at IS NULL ORDER BY k.created_at, k.id"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(account_id).fetch_all(&self.pool).await?;
-        rows.iter().map(key_from_row).collect()
+        on_pool!(&self.pool, pool => {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(account_id).fetch_all(pool).await?;
+            rows.iter().map(|row| key_from_row!(row)).collect()
+        })
     }
 
     /// Applies the set fields of `change`; false when no live key has `key_id`.
     pub async fn update_key(&self, key_id: &str, change: &KeyChange) -> Result<bool, AuthError> {
-        let done = sqlx::query(
-            "UPDATE api_keys SET \
+        const SQL: &str = "UPDATE api_keys SET \
                disabled = COALESCE($1, disabled), \
                limit_nanos = CASE WHEN $2 THEN NULL ELSE COALESCE($3, limit_nanos) END, \
                requests_per_minute = COALESCE($4, requests_per_minute), \
                tokens_per_minute = COALESCE($5, tokens_per_minute) \
-             WHERE id = $6 AND revoked_at IS NULL",
-        )
-        .bind(change.disabled)
-        .bind(change.clear_limit)
-        .bind(change.limit_nanos)
-        .bind(change.requests_per_minute.map(i64::from))
-        .bind(change.tokens_per_minute.map(i64::from))
-        .bind(key_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+             WHERE id = $6 AND revoked_at IS NULL";
+        let done = on_pool!(&self.pool, pool => sqlx::query(SQL)
+            .bind(change.disabled)
+            .bind(change.clear_limit)
+            .bind(change.limit_nanos)
+            .bind(change.requests_per_minute.map(i64::from))
+            .bind(change.tokens_per_minute.map(i64::from))
+            .bind(key_id)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(done == 1)
     }
 
     /// Returns false when the account holds no such live key.
     pub async fn revoke_key(&self, account_id: &str, key_id: &str, now: i64) -> Result<bool, AuthError> {
-        let done = sqlx::query(
-            "UPDATE api_keys SET revoked_at = $1 \
-             WHERE id = $2 AND account_id = $3 AND revoked_at IS NULL",
-        )
-        .bind(now)
-        .bind(key_id)
-        .bind(account_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        const SQL: &str = "UPDATE api_keys SET revoked_at = $1 \
+             WHERE id = $2 AND account_id = $3 AND revoked_at IS NULL";
+        let done = on_pool!(&self.pool, pool => sqlx::query(SQL)
+            .bind(now)
+            .bind(key_id)
+            .bind(account_id)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(done == 1)
     }
-}
-
-async fn insert_key(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, key: &NewKey<'_>) -> Result<(), AuthError> {
-    sqlx::query(
-        "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, limit_nanos, expires_at, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(key.id)
-    .bind(key.account_id)
-    .bind(key.name)
-    .bind(key.prefix)
-    .bind(key.key_hash)
-    .bind(key.limit_nanos)
-    .bind(key.expires_at)
-    .bind(key.created_at)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<KeyRecord, AuthError> {
-    let rpm: Option<i64> = row.try_get("requests_per_minute")?;
-    let tpm: Option<i64> = row.try_get("tokens_per_minute")?;
-    Ok(KeyRecord {
-        id: row.try_get("id")?,
-        account_id: row.try_get("account_id")?,
-        name: row.try_get("name")?,
-        prefix: row.try_get("prefix")?,
-        key_hash: row.try_get("key_hash")?,
-        limit_nanos: row.try_get("limit_nanos")?,
-        disabled: row.try_get("disabled")?,
-        revoked_at: row.try_get("revoked_at")?,
-        expires_at: row.try_get("expires_at")?,
-        requests_per_minute: rpm.and_then(|v| u32::try_from(v).ok()),
-        tokens_per_minute: tpm.and_then(|v| u32::try_from(v).ok()),
-        created_at: row.try_get("created_at")?,
-        is_free_tier: row.try_get("is_free_tier")?,
-    })
 }

@@ -1,0 +1,85 @@
+//! One connection pool over SQLite (the embedded default) or PostgreSQL,
+//! chosen by the database URL, so a service's store is written once.
+//!
+//! Queries are written once inside [`on_pool!`], which type-checks the same
+//! body against each backend. Both backends take `$1`-style placeholders;
+//! each service keeps a migration set per backend because their column
+//! types differ (an `INTEGER` is 64-bit in SQLite, 32-bit in PostgreSQL).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{PgPool, SqlitePool};
+
+#[cfg(feature = "test-postgres")]
+pub mod test_postgres;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SqlError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+#[derive(Clone, Debug)]
+pub enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// A service's migrations for each backend (`sqlx::migrate!` of each dir).
+pub struct Migrations {
+    pub sqlite: Migrator,
+    pub postgres: Migrator,
+}
+
+impl Pool {
+    /// Connects to `postgres://…` / `postgresql://…`, or else opens (creating
+    /// it if needed) the SQLite database at the URL, then migrates it.
+    pub async fn open(database_url: &str, migrations: &Migrations) -> Result<Pool, SqlError> {
+        if is_postgres(database_url) {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(database_url)
+                .await?;
+            migrations.postgres.run(&pool).await?;
+            Ok(Pool::Postgres(pool))
+        } else {
+            let options = SqliteConnectOptions::from_str(database_url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(5));
+            let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+            migrations.sqlite.run(&pool).await?;
+            Ok(Pool::Sqlite(pool))
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
+    }
+}
+
+pub fn is_postgres(database_url: &str) -> bool {
+    database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")
+}
+
+/// Runs `$body` with `$pool` bound to the backend's typed pool: the body is
+/// written once and compiled for each backend.
+#[macro_export]
+macro_rules! on_pool {
+    ($pool:expr, $bound:ident => $body:expr) => {
+        match $pool {
+            $crate::Pool::Sqlite($bound) => $body,
+            $crate::Pool::Postgres($bound) => $body,
+        }
+    };
+}
