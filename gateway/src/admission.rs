@@ -125,7 +125,6 @@ impl Admission {
         let estimate = estimated_prompt_tokens.saturating_add(max_output_tokens);
         let acquired = mesh
             .ratelimit
-            .clone()
             .acquire(AcquireRequest {
                 key_id: key.key_id.clone(),
                 request_id: request_id.clone(),
@@ -133,14 +132,15 @@ impl Admission {
                 limits: key.rate_limit,
             })
             .await
-            .map_err(|s| Refused { error: ApiError(peer_error("ratelimit")(s)), limits: None })?
-            .into_inner();
+            .map_err(|s| Refused { error: ApiError(peer_error("ratelimit")(s)), limits: None })?;
         let limits = acquired.state.unwrap_or_default();
         if !acquired.allowed {
             let err = MeshError::new(
                 ErrorKind::RateLimited,
                 format!(
-                    "rate limit reached for this key: {} requests and {} tokens per minute; retry after {} s",
+                    "rate limit reached for this key ({}); its limits are {} requests and {} tokens per minute; \
+                     retry after {} s",
+                    acquired.refused_by,
                     limits.limit_requests,
                     limits.limit_tokens,
                     acquired.retry_after_ms.div_ceil(1000).max(1)
@@ -162,8 +162,8 @@ impl Admission {
             })
             .await;
         if let Err(status) = reserved {
-            let mut ratelimit = mesh.ratelimit.clone();
-            let _ = ratelimit
+            let _ = mesh
+                .ratelimit
                 .release(ReleaseAdmissionRequest { key_id: key.key_id.clone(), request_id: request_id.clone() })
                 .await;
             return Err(Refused { error: ApiError(peer_error("billing")(status)), limits: Some(limits) });
@@ -232,8 +232,8 @@ async fn settle_task(
 ) -> Result<Settled, ApiError> {
     let cost = cost_nanos(&model, u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
     let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
-    let (mut ratelimit, mut billing) = (mesh.ratelimit.clone(), mesh.billing.clone());
-    let commit = ratelimit.commit(CommitRequest {
+    let mut billing = mesh.billing.clone();
+    let commit = mesh.ratelimit.commit(CommitRequest {
         key_id,
         request_id: request_id.clone(),
         actual_tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),
@@ -285,9 +285,9 @@ impl Drop for Admission {
             ));
         } else {
             tokio::spawn(async move {
-                let (mut billing, mut ratelimit) = (mesh.billing.clone(), mesh.ratelimit.clone());
+                let mut billing = mesh.billing.clone();
                 let release = billing.release(ReleaseRequest { request_id: request_id.clone() });
-                let unlimit = ratelimit.release(ReleaseAdmissionRequest { key_id, request_id });
+                let unlimit = mesh.ratelimit.release(ReleaseAdmissionRequest { key_id, request_id });
                 let (released, _) = tokio::join!(release, unlimit);
                 if let Err(status) = released {
                     tracing::warn!(error = %status.message(), "hold release failed; it expires on its own");

@@ -93,6 +93,8 @@ pub struct GatewayArgs {
     pub billing: String,
     #[arg(long = "registry-addr", env = "INFERMESH_REGISTRY_ADDR", default_value = "127.0.0.1:50053")]
     pub registry: String,
+    /// Ratelimit replicas, comma-separated: each key is owned by one of
+    /// them (rendezvous hashing), so give every gateway the same list.
     #[arg(long = "ratelimit-addr", env = "INFERMESH_RATELIMIT_ADDR", default_value = "127.0.0.1:50054")]
     pub ratelimit: String,
     /// NATS server whose key events evict cached keys; none means a cached

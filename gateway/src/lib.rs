@@ -14,6 +14,7 @@ pub mod cli;
 pub mod error;
 pub mod mesh;
 pub mod openai;
+pub mod ratelimit_shards;
 pub mod routes;
 pub mod up;
 

@@ -9,18 +9,20 @@ use std::time::{Duration, Instant};
 
 use infermesh_proto::v1::auth_service_client::AuthServiceClient;
 use infermesh_proto::v1::billing_service_client::BillingServiceClient;
-use infermesh_proto::v1::rate_limit_service_client::RateLimitServiceClient;
 use infermesh_proto::v1::registry_service_client::RegistryServiceClient;
 use infermesh_proto::v1::worker_service_client::WorkerServiceClient;
 use infermesh_proto::v1::{CatalogSnapshot, KeyInfo, Model, VerifyKeyRequest, WatchCatalogRequest, Worker};
 use infermesh_service::{BootstrapError, CancellationToken, ErrorKind, MeshError, TracedChannel};
 use sha2::{Digest, Sha256};
 
+use crate::ratelimit_shards::RateLimitShards;
+
 #[derive(Debug, Clone)]
 pub struct PeerAddresses {
     pub auth: String,
     pub billing: String,
     pub registry: String,
+    /// Every ratelimit replica, comma-separated.
     pub ratelimit: String,
 }
 
@@ -28,7 +30,7 @@ pub struct Mesh {
     pub auth: AuthServiceClient<TracedChannel>,
     pub billing: BillingServiceClient<TracedChannel>,
     pub registry: RegistryServiceClient<TracedChannel>,
-    pub ratelimit: RateLimitServiceClient<TracedChannel>,
+    pub ratelimit: RateLimitShards,
     pub peers: PeerAddresses,
     keys: Mutex<HashMap<[u8; 32], (KeyInfo, Instant)>>,
     key_ttl: Duration,
@@ -42,7 +44,7 @@ impl Mesh {
             auth: AuthServiceClient::new(infermesh_service::channel(&peers.auth)?),
             billing: BillingServiceClient::new(infermesh_service::channel(&peers.billing)?),
             registry: RegistryServiceClient::new(infermesh_service::channel(&peers.registry)?),
-            ratelimit: RateLimitServiceClient::new(infermesh_service::channel(&peers.ratelimit)?),
+            ratelimit: RateLimitShards::connect(&peers.ratelimit)?,
             peers,
             keys: Mutex::new(HashMap::new()),
             key_ttl,

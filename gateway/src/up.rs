@@ -36,12 +36,8 @@ pub struct UpArgs {
     /// TOML with the model catalogue (`[[models]]`); the two defaults when unset.
     #[arg(long, env = "INFERMESH_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Requests per minute for keys without their own limit.
-    #[arg(long = "default-requests-per-minute", env = "INFERMESH_DEFAULT_RPM", default_value_t = 500)]
-    pub default_requests_per_minute: u32,
-    /// Tokens per minute for keys without their own limit.
-    #[arg(long = "default-tokens-per-minute", env = "INFERMESH_DEFAULT_TPM", default_value_t = 1_000_000)]
-    pub default_tokens_per_minute: u32,
+    #[command(flatten)]
+    pub limits: infermesh_auth::TierLimits,
     #[command(flatten)]
     pub worker: WorkerConfig,
     #[command(flatten)]
@@ -140,8 +136,7 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     });
     let auth_config = AuthConfig {
         database_url: sqlite_url(&data_dir, "auth.db"),
-        default_requests_per_minute: args.default_requests_per_minute,
-        default_tokens_per_minute: args.default_tokens_per_minute,
+        limits: args.limits,
     };
     let (auth_bus, gateway_bus) = (bus.clone(), bus.clone());
     let s = stop.clone();

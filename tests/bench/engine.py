@@ -107,8 +107,8 @@ def start_infermesh(binary, data_dir, threads):
     # engine, not the rate limiter.
     process = subprocess.Popen(
         [binary, "up", "--http", f"127.0.0.1:{port}", "--data-dir", data_dir, "--no-nats",
-         "--signup-credit", "1000", "--default-requests-per-minute", "100000",
-         "--default-tokens-per-minute", "1000000000"],
+         "--signup-credit", "1000", "--free-requests-per-minute", "100000", "--free-max-concurrent", "0",
+         "--free-tokens-per-minute", "1000000000", "--free-tokens-per-day", "0"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     wait_for(f"{base}/readyz")

@@ -89,17 +89,16 @@ async fn admit_signup(state: &AppState, ip: std::net::IpAddr) -> Result<(), ApiE
         return Ok(());
     }
     let (key_id, request_id) = (format!("signup-ip:{ip}"), format!("signup-{}", uuid::Uuid::new_v4().simple()));
-    let mut ratelimit = state.mesh.ratelimit.clone();
+    let ratelimit = &state.mesh.ratelimit;
     let acquired = ratelimit
         .acquire(AcquireRequest {
             key_id: key_id.clone(),
             request_id: request_id.clone(),
             estimated_tokens: 0,
-            limits: Some(RateLimit { requests_per_minute: per_minute, tokens_per_minute: 0 }),
+            limits: Some(RateLimit { requests_per_minute: per_minute, ..RateLimit::default() }),
         })
         .await
-        .map_err(peer_error("ratelimit"))?
-        .into_inner();
+        .map_err(peer_error("ratelimit"))?;
     if !acquired.allowed {
         let retry_after_s = acquired.retry_after_ms.div_ceil(1000).max(1);
         return Err(ApiError(

@@ -46,11 +46,14 @@ struct KeyPatch {
     rate_limit: Option<RateLimitPatch>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Each absent field keeps the key's value; 0 is unlimited.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RateLimitPatch {
     requests_per_minute: Option<u32>,
     tokens_per_minute: Option<u32>,
+    tokens_per_day: Option<u32>,
+    max_concurrent: Option<u32>,
 }
 
 /// Tells `"limit": null` (clear) from an absent `limit` (leave).
@@ -59,7 +62,8 @@ fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Option<f
 }
 
 /// `PATCH /admin/v1/keys/{id}` with any of `disabled`, `limit`,
-/// `rate_limit: {requests_per_minute, tokens_per_minute}`. Every gateway
+/// `rate_limit: {requests_per_minute, tokens_per_minute, tokens_per_day,
+/// max_concurrent}`. Every gateway
 /// sees the change at once through `keys.updated`.
 pub async fn update_key(
     State(state): State<AppState>,
@@ -77,7 +81,7 @@ pub async fn update_key(
         ),
         _ => None,
     };
-    let rate_limit = rate_limit.unwrap_or(RateLimitPatch { requests_per_minute: None, tokens_per_minute: None });
+    let rate_limit = rate_limit.unwrap_or_default();
     let request = UpdateKeyRequest {
         key_id: key_id.clone(),
         disabled,
@@ -85,6 +89,8 @@ pub async fn update_key(
         clear_limit: matches!(limit, Some(None)),
         requests_per_minute: rate_limit.requests_per_minute,
         tokens_per_minute: rate_limit.tokens_per_minute,
+        tokens_per_day: rate_limit.tokens_per_day,
+        max_concurrent: rate_limit.max_concurrent,
     };
     let info = state.mesh.auth.clone().update_key(request).await.map_err(peer_error("auth"))?.into_inner();
     state.mesh.forget_key(&key_id);
@@ -93,6 +99,8 @@ pub async fn update_key(
     data["rate_limit"] = json!(info.rate_limit.map(|r| json!({
         "requests_per_minute": r.requests_per_minute,
         "tokens_per_minute": r.tokens_per_minute,
+        "tokens_per_day": r.tokens_per_day,
+        "max_concurrent": r.max_concurrent,
     })));
     Ok(Json(json!({ "data": data })))
 }

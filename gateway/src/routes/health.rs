@@ -11,6 +11,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::app::AppState;
+use crate::ratelimit_shards::replica_addresses;
 
 async fn service_status(address: &str) -> &'static str {
     let Ok(channel) = infermesh_service::channel(address) else {
@@ -25,13 +26,19 @@ async fn service_status(address: &str) -> &'static str {
     }
 }
 
+/// Every replica must serve for the ratelimit service to count as serving.
+async fn replicas_status(addresses: &str) -> &'static str {
+    let statuses = futures::future::join_all(replica_addresses(addresses).map(service_status)).await;
+    statuses.into_iter().find(|status| *status != "serving").unwrap_or("serving")
+}
+
 async fn report(state: &AppState) -> (bool, Value) {
     let peers = &state.mesh.peers;
     let (auth, billing, registry, ratelimit) = tokio::join!(
         service_status(&peers.auth),
         service_status(&peers.billing),
         service_status(&peers.registry),
-        service_status(&peers.ratelimit),
+        replicas_status(&peers.ratelimit),
     );
     let snapshot = state.mesh.snapshot();
     let workers: Vec<Value> = snapshot

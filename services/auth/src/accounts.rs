@@ -6,7 +6,7 @@ use infermesh_proto::v1::{CreatedKey, KeyEvent, KeyInfo, RateLimit};
 use infermesh_service::now_unix_ms;
 use prost::Message;
 
-use crate::AuthConfig;
+use crate::{AuthConfig, TierLimits};
 use crate::error::AuthError;
 use crate::keys;
 use crate::store::{KeyChange, KeyRecord, NewKey, Store};
@@ -14,7 +14,7 @@ use crate::store::{KeyChange, KeyRecord, NewKey, Store};
 #[derive(Clone, Debug)]
 pub struct Accounts {
     store: Store,
-    default_limits: RateLimit,
+    tier_limits: TierLimits,
     /// Where key events go; none means gateways rely on their cache TTL.
     bus: Option<Bus>,
 }
@@ -30,10 +30,7 @@ impl Accounts {
     pub async fn open(config: &AuthConfig, bus: Option<Bus>) -> Result<Accounts, AuthError> {
         Ok(Accounts {
             store: Store::open(&config.database_url).await?,
-            default_limits: RateLimit {
-                requests_per_minute: config.default_requests_per_minute,
-                tokens_per_minute: config.default_tokens_per_minute,
-            },
+            tier_limits: config.limits,
             bus,
         })
     }
@@ -158,9 +155,14 @@ impl Accounts {
             expires_at_unix: record.expires_at,
             created_at_unix: record.created_at,
             is_free_tier: record.is_free_tier,
-            rate_limit: Some(RateLimit {
-                requests_per_minute: record.requests_per_minute.unwrap_or(self.default_limits.requests_per_minute),
-                tokens_per_minute: record.tokens_per_minute.unwrap_or(self.default_limits.tokens_per_minute),
+            rate_limit: Some({
+                let tier = self.tier_limits.for_tier(record.is_free_tier);
+                RateLimit {
+                    requests_per_minute: record.requests_per_minute.unwrap_or(tier.requests_per_minute),
+                    tokens_per_minute: record.tokens_per_minute.unwrap_or(tier.tokens_per_minute),
+                    tokens_per_day: record.tokens_per_day.unwrap_or(tier.tokens_per_day),
+                    max_concurrent: record.max_concurrent.unwrap_or(tier.max_concurrent),
+                }
             }),
         }
     }
@@ -204,6 +206,8 @@ impl PendingKey {
             expires_at: self.expires_at,
             requests_per_minute: None,
             tokens_per_minute: None,
+            tokens_per_day: None,
+            max_concurrent: None,
             created_at: self.created_at,
             is_free_tier: false,
         }
@@ -229,7 +233,17 @@ mod tests {
     use infermesh_sql::test_postgres::TestPostgres;
 
     async fn open(database_url: String) -> Accounts {
-        let config = AuthConfig { database_url, default_requests_per_minute: 7, default_tokens_per_minute: 1000 };
+        let limits = TierLimits {
+            free_requests_per_minute: 7,
+            free_tokens_per_minute: 1000,
+            free_tokens_per_day: 5000,
+            free_max_concurrent: 3,
+            paid_requests_per_minute: 70,
+            paid_tokens_per_minute: 10_000,
+            paid_tokens_per_day: 0,
+            paid_max_concurrent: 30,
+        };
+        let config = AuthConfig { database_url, limits };
         Accounts::open(&config, None).await.unwrap()
     }
 
@@ -282,11 +296,20 @@ mod tests {
     async fn an_operator_change_touches_only_the_fields_it_sets(accounts: Accounts) {
         let (_, created) = accounts.signup("ops@example.com").await.unwrap();
         let id = created.info.unwrap().key_id;
-        let change = KeyChange { limit_nanos: Some(5), requests_per_minute: Some(60), ..KeyChange::default() };
+        let change = KeyChange {
+            limit_nanos: Some(5),
+            requests_per_minute: Some(60),
+            max_concurrent: Some(1),
+            ..KeyChange::default()
+        };
         let info = accounts.update_key(&id, &change).await.unwrap();
         assert_eq!((info.limit_nanos, info.disabled), (Some(5), false));
         let limits = info.rate_limit.unwrap();
-        assert_eq!((limits.requests_per_minute, limits.tokens_per_minute), (60, 1000), "tokens keep the default");
+        assert_eq!(
+            (limits.requests_per_minute, limits.tokens_per_minute, limits.tokens_per_day, limits.max_concurrent),
+            (60, 1000, 5000, 1),
+            "what is not set keeps the free tier's default"
+        );
 
         let info = accounts.update_key(&id, &KeyChange { disabled: Some(true), ..KeyChange::default() }).await.unwrap();
         assert_eq!((info.limit_nanos, info.disabled), (Some(5), true), "the limit stays");

@@ -55,9 +55,25 @@ impl AuthService for AuthGrpc {
     }
 
     async fn update_key(&self, request: Request<UpdateKeyRequest>) -> Result<Response<KeyInfo>, Status> {
-        let UpdateKeyRequest { key_id, disabled, limit_nanos, clear_limit, requests_per_minute, tokens_per_minute } =
-            request.into_inner();
-        let change = KeyChange { disabled, limit_nanos, clear_limit, requests_per_minute, tokens_per_minute };
+        let UpdateKeyRequest {
+            key_id,
+            disabled,
+            limit_nanos,
+            clear_limit,
+            requests_per_minute,
+            tokens_per_minute,
+            tokens_per_day,
+            max_concurrent,
+        } = request.into_inner();
+        let change = KeyChange {
+            disabled,
+            limit_nanos,
+            clear_limit,
+            requests_per_minute,
+            tokens_per_minute,
+            tokens_per_day,
+            max_concurrent,
+        };
         Ok(Response::new(self.accounts.update_key(&key_id, &change).await?))
     }
 

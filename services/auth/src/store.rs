@@ -19,6 +19,8 @@ pub struct KeyRecord {
     pub expires_at: Option<i64>,
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
+    pub tokens_per_day: Option<u32>,
+    pub max_concurrent: Option<u32>,
     pub created_at: i64,
     pub is_free_tier: bool,
 }
@@ -42,6 +44,8 @@ pub struct KeyChange {
     pub clear_limit: bool,
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u32>,
+    pub tokens_per_day: Option<u32>,
+    pub max_concurrent: Option<u32>,
 }
 
 /// The unique columns a key can be found by.
@@ -55,8 +59,10 @@ enum KeyColumn {
 macro_rules! key_from_row {
     ($row:expr) => {{
         let row = $row;
-        let rpm: Option<i64> = row.try_get("requests_per_minute")?;
-        let tpm: Option<i64> = row.try_get("tokens_per_minute")?;
+        let limit = |column: &str| -> Result<Option<u32>, sqlx::Error> {
+            let value: Option<i64> = row.try_get(column)?;
+            Ok(value.and_then(|v| u32::try_from(v).ok()))
+        };
         Ok::<_, AuthError>(KeyRecord {
             id: row.try_get("id")?,
             account_id: row.try_get("account_id")?,
@@ -67,8 +73,10 @@ macro_rules! key_from_row {
             disabled: row.try_get("disabled")?,
             revoked_at: row.try_get("revoked_at")?,
             expires_at: row.try_get("expires_at")?,
-            requests_per_minute: rpm.and_then(|v| u32::try_from(v).ok()),
-            tokens_per_minute: tpm.and_then(|v| u32::try_from(v).ok()),
+            requests_per_minute: limit("requests_per_minute")?,
+            tokens_per_minute: limit("tokens_per_minute")?,
+            tokens_per_day: limit("tokens_per_day")?,
+            max_concurrent: limit("max_concurrent")?,
             created_at: row.try_get("created_at")?,
             is_free_tier: row.try_get("is_free_tier")?,
         })
@@ -102,7 +110,7 @@ macro_rules! insert_key {
 
 const KEY_COLUMNS: &str = "k.id, k.account_id, k.name, k.prefix, k.key_hash, k.limit_nanos, \
      k.disabled, k.revoked_at, k.expires_at, k.requests_per_minute, k.tokens_per_minute, \
-     k.created_at, a.is_free_tier";
+     k.tokens_per_day, k.max_concurrent, k.created_at, a.is_free_tier";
 
 impl Store {
     pub async fn open(database_url: &str) -> Result<Store, AuthError> {
@@ -179,14 +187,18 @@ impl Store {
                disabled = COALESCE($1, disabled), \
                limit_nanos = CASE WHEN $2 THEN NULL ELSE COALESCE($3, limit_nanos) END, \
                requests_per_minute = COALESCE($4, requests_per_minute), \
-               tokens_per_minute = COALESCE($5, tokens_per_minute) \
-             WHERE id = $6 AND revoked_at IS NULL";
+               tokens_per_minute = COALESCE($5, tokens_per_minute), \
+               tokens_per_day = COALESCE($6, tokens_per_day), \
+               max_concurrent = COALESCE($7, max_concurrent) \
+             WHERE id = $8 AND revoked_at IS NULL";
         let done = on_pool!(&self.pool, pool => sqlx::query(SQL)
             .bind(change.disabled)
             .bind(change.clear_limit)
             .bind(change.limit_nanos)
             .bind(change.requests_per_minute.map(i64::from))
             .bind(change.tokens_per_minute.map(i64::from))
+            .bind(change.tokens_per_day.map(i64::from))
+            .bind(change.max_concurrent.map(i64::from))
             .bind(key_id)
             .execute(pool)
             .await?
