@@ -58,8 +58,10 @@ impl Mesh {
         let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         {
             let cache = self.keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // An expired key is asked about again, so auth says why.
             if let Some((info, at)) = cache.get(&digest)
                 && at.elapsed() < self.key_ttl
+                && info.expires_at_unix.is_none_or(|expiry| expiry * 1000 > infermesh_service::now_unix_ms())
             {
                 return Ok(info.clone());
             }

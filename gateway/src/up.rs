@@ -134,10 +134,7 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
             infermesh_registry::run(registry_config, registry, s.cancelled_owned()).await.map_err(|e| e.to_string()),
         )
     });
-    let auth_config = AuthConfig {
-        database_url: sqlite_url(&data_dir, "auth.db"),
-        limits: args.limits,
-    };
+    let auth_config = AuthConfig { database_url: sqlite_url(&data_dir, "auth.db"), limits: args.limits };
     let (auth_bus, gateway_bus) = (bus.clone(), bus.clone());
     let s = stop.clone();
     services.spawn(async move {

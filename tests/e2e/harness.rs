@@ -84,8 +84,8 @@ pub async fn start_up(data_dir: &Path, extra: &[&str]) -> (Proc, String) {
 }
 
 /// A gateway process of its own in front of the services of an
-/// `infermesh up` (`up`), plus `extra` flags; returns it ready, with its
-/// base URL.
+/// `infermesh up` (`up`), plus `extra` flags (`--ratelimit-addr` among
+/// them replaces up's ratelimit); returns it ready, with its base URL.
 pub async fn spawn_gateway(up: &Proc, extra: &[&str]) -> (Proc, String) {
     let services = up
         .banner
@@ -111,9 +111,11 @@ pub async fn spawn_gateway(up: &Proc, extra: &[&str]) -> (Proc, String) {
         &billing,
         "--registry-addr",
         &registry,
-        "--ratelimit-addr",
-        &ratelimit,
     ];
+    // `extra` may name other ratelimit replicas.
+    if !extra.contains(&"--ratelimit-addr") {
+        args.extend(["--ratelimit-addr", &ratelimit]);
+    }
     args.extend_from_slice(extra);
     let gateway = spawn("gateway", &args).await;
     let base = format!("http://{}", gateway.address);

@@ -140,8 +140,7 @@ async fn separate_processes_publish_a_usage_event_per_request_on_nats() {
 async fn credit_and_rate_limits_are_enforced_with_openai_errors() {
     let data = tempfile::tempdir().unwrap();
     // $0.000001 of credit and 2 requests a minute per key.
-    let (_up, base) =
-        start_up(data.path(), &["--signup-credit", "0.000001", "--free-requests-per-minute", "2"]).await;
+    let (_up, base) = start_up(data.path(), &["--signup-credit", "0.000001", "--free-requests-per-minute", "2"]).await;
     let key = signup(&base, "limits@example.com").await;
     let embed = || {
         http()

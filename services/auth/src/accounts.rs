@@ -6,10 +6,10 @@ use infermesh_proto::v1::{CreatedKey, KeyEvent, KeyInfo, RateLimit};
 use infermesh_service::now_unix_ms;
 use prost::Message;
 
-use crate::{AuthConfig, TierLimits};
 use crate::error::AuthError;
 use crate::keys;
 use crate::store::{KeyChange, KeyRecord, NewKey, Store};
+use crate::{AuthConfig, TierLimits};
 
 #[derive(Clone, Debug)]
 pub struct Accounts {
@@ -28,11 +28,7 @@ pub struct NewKeyRequest<'a> {
 
 impl Accounts {
     pub async fn open(config: &AuthConfig, bus: Option<Bus>) -> Result<Accounts, AuthError> {
-        Ok(Accounts {
-            store: Store::open(&config.database_url).await?,
-            tier_limits: config.limits,
-            bus,
-        })
+        Ok(Accounts { store: Store::open(&config.database_url).await?, tier_limits: config.limits, bus })
     }
 
     /// Creates an account with one key named "default". The caller (the

@@ -36,9 +36,12 @@ impl RateLimitService for RateLimitGrpc {
             limits.unwrap_or_default();
         let limits = Limits { requests_per_minute, tokens_per_minute, tokens_per_day, max_concurrent };
         let response = match self.limiter.acquire(&key_id, &request_id, estimated_tokens, limits) {
-            Decision::Allowed(state) => {
-                AcquireResponse { allowed: true, retry_after_ms: 0, state: Some(to_proto(state)), refused_by: String::new() }
-            }
+            Decision::Allowed(state) => AcquireResponse {
+                allowed: true,
+                retry_after_ms: 0,
+                state: Some(to_proto(state)),
+                refused_by: String::new(),
+            },
             Decision::Refused { retry_after, refused_by, state } => AcquireResponse {
                 allowed: false,
                 retry_after_ms: u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX),

@@ -263,7 +263,8 @@ mod tests {
 
     use super::*;
 
-    const RPM_50: Limits = Limits { requests_per_minute: 50, tokens_per_minute: 0, tokens_per_day: 0, max_concurrent: 0 };
+    const RPM_50: Limits =
+        Limits { requests_per_minute: 50, tokens_per_minute: 0, tokens_per_day: 0, max_concurrent: 0 };
 
     fn allowed(decision: Decision) -> bool {
         matches!(decision, Decision::Allowed(_))
