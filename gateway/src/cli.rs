@@ -78,6 +78,9 @@ pub enum Command {
         #[command(flatten)]
         config: WorkerConfig,
     },
+    /// Operator key commands against a running mesh (show, list, create,
+    /// revoke, update limits), over gRPC to auth.
+    Keys(crate::keys_cli::KeysArgs),
     /// Measure the engine alone: prefill, then batched decode at several
     /// stream counts (tests/bench/engine.sh compares with llama.cpp).
     Bench(crate::up::BenchArgs),
@@ -179,6 +182,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             println!("chat model: {}\nembedding model: {}", chat.display(), embedding.display());
             Ok(())
         }
+        Command::Keys(args) => crate::keys_cli::run(args).await,
         Command::Bench(args) => crate::up::bench(args).await,
     }
 }

@@ -12,6 +12,7 @@ pub mod admission;
 pub mod app;
 pub mod cli;
 pub mod error;
+pub mod keys_cli;
 pub mod mesh;
 pub mod openai;
 pub mod ratelimit_shards;

@@ -87,18 +87,7 @@ pub async fn start_up(data_dir: &Path, extra: &[&str]) -> (Proc, String) {
 /// `infermesh up` (`up`), plus `extra` flags (`--ratelimit-addr` among
 /// them replaces up's ratelimit); returns it ready, with its base URL.
 pub async fn spawn_gateway(up: &Proc, extra: &[&str]) -> (Proc, String) {
-    let services = up
-        .banner
-        .iter()
-        .find_map(|line| line.strip_prefix("infermesh up services: "))
-        .expect("`infermesh up` prints its services' addresses");
-    let address = |name: &str| {
-        services
-            .split(' ')
-            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
-            .unwrap_or_else(|| panic!("no {name} in {services:?}"))
-            .to_owned()
-    };
+    let address = |name: &str| service_address(up, name);
     let (auth, billing, registry, ratelimit) =
         (address("auth"), address("billing"), address("registry"), address("ratelimit"));
     let mut args = vec![
@@ -121,6 +110,21 @@ pub async fn spawn_gateway(up: &Proc, extra: &[&str]) -> (Proc, String) {
     let base = format!("http://{}", gateway.address);
     wait_ready(&base).await;
     (gateway, base)
+}
+
+/// The address of service `name` (auth, billing, registry, ratelimit)
+/// inside an `infermesh up`, from the line it prints at start.
+pub fn service_address(up: &Proc, name: &str) -> String {
+    let services = up
+        .banner
+        .iter()
+        .find_map(|line| line.strip_prefix("infermesh up services: "))
+        .expect("`infermesh up` prints its services' addresses");
+    services
+        .split(' ')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {name} in {services:?}"))
+        .to_owned()
 }
 
 /// A real nats-server with JetStream on a free port.

@@ -10,7 +10,7 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::{Proc, http, signup, spawn, spawn_gateway, start_up};
+use harness::{Proc, http, service_address, signup, spawn, spawn_gateway, start_up};
 use serde_json::Value;
 
 const ADMIN: &str = "operator-secret";
@@ -264,4 +264,60 @@ async fn a_large_completion_uses_up_the_tokens_per_minute() {
     assert!(body["error"]["message"].as_str().unwrap().contains("tokens per minute"), "{body}");
 
     assert_eq!(complete(5).send().await.unwrap().status(), 200, "a small request still fits");
+}
+
+/// Runs `infermesh keys <args>` against `up`'s services; its JSON output,
+/// or its stderr when it fails.
+async fn keys_cli(up: &Proc, args: &[&str]) -> Result<Value, String> {
+    let output = tokio::process::Command::new(harness::BIN)
+        .args(["keys", "--auth-addr", &service_address(up, "auth"), "--billing-addr", &service_address(up, "billing")])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&output.stdout).unwrap())
+}
+
+/// The operator's CLI changes keys of a running mesh; with NATS, gateways
+/// that cached the key see the change at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_keys_cli_changes_the_keys_of_a_running_mesh() {
+    let data = tempfile::tempdir().unwrap();
+    let nats = harness::spawn_nats(&data.path().join("nats")).await;
+    let (up, base) = start_up(&data.path().join("up"), &["--nats-url", &nats.address, "--key-cache-ms", "60000"]).await;
+    let key = signup(&base, "cli@example.com").await;
+    let key_id = key_id(&base, &key).await;
+    assert_eq!(embed(&base, &key).send().await.unwrap().status(), 200, "the gateway caches the key");
+
+    let shown = keys_cli(&up, &["show", &key_id]).await.unwrap();
+    let account = shown["data"]["account_id"].as_str().unwrap().to_owned();
+    assert!(shown["data"]["usage"].as_f64().unwrap() > 0.0, "{shown}");
+
+    let updated = keys_cli(&up, &["update", &key_id, "--requests-per-minute", "2", "--limit", "0.25"]).await.unwrap();
+    assert_eq!(updated["data"]["rate_limit"]["requests_per_minute"], 2, "{updated}");
+    assert_eq!(updated["data"]["limit"], 0.25, "{updated}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // One request of this minute is already counted: one more, then 429.
+    assert_eq!(embed(&base, &key).send().await.unwrap().status(), 200);
+    assert_eq!(embed(&base, &key).send().await.unwrap().status(), 429, "the new limit reached the gateway");
+
+    let created = keys_cli(&up, &["create", "--account", &account, "--name", "from-cli"]).await.unwrap();
+    let second = created["key"].as_str().unwrap().to_owned();
+    let second_id = created["data"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(embed(&base, &second).send().await.unwrap().status(), 200);
+    let listed = keys_cli(&up, &["list", "--account", &account]).await.unwrap();
+    assert_eq!(listed["data"].as_array().unwrap().len(), 2, "{listed}");
+    assert!(!listed.to_string().contains(&second), "a listing never shows a whole key");
+
+    keys_cli(&up, &["revoke", "--account", &account, &second_id]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(embed(&base, &second).send().await.unwrap().status(), 401);
+
+    let missing = keys_cli(&up, &["update", "key_missing", "--disable"]).await.unwrap_err();
+    assert!(missing.contains("NotFound"), "{missing}");
+    let bad = keys_cli(&up, &["update", &key_id, "--limit=-3"]).await.unwrap_err();
+    assert!(bad.contains("--limit"), "{bad}");
 }

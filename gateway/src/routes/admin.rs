@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use infermesh_proto::v1::UpdateKeyRequest;
+use infermesh_proto::v1::{KeyInfo, KeyUsage, UpdateKeyRequest};
 use infermesh_service::ErrorKind;
 use infermesh_service::money::dollars_to_nanos;
 use serde::{Deserialize, Deserializer};
@@ -95,12 +95,20 @@ pub async fn update_key(
     let info = state.mesh.auth.clone().update_key(request).await.map_err(peer_error("auth"))?.into_inner();
     state.mesh.forget_key(&key_id);
     let usage = key_usage(&state, &key_id).await?;
-    let mut data = key_json(&info, &usage);
+    let data = key_with_limits_json(&info, &usage);
+    Ok(Json(json!({ "data": data })))
+}
+
+/// A key as the operator sees it: its public fields, usage and rate limits.
+pub fn key_with_limits_json(info: &KeyInfo, usage: &KeyUsage) -> Value {
+    let mut data = key_json(info, usage);
+    data["account_id"] = json!(info.account_id);
+    data["is_free_tier"] = json!(info.is_free_tier);
     data["rate_limit"] = json!(info.rate_limit.map(|r| json!({
         "requests_per_minute": r.requests_per_minute,
         "tokens_per_minute": r.tokens_per_minute,
         "tokens_per_day": r.tokens_per_day,
         "max_concurrent": r.max_concurrent,
     })));
-    Ok(Json(json!({ "data": data })))
+    data
 }
