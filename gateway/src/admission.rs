@@ -92,7 +92,8 @@ pub struct Admission {
     pub request_id: String,
     pub key: KeyInfo,
     pub model: Model,
-    pub limits: LimitState,
+    /// The key's limits after admission; none when rate limits are off.
+    pub limits: Option<LimitState>,
     pub provider: String,
     started: Instant,
     prompt_tokens: AtomicU32,
@@ -133,8 +134,9 @@ impl Admission {
             })
             .await
             .map_err(|s| Refused { error: ApiError(peer_error("ratelimit")(s)), limits: None })?;
-        let limits = acquired.state.unwrap_or_default();
+        let limits = acquired.state;
         if !acquired.allowed {
+            let limits = limits.unwrap_or_default();
             let err = MeshError::new(
                 ErrorKind::RateLimited,
                 format!(
@@ -166,7 +168,7 @@ impl Admission {
                 .ratelimit
                 .release(ReleaseAdmissionRequest { key_id: key.key_id.clone(), request_id: request_id.clone() })
                 .await;
-            return Err(Refused { error: ApiError(peer_error("billing")(status)), limits: Some(limits) });
+            return Err(Refused { error: ApiError(peer_error("billing")(status)), limits });
         }
         Ok(Admission {
             mesh,
@@ -194,7 +196,7 @@ impl Admission {
     }
 
     pub fn rate_limit_headers(&self) -> Vec<(HeaderName, HeaderValue)> {
-        rate_limit_headers(&self.limits)
+        self.limits.as_ref().map(rate_limit_headers).unwrap_or_default()
     }
 
     /// Charges `usage` (defaulting to the counts seen so far) and commits

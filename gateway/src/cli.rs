@@ -84,6 +84,9 @@ pub enum Command {
     /// Measure the engine alone: prefill, then batched decode at several
     /// stream counts (tests/bench/engine.sh compares with llama.cpp).
     Bench(crate::up::BenchArgs),
+    /// Measure admission: Acquire calls per second and their latency over
+    /// loopback gRPC (tests/bench/ratelimit.sh adds the per-request overhead).
+    BenchRatelimit(crate::bench_ratelimit::RateLimitBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -184,6 +187,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Keys(args) => crate::keys_cli::run(args).await,
         Command::Bench(args) => crate::up::bench(args).await,
+        Command::BenchRatelimit(args) => crate::bench_ratelimit::run(args).await,
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod app;
+pub mod bench_ratelimit;
 pub mod cli;
 pub mod error;
 pub mod keys_cli;
@@ -43,6 +44,10 @@ pub struct GatewayConfig {
     /// service so every gateway shares the count (0: no limit).
     #[arg(long = "signups-per-minute-per-ip", env = "INFERMESH_SIGNUPS_PER_MINUTE_PER_IP", default_value_t = 3)]
     pub signups_per_minute_per_ip: u32,
+    /// Admit every request without asking the ratelimit service (no
+    /// per-key limits, no `X-RateLimit-*` headers, no sign-up limit).
+    #[arg(long = "no-rate-limits", env = "INFERMESH_NO_RATE_LIMITS")]
+    pub no_rate_limits: bool,
     /// Token for the operator routes under `/admin/v1/`; unset turns them off.
     #[arg(long = "admin-token", env = "INFERMESH_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -71,7 +76,7 @@ pub async fn run(
     let signup_credit_nanos = infermesh_service::money::dollars_to_nanos(config.signup_credit)
         .filter(|n| *n >= 0)
         .ok_or(RunError::SignupCredit(config.signup_credit))?;
-    let mesh = mesh::Mesh::connect(peers, Duration::from_millis(config.key_cache_ms))?;
+    let mesh = mesh::Mesh::connect(peers, Duration::from_millis(config.key_cache_ms), !config.no_rate_limits)?;
     let stop = CancellationToken::new();
     tokio::spawn(mesh.clone().watch_catalog(stop.clone()));
     if let Some(bus) = bus {
@@ -91,6 +96,13 @@ pub async fn run(
         metrics: infermesh_telemetry::metrics_handle(),
     };
     let router = app::router(state, config.max_body_bytes);
+    // Streams write one small SSE event per token: without TCP_NODELAY,
+    // Nagle's algorithm holds each behind the client's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(error = %err, "TCP_NODELAY not set on a connection");
+        }
+    });
     // The peer address feeds the per-IP sign-up limit.
     axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(shutdown)

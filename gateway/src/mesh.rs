@@ -39,12 +39,16 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    pub fn connect(peers: PeerAddresses, key_ttl: Duration) -> Result<Arc<Mesh>, BootstrapError> {
+    pub fn connect(peers: PeerAddresses, key_ttl: Duration, rate_limits: bool) -> Result<Arc<Mesh>, BootstrapError> {
         Ok(Arc::new(Mesh {
             auth: AuthServiceClient::new(infermesh_service::channel(&peers.auth)?),
             billing: BillingServiceClient::new(infermesh_service::channel(&peers.billing)?),
             registry: RegistryServiceClient::new(infermesh_service::channel(&peers.registry)?),
-            ratelimit: RateLimitShards::connect(&peers.ratelimit)?,
+            ratelimit: if rate_limits {
+                RateLimitShards::connect(&peers.ratelimit)?
+            } else {
+                RateLimitShards::disabled()
+            },
             peers,
             keys: Mutex::new(HashMap::new()),
             key_ttl,

@@ -27,7 +27,10 @@ async fn service_status(address: &str) -> &'static str {
 }
 
 /// Every replica must serve for the ratelimit service to count as serving.
-async fn replicas_status(addresses: &str) -> &'static str {
+async fn replicas_status(addresses: &str, enabled: bool) -> &'static str {
+    if !enabled {
+        return "off";
+    }
     let statuses = futures::future::join_all(replica_addresses(addresses).map(service_status)).await;
     statuses.into_iter().find(|status| *status != "serving").unwrap_or("serving")
 }
@@ -38,7 +41,7 @@ async fn report(state: &AppState) -> (bool, Value) {
         service_status(&peers.auth),
         service_status(&peers.billing),
         service_status(&peers.registry),
-        replicas_status(&peers.ratelimit),
+        replicas_status(&peers.ratelimit, state.mesh.ratelimit.enabled()),
     );
     let snapshot = state.mesh.snapshot();
     let workers: Vec<Value> = snapshot
@@ -49,7 +52,8 @@ async fn report(state: &AppState) -> (bool, Value) {
             json!({"id": w.worker_id, "address": w.address, "models": w.models, "active_sequences": load.active_sequences, "queued": load.queued})
         })
         .collect();
-    let all_serving = [auth, billing, registry, ratelimit].iter().all(|s| *s == "serving");
+    let all_serving =
+        [auth, billing, registry].iter().all(|s| *s == "serving") && matches!(ratelimit, "serving" | "off");
     let ready = all_serving && !workers.is_empty();
     let body = json!({
         "status": if ready { "ok" } else { "degraded" },

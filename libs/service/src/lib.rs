@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub use error::{ErrorKind, MeshError};
 use infermesh_telemetry::PropagateTrace;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 pub use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
@@ -77,11 +76,14 @@ pub async fn serve_grpc(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let routes = routes.add_service(health_service).add_service(reflection);
+    // The builder's `tcp_nodelay` only reaches sockets it accepts itself; an
+    // incoming stream sets its own. Without it, Nagle's algorithm and the
+    // peer's delayed ACK held ~1% of replies for 40 ms.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .layer(tower_http::trace::TraceLayer::new_for_grpc().make_span_with(GrpcServerSpan))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }
