@@ -124,6 +124,7 @@ impl Admission {
         max_output_tokens: u32,
     ) -> Result<Admission, Refused> {
         let estimate = estimated_prompt_tokens.saturating_add(max_output_tokens);
+        let asked = Instant::now();
         let acquired = mesh
             .ratelimit
             .acquire(AcquireRequest {
@@ -134,6 +135,8 @@ impl Admission {
             })
             .await
             .map_err(|s| Refused { error: ApiError(peer_error("ratelimit")(s)), limits: None })?;
+        // What admission adds to every request before its work starts.
+        metrics::histogram!("infermesh_gateway_ratelimit_acquire_seconds").record(asked.elapsed().as_secs_f64());
         let limits = acquired.state;
         if !acquired.allowed {
             let limits = limits.unwrap_or_default();
