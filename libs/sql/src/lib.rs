@@ -14,6 +14,8 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, SqlitePool};
 
+pub use sqlx::sqlite::SqliteSynchronous;
+
 #[cfg(feature = "test-postgres")]
 pub mod test_postgres;
 
@@ -37,24 +39,39 @@ pub struct Migrations {
     pub postgres: Migrator,
 }
 
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    pub max_connections: u32,
+    /// SQLite's `synchronous`: FULL syncs every commit; NORMAL (in WAL mode)
+    /// survives a process crash but may lose the last commits to a power cut.
+    pub sqlite_synchronous: SqliteSynchronous,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { max_connections: 4, sqlite_synchronous: SqliteSynchronous::Full }
+    }
+}
+
 impl Pool {
     /// Connects to `postgres://…` / `postgresql://…`, or else opens (creating
     /// it if needed) the SQLite database at the URL, then migrates it.
-    pub async fn open(database_url: &str, migrations: &Migrations) -> Result<Pool, SqlError> {
+    pub async fn open(database_url: &str, migrations: &Migrations, options: Options) -> Result<Pool, SqlError> {
         if is_postgres(database_url) {
             let pool = PgPoolOptions::new()
-                .max_connections(8)
+                .max_connections(options.max_connections)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect(database_url)
                 .await?;
             migrations.postgres.run(&pool).await?;
             Ok(Pool::Postgres(pool))
         } else {
-            let options = SqliteConnectOptions::from_str(database_url)?
+            let connect = SqliteConnectOptions::from_str(database_url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(options.sqlite_synchronous)
                 .busy_timeout(Duration::from_secs(5));
-            let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+            let pool = SqlitePoolOptions::new().max_connections(options.max_connections).connect_with(connect).await?;
             migrations.sqlite.run(&pool).await?;
             Ok(Pool::Sqlite(pool))
         }

@@ -9,6 +9,8 @@
 // Test support: a server that cannot start is a failed test, said loudly.
 #![allow(clippy::expect_used, clippy::panic)]
 
+pub use tempfile;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -128,4 +130,32 @@ fn run_as(as_root: bool, program: &Path) -> Command {
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// Test cases that each take a database URL (`async fn case(url: String)`),
+/// run on SQLite (a test per case, in a temp dir) and on PostgreSQL (one
+/// test: one throwaway server, a fresh database per case). Invoke it inside
+/// the tests module that defines the cases.
+#[macro_export]
+macro_rules! on_sqlite_and_postgres {
+    ($($case:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let dir = $crate::test_postgres::tempfile::tempdir().unwrap();
+                    super::$case(format!("sqlite://{}", dir.path().join("store.db").display())).await;
+                }
+            )*
+        }
+
+        #[tokio::test]
+        async fn every_case_on_postgres() {
+            let server = $crate::test_postgres::TestPostgres::start();
+            $(
+                eprintln!("postgres: {}", stringify!($case));
+                $case(server.fresh_database()).await;
+            )*
+        }
+    };
 }

@@ -226,8 +226,6 @@ fn is_plausible_email(email: &str) -> bool {
 mod tests {
     use super::*;
 
-    use infermesh_sql::test_postgres::TestPostgres;
-
     async fn open(database_url: String) -> Accounts {
         let limits = TierLimits {
             free_requests_per_minute: 7,
@@ -243,33 +241,7 @@ mod tests {
         Accounts::open(&config, None).await.unwrap()
     }
 
-    /// Each case runs on SQLite (a test each) and on PostgreSQL (one server
-    /// for all, a fresh database per case).
-    macro_rules! on_both_stores {
-        ($($case:ident),* $(,)?) => {
-            mod on_sqlite {
-                $(
-                    #[tokio::test]
-                    async fn $case() {
-                        let dir = tempfile::tempdir().unwrap();
-                        let accounts = super::open(format!("sqlite://{}", dir.path().join("auth.db").display())).await;
-                        super::$case(accounts).await;
-                    }
-                )*
-            }
-
-            #[tokio::test]
-            async fn every_store_case_on_postgres() {
-                let server = TestPostgres::start();
-                $(
-                    eprintln!("postgres: {}", stringify!($case));
-                    $case(open(server.fresh_database()).await).await;
-                )*
-            }
-        };
-    }
-
-    on_both_stores!(
+    infermesh_sql::on_sqlite_and_postgres!(
         signup_then_verify_then_revoke,
         an_operator_change_touches_only_the_fields_it_sets,
         duplicate_email_is_refused,
@@ -277,7 +249,8 @@ mod tests {
         expired_key_is_refused_and_keys_are_listed,
     );
 
-    async fn signup_then_verify_then_revoke(accounts: Accounts) {
+    async fn signup_then_verify_then_revoke(url: String) {
+        let accounts = open(url).await;
         let (account_id, created) = accounts.signup("Me@Example.com").await.unwrap();
         let info = accounts.verify(&created.key).await.unwrap();
         assert_eq!(info.account_id, account_id);
@@ -289,7 +262,8 @@ mod tests {
         assert!(matches!(accounts.verify(&created.key).await, Err(AuthError::RevokedKey)));
     }
 
-    async fn an_operator_change_touches_only_the_fields_it_sets(accounts: Accounts) {
+    async fn an_operator_change_touches_only_the_fields_it_sets(url: String) {
+        let accounts = open(url).await;
         let (_, created) = accounts.signup("ops@example.com").await.unwrap();
         let id = created.info.unwrap().key_id;
         let change = KeyChange {
@@ -318,12 +292,14 @@ mod tests {
         assert!(matches!(accounts.update_key("key_nope", &change).await, Err(AuthError::KeyNotFound(_))));
     }
 
-    async fn duplicate_email_is_refused(accounts: Accounts) {
+    async fn duplicate_email_is_refused(url: String) {
+        let accounts = open(url).await;
         accounts.signup("a@b.io").await.unwrap();
         assert!(matches!(accounts.signup("A@b.io").await, Err(AuthError::DuplicateEmail(_))));
     }
 
-    async fn bad_keys_say_why(accounts: Accounts) {
+    async fn bad_keys_say_why(url: String) {
+        let accounts = open(url).await;
         assert!(matches!(accounts.verify("").await, Err(AuthError::MissingKey)));
         assert!(matches!(accounts.verify("sk-123").await, Err(AuthError::MalformedKey)));
         let unknown = crate::keys::generate();
@@ -331,7 +307,8 @@ mod tests {
         assert!(matches!(accounts.signup("nope").await, Err(AuthError::InvalidEmail(_))));
     }
 
-    async fn expired_key_is_refused_and_keys_are_listed(accounts: Accounts) {
+    async fn expired_key_is_refused_and_keys_are_listed(url: String) {
+        let accounts = open(url).await;
         let (account_id, _) = accounts.signup("x@y.dev").await.unwrap();
         let expired = accounts
             .create_key(&NewKeyRequest {

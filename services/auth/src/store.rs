@@ -1,7 +1,7 @@
 //! Accounts and keys in SQL: SQLite for the embedded default, PostgreSQL
 //! for a shared deployment (the database URL chooses).
 
-use infermesh_sql::{Migrations, Pool, on_pool};
+use infermesh_sql::{Migrations, Options, Pool, on_pool};
 use sqlx::Row;
 
 use crate::error::AuthError;
@@ -118,7 +118,7 @@ impl Store {
             sqlite: sqlx::migrate!("./migrations/sqlite"),
             postgres: sqlx::migrate!("./migrations/postgres"),
         };
-        Ok(Store { pool: Pool::open(database_url, &migrations).await? })
+        Ok(Store { pool: Pool::open(database_url, &migrations, Options::default()).await? })
     }
 
     /// Creates the account and its first key in one transaction.

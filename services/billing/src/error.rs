@@ -28,8 +28,8 @@ pub enum BillingError {
     MissingField(&'static str),
     #[error("storage error: {0}")]
     Storage(#[from] sqlx::Error),
-    #[error("migration error: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Database(#[from] infermesh_sql::SqlError),
 }
 
 impl From<BillingError> for MeshError {
@@ -38,7 +38,7 @@ impl From<BillingError> for MeshError {
             BillingError::InsufficientCredit { .. } | BillingError::KeyLimit { .. } => ErrorKind::InsufficientQuota,
             BillingError::UnknownHold(_) | BillingError::UnknownGeneration(_) => ErrorKind::NotFound,
             BillingError::NegativeAmount { .. } | BillingError::MissingField(_) => ErrorKind::InvalidRequest,
-            BillingError::Storage(_) | BillingError::Migrate(_) => {
+            BillingError::Storage(_) | BillingError::Database(_) => {
                 tracing::error!(error = %err, "billing storage failure");
                 return MeshError::internal("billing storage failure; retry shortly");
             }

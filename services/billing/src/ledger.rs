@@ -1,26 +1,37 @@
 //! Prepaid credit per account: grants add, holds reserve, settlements
 //! charge. Every change is one SQL transaction on a single writer
-//! connection, so concurrent requests serialise and the available balance
-//! can never go below zero through a hold.
+//! connection (SQLite or PostgreSQL), so concurrent requests serialise and
+//! the available balance can never go below zero through a hold. One
+//! billing process writes a database.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use infermesh_proto::v1::{Balance, UsageEvent};
 use infermesh_service::now_unix_ms;
+use infermesh_sql::{Migrations, Options, Pool, SqliteSynchronous, on_pool};
 use prost::Message;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::Row;
 use tokio::sync::Notify;
 
 use crate::error::BillingError;
+
+/// Takes a released or expired hold of `amount` out of its account's held balance.
+macro_rules! unhold {
+    ($executor:expr, $account_id:expr, $amount:expr) => {
+        sqlx::query("UPDATE credit_accounts SET held_nanos = held_nanos - $1 WHERE account_id = $2")
+            .bind($amount)
+            .bind($account_id)
+            .execute($executor)
+            .await?
+    };
+}
 
 pub const USAGE_SUBJECT: &str = infermesh_bus::subjects::USAGE_SETTLED;
 
 #[derive(Clone, Debug)]
 pub struct Ledger {
-    pool: SqlitePool,
+    pool: Pool,
     hold_ttl: Duration,
     /// Whether settlements write usage events to the outbox (only when a
     /// publisher drains it).
@@ -48,15 +59,14 @@ pub struct OutboxRow {
 
 impl Ledger {
     pub async fn open(database_url: &str, hold_ttl: Duration, outbox_enabled: bool) -> Result<Ledger, BillingError> {
-        let options = SqliteConnectOptions::from_str(database_url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5));
+        let migrations = Migrations {
+            sqlite: sqlx::migrate!("./migrations/sqlite"),
+            postgres: sqlx::migrate!("./migrations/postgres"),
+        };
         // One connection: transactions serialise, which is what makes the
         // balance check and the hold atomic.
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        let options = Options { max_connections: 1, sqlite_synchronous: SqliteSynchronous::Normal };
+        let pool = Pool::open(database_url, &migrations, options).await?;
         Ok(Ledger { pool, hold_ttl, outbox_enabled, outbox_ready: Arc::new(Notify::new()) })
     }
 
@@ -77,42 +87,43 @@ impl Ledger {
         }
         require("account_id", account_id)?;
         require("idempotency_key", idempotency_key)?;
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO grants (idempotency_key, account_id, amount_nanos, reason, created_at) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
-        )
-        .bind(idempotency_key)
-        .bind(account_id)
-        .bind(amount_nanos)
-        .bind(reason)
-        .bind(now_unix_ms())
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() == 1 {
-            sqlx::query(
-                "INSERT INTO credit_accounts (account_id, granted_nanos) VALUES ($1, $2) \
-                 ON CONFLICT (account_id) DO UPDATE SET granted_nanos = granted_nanos + excluded.granted_nanos",
+        on_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO grants (idempotency_key, account_id, amount_nanos, reason, created_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
             )
+            .bind(idempotency_key)
             .bind(account_id)
             .bind(amount_nanos)
+            .bind(reason)
+            .bind(now_unix_ms())
             .execute(&mut *tx)
             .await?;
-        }
-        tx.commit().await?;
+            if inserted.rows_affected() == 1 {
+                sqlx::query(
+                    "INSERT INTO credit_accounts (account_id, granted_nanos) VALUES ($1, $2) \
+                     ON CONFLICT (account_id) DO UPDATE \
+                     SET granted_nanos = credit_accounts.granted_nanos + excluded.granted_nanos",
+                )
+                .bind(account_id)
+                .bind(amount_nanos)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        });
         self.balance(account_id).await
     }
 
     pub async fn balance(&self, account_id: &str) -> Result<Balance, BillingError> {
-        let row =
-            sqlx::query("SELECT granted_nanos, used_nanos, held_nanos FROM credit_accounts WHERE account_id = $1")
-                .bind(account_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        let (granted, used, held) = match row {
-            Some(row) => (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?),
-            None => (0, 0, 0),
-        };
+        const SQL: &str = "SELECT granted_nanos, used_nanos, held_nanos FROM credit_accounts WHERE account_id = $1";
+        let (granted, used, held): (i64, i64, i64) = on_pool!(&self.pool, pool => {
+            match sqlx::query(SQL).bind(account_id).fetch_optional(pool).await? {
+                Some(row) => (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?),
+                None => (0, 0, 0),
+            }
+        });
         Ok(Balance {
             account_id: account_id.to_owned(),
             granted_nanos: granted,
@@ -138,52 +149,62 @@ impl Ledger {
         }
         require("request_id", request_id)?;
         require("account_id", account_id)?;
-        let mut tx = self.pool.begin().await?;
-        let existing = sqlx::query("SELECT amount_nanos FROM holds WHERE request_id = $1")
-            .bind(request_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let available = available_in(&mut tx, account_id).await?;
-        if let Some(row) = existing {
-            return Ok((row.try_get(0)?, available));
-        }
-        if available < amount_nanos {
-            return Err(BillingError::InsufficientCredit { available_nanos: available, needed_nanos: amount_nanos });
-        }
-        if let Some(limit_nanos) = key_limit_nanos {
-            let spent: i64 = sqlx::query(
-                "SELECT (SELECT COALESCE(SUM(cost_nanos), 0) FROM usage_records WHERE key_id = $1) + \
-                 (SELECT COALESCE(SUM(amount_nanos), 0) FROM holds WHERE key_id = $1 AND state = 'held')",
+        on_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await?;
+            let existing = sqlx::query("SELECT amount_nanos FROM holds WHERE request_id = $1")
+                .bind(request_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let available: i64 = sqlx::query(
+                "SELECT granted_nanos - used_nanos - held_nanos FROM credit_accounts WHERE account_id = $1",
             )
-            .bind(key_id)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
-            if spent + amount_nanos > limit_nanos {
-                return Err(BillingError::KeyLimit { limit_nanos, spent_nanos: spent, needed_nanos: amount_nanos });
-            }
-        }
-        let now = now_unix_ms();
-        let ttl_ms = i64::try_from(self.hold_ttl.as_millis()).unwrap_or(i64::MAX);
-        sqlx::query(
-            "INSERT INTO holds (request_id, account_id, key_id, amount_nanos, state, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, 'held', $5, $6)",
-        )
-        .bind(request_id)
-        .bind(account_id)
-        .bind(key_id)
-        .bind(amount_nanos)
-        .bind(now)
-        .bind(now.saturating_add(ttl_ms))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE credit_accounts SET held_nanos = held_nanos + $1 WHERE account_id = $2")
-            .bind(amount_nanos)
             .bind(account_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|row| row.try_get(0))
+            .transpose()?
+            .unwrap_or(0);
+            if let Some(row) = existing {
+                return Ok((row.try_get(0)?, available));
+            }
+            if available < amount_nanos {
+                return Err(BillingError::InsufficientCredit { available_nanos: available, needed_nanos: amount_nanos });
+            }
+            if let Some(limit_nanos) = key_limit_nanos {
+                let spent: i64 = sqlx::query(
+                    "SELECT CAST((SELECT COALESCE(SUM(cost_nanos), 0) FROM usage_records WHERE key_id = $1) + \
+                     (SELECT COALESCE(SUM(amount_nanos), 0) FROM holds WHERE key_id = $1 AND state = 'held') AS BIGINT)",
+                )
+                .bind(key_id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get(0)?;
+                if spent + amount_nanos > limit_nanos {
+                    return Err(BillingError::KeyLimit { limit_nanos, spent_nanos: spent, needed_nanos: amount_nanos });
+                }
+            }
+            let now = now_unix_ms();
+            let ttl_ms = i64::try_from(self.hold_ttl.as_millis()).unwrap_or(i64::MAX);
+            sqlx::query(
+                "INSERT INTO holds (request_id, account_id, key_id, amount_nanos, state, created_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, 'held', $5, $6)",
+            )
+            .bind(request_id)
+            .bind(account_id)
+            .bind(key_id)
+            .bind(amount_nanos)
+            .bind(now)
+            .bind(now.saturating_add(ttl_ms))
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok((amount_nanos, available - amount_nanos))
+            sqlx::query("UPDATE credit_accounts SET held_nanos = held_nanos + $1 WHERE account_id = $2")
+                .bind(amount_nanos)
+                .bind(account_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok((amount_nanos, available - amount_nanos))
+        })
     }
 
     /// Charges the actual cost and frees the rest of the hold. Settling a
@@ -192,208 +213,188 @@ impl Ledger {
         if settlement.cost_nanos < 0 {
             return Err(BillingError::NegativeAmount { field: "cost_nanos", value: settlement.cost_nanos });
         }
-        let mut tx = self.pool.begin().await?;
-        let hold = sqlx::query("SELECT account_id, key_id, amount_nanos, state FROM holds WHERE request_id = $1")
-            .bind(settlement.request_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| BillingError::UnknownHold(settlement.request_id.to_owned()))?;
-        let account_id: String = hold.try_get(0)?;
-        let key_id: String = hold.try_get(1)?;
-        let held: i64 = hold.try_get(2)?;
-        let state: String = hold.try_get(3)?;
-        if state == "settled" {
-            let charged = sqlx::query("SELECT cost_nanos FROM usage_records WHERE request_id = $1")
+        let charged = on_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await?;
+            let hold = sqlx::query("SELECT account_id, key_id, amount_nanos, state FROM holds WHERE request_id = $1")
                 .bind(settlement.request_id)
-                .fetch_one(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?
-                .try_get(0)?;
-            return Ok(charged);
-        }
-        // An expired or released hold no longer counts in held_nanos.
-        let still_held = if state == "held" { held } else { 0 };
-        sqlx::query(
-            "UPDATE credit_accounts SET held_nanos = held_nanos - $1, used_nanos = used_nanos + $2 \
-             WHERE account_id = $3",
-        )
-        .bind(still_held)
-        .bind(settlement.cost_nanos)
-        .bind(&account_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE holds SET state = 'settled' WHERE request_id = $1")
-            .bind(settlement.request_id)
+                .ok_or_else(|| BillingError::UnknownHold(settlement.request_id.to_owned()))?;
+            let account_id: String = hold.try_get(0)?;
+            let key_id: String = hold.try_get(1)?;
+            let held: i64 = hold.try_get(2)?;
+            let state: String = hold.try_get(3)?;
+            if state == "settled" {
+                let charged = sqlx::query("SELECT cost_nanos FROM usage_records WHERE request_id = $1")
+                    .bind(settlement.request_id)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get(0)?;
+                return Ok::<_, BillingError>(charged);
+            }
+            // An expired or released hold no longer counts in held_nanos.
+            let still_held = if state == "held" { held } else { 0 };
+            sqlx::query(
+                "UPDATE credit_accounts SET held_nanos = held_nanos - $1, used_nanos = used_nanos + $2 \
+                 WHERE account_id = $3",
+            )
+            .bind(still_held)
+            .bind(settlement.cost_nanos)
+            .bind(&account_id)
             .execute(&mut *tx)
             .await?;
-        let now = now_unix_ms();
-        sqlx::query(
-            "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, prompt_tokens, \
-             completion_tokens, cost_nanos, latency_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .bind(settlement.request_id)
-        .bind(&account_id)
-        .bind(&key_id)
-        .bind(settlement.model)
-        .bind(settlement.provider)
-        .bind(i64::from(settlement.prompt_tokens))
-        .bind(i64::from(settlement.completion_tokens))
-        .bind(settlement.cost_nanos)
-        .bind(i64::from(settlement.latency_ms))
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if self.outbox_enabled {
-            let event = UsageEvent {
-                request_id: settlement.request_id.to_owned(),
-                account_id,
-                key_id,
-                model: settlement.model.to_owned(),
-                provider: settlement.provider.to_owned(),
-                usage: Some(infermesh_proto::v1::Usage {
-                    prompt_tokens: settlement.prompt_tokens,
-                    completion_tokens: settlement.completion_tokens,
-                }),
-                cost_nanos: settlement.cost_nanos,
-                settled_at_unix_ms: now,
-                latency_ms: settlement.latency_ms,
-            };
-            sqlx::query("INSERT INTO outbox (subject, dedupe_id, payload, created_at) VALUES ($1, $2, $3, $4)")
-                .bind(USAGE_SUBJECT)
+            sqlx::query("UPDATE holds SET state = 'settled' WHERE request_id = $1")
                 .bind(settlement.request_id)
-                .bind(event.encode_to_vec())
-                .bind(now)
                 .execute(&mut *tx)
                 .await?;
-        }
-        tx.commit().await?;
+            let now = now_unix_ms();
+            sqlx::query(
+                "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, prompt_tokens, \
+                 completion_tokens, cost_nanos, latency_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            )
+            .bind(settlement.request_id)
+            .bind(&account_id)
+            .bind(&key_id)
+            .bind(settlement.model)
+            .bind(settlement.provider)
+            .bind(i64::from(settlement.prompt_tokens))
+            .bind(i64::from(settlement.completion_tokens))
+            .bind(settlement.cost_nanos)
+            .bind(i64::from(settlement.latency_ms))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if self.outbox_enabled {
+                let event = UsageEvent {
+                    request_id: settlement.request_id.to_owned(),
+                    account_id,
+                    key_id,
+                    model: settlement.model.to_owned(),
+                    provider: settlement.provider.to_owned(),
+                    usage: Some(infermesh_proto::v1::Usage {
+                        prompt_tokens: settlement.prompt_tokens,
+                        completion_tokens: settlement.completion_tokens,
+                    }),
+                    cost_nanos: settlement.cost_nanos,
+                    settled_at_unix_ms: now,
+                    latency_ms: settlement.latency_ms,
+                };
+                sqlx::query("INSERT INTO outbox (subject, dedupe_id, payload, created_at) VALUES ($1, $2, $3, $4)")
+                    .bind(USAGE_SUBJECT)
+                    .bind(settlement.request_id)
+                    .bind(event.encode_to_vec())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, BillingError>(settlement.cost_nanos)
+        })?;
         if self.outbox_enabled {
             self.outbox_ready.notify_one();
         }
-        Ok(settlement.cost_nanos)
+        Ok(charged)
     }
 
     /// Gives a hold back; releasing twice, or after settling, changes nothing.
     pub async fn release(&self, request_id: &str) -> Result<(), BillingError> {
-        let mut tx = self.pool.begin().await?;
-        let released = sqlx::query(
-            "UPDATE holds SET state = 'released' WHERE request_id = $1 AND state = 'held' \
-             RETURNING account_id, amount_nanos",
-        )
-        .bind(request_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = released {
-            unhold(&mut tx, &row).await?;
-        }
-        tx.commit().await?;
+        on_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await?;
+            let released = sqlx::query(
+                "UPDATE holds SET state = 'released' WHERE request_id = $1 AND state = 'held' \
+                 RETURNING account_id, amount_nanos",
+            )
+            .bind(request_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = released {
+                unhold!(&mut *tx, row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
+            }
+            tx.commit().await?;
+        });
         Ok(())
     }
 
     /// Releases holds whose lease lapsed (their gateway died), so credit is
     /// never stuck. Returns how many.
     pub async fn expire_holds(&self) -> Result<u64, BillingError> {
-        let mut tx = self.pool.begin().await?;
-        let expired = sqlx::query(
-            "UPDATE holds SET state = 'expired' WHERE state = 'held' AND expires_at <= $1 \
-             RETURNING account_id, amount_nanos",
-        )
-        .bind(now_unix_ms())
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in &expired {
-            unhold(&mut tx, row).await?;
-        }
-        tx.commit().await?;
-        Ok(expired.len() as u64)
+        on_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await?;
+            let expired = sqlx::query(
+                "UPDATE holds SET state = 'expired' WHERE state = 'held' AND expires_at <= $1 \
+                 RETURNING account_id, amount_nanos",
+            )
+            .bind(now_unix_ms())
+            .fetch_all(&mut *tx)
+            .await?;
+            for row in &expired {
+                unhold!(&mut *tx, row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
+            }
+            tx.commit().await?;
+            Ok(expired.len() as u64)
+        })
     }
 
     /// Lifetime spend of one key: (cost, prompt tokens, completion tokens, calls).
     pub async fn key_usage(&self, key_id: &str) -> Result<(i64, u64, u64, u64), BillingError> {
-        let row = sqlx::query(
-            "SELECT COALESCE(SUM(cost_nanos), 0), COALESCE(SUM(prompt_tokens), 0), \
-             COALESCE(SUM(completion_tokens), 0), COUNT(*) FROM usage_records WHERE key_id = $1",
-        )
-        .bind(key_id)
-        .fetch_one(&self.pool)
-        .await?;
-        let count =
-            |i: usize| -> Result<u64, BillingError> { Ok(u64::try_from(row.try_get::<i64, _>(i)?).unwrap_or(0)) };
-        Ok((row.try_get(0)?, count(1)?, count(2)?, count(3)?))
+        const SQL: &str = "SELECT CAST(COALESCE(SUM(cost_nanos), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT), CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT), \
+             COUNT(*) FROM usage_records WHERE key_id = $1";
+        let sums: [i64; 4] = on_pool!(&self.pool, pool => {
+            let row = sqlx::query(SQL).bind(key_id).fetch_one(pool).await?;
+            [row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?]
+        });
+        let count = |value: i64| u64::try_from(value).unwrap_or(0);
+        Ok((sums[0], count(sums[1]), count(sums[2]), count(sums[3])))
     }
 
     pub async fn generation(&self, request_id: &str) -> Result<UsageEvent, BillingError> {
-        let row = sqlx::query(
-            "SELECT account_id, key_id, model, provider, prompt_tokens, completion_tokens, cost_nanos, latency_ms, \
-             created_at FROM usage_records WHERE request_id = $1",
-        )
-        .bind(request_id)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or_else(|| BillingError::UnknownGeneration(request_id.to_owned()))?;
-        let small = |i: usize| -> Result<u32, BillingError> {
-            Ok(u32::try_from(row.try_get::<i64, _>(i)?).unwrap_or(u32::MAX))
-        };
-        Ok(UsageEvent {
-            request_id: request_id.to_owned(),
-            account_id: row.try_get(0)?,
-            key_id: row.try_get(1)?,
-            model: row.try_get(2)?,
-            provider: row.try_get(3)?,
-            usage: Some(infermesh_proto::v1::Usage { prompt_tokens: small(4)?, completion_tokens: small(5)? }),
-            cost_nanos: row.try_get(6)?,
-            latency_ms: small(7)?,
-            settled_at_unix_ms: row.try_get(8)?,
+        const SQL: &str = "SELECT account_id, key_id, model, provider, prompt_tokens, completion_tokens, \
+             cost_nanos, latency_ms, created_at FROM usage_records WHERE request_id = $1";
+        on_pool!(&self.pool, pool => {
+            let row = sqlx::query(SQL)
+                .bind(request_id)
+                .fetch_optional(pool)
+                .await?
+                .ok_or_else(|| BillingError::UnknownGeneration(request_id.to_owned()))?;
+            let small = |i: usize| -> Result<u32, BillingError> {
+                Ok(u32::try_from(row.try_get::<i64, _>(i)?).unwrap_or(u32::MAX))
+            };
+            Ok(UsageEvent {
+                request_id: request_id.to_owned(),
+                account_id: row.try_get(0)?,
+                key_id: row.try_get(1)?,
+                model: row.try_get(2)?,
+                provider: row.try_get(3)?,
+                usage: Some(infermesh_proto::v1::Usage { prompt_tokens: small(4)?, completion_tokens: small(5)? }),
+                cost_nanos: row.try_get(6)?,
+                latency_ms: small(7)?,
+                settled_at_unix_ms: row.try_get(8)?,
+            })
         })
     }
 
     pub async fn outbox_batch(&self, limit: i64) -> Result<Vec<OutboxRow>, BillingError> {
-        let rows = sqlx::query("SELECT seq, subject, dedupe_id, payload FROM outbox ORDER BY seq LIMIT $1")
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(OutboxRow {
-                    seq: row.try_get(0)?,
-                    subject: row.try_get(1)?,
-                    dedupe_id: row.try_get(2)?,
-                    payload: row.try_get(3)?,
+        const SQL: &str = "SELECT seq, subject, dedupe_id, payload FROM outbox ORDER BY seq LIMIT $1";
+        on_pool!(&self.pool, pool => {
+            let rows = sqlx::query(SQL).bind(limit).fetch_all(pool).await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(OutboxRow {
+                        seq: row.try_get(0)?,
+                        subject: row.try_get(1)?,
+                        dedupe_id: row.try_get(2)?,
+                        payload: row.try_get(3)?,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
     }
 
     pub async fn outbox_delete(&self, seq: i64) -> Result<(), BillingError> {
-        sqlx::query("DELETE FROM outbox WHERE seq = $1").bind(seq).execute(&self.pool).await?;
+        on_pool!(&self.pool, pool => sqlx::query("DELETE FROM outbox WHERE seq = $1").bind(seq).execute(pool).await.map(drop)?);
         Ok(())
     }
-}
-
-async fn available_in(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, account_id: &str) -> Result<i64, BillingError> {
-    let row = sqlx::query("SELECT granted_nanos - used_nanos - held_nanos FROM credit_accounts WHERE account_id = $1")
-        .bind(account_id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    Ok(match row {
-        Some(row) => row.try_get(0)?,
-        None => 0,
-    })
-}
-
-/// Takes a released or expired hold (a row of `account_id, amount_nanos`)
-/// out of its account's held balance.
-async fn unhold(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    hold: &sqlx::sqlite::SqliteRow,
-) -> Result<(), BillingError> {
-    let account_id: String = hold.try_get(0)?;
-    let amount: i64 = hold.try_get(1)?;
-    sqlx::query("UPDATE credit_accounts SET held_nanos = held_nanos - $1 WHERE account_id = $2")
-        .bind(amount)
-        .bind(&account_id)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
 }
 
 fn require(field: &'static str, value: &str) -> Result<(), BillingError> {
@@ -404,11 +405,13 @@ fn require(field: &'static str, value: &str) -> Result<(), BillingError> {
 mod tests {
     use super::*;
 
-    async fn ledger(ttl: Duration) -> (tempfile::TempDir, Ledger) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("billing.db").display());
-        (dir, Ledger::open(&url, ttl, true).await.unwrap())
-    }
+    infermesh_sql::on_sqlite_and_postgres!(
+        grant_is_idempotent,
+        reserve_settle_charges_actual_cost_once,
+        refuses_what_it_cannot_cover_and_never_goes_negative,
+        a_key_limit_caps_spend_plus_open_holds,
+        release_and_expiry_free_the_hold,
+    );
 
     fn settlement(request_id: &str, cost_nanos: i64) -> Settlement<'_> {
         Settlement {
@@ -422,18 +425,16 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn grant_is_idempotent() {
-        let (_dir, ledger) = ledger(Duration::from_secs(60)).await;
+    async fn grant_is_idempotent(url: String) {
+        let ledger = Ledger::open(&url, Duration::from_secs(60), true).await.unwrap();
         ledger.grant("a", 100, "signup:a", "free").await.unwrap();
         let balance = ledger.grant("a", 100, "signup:a", "free").await.unwrap();
         assert_eq!(balance.granted_nanos, 100);
         assert_eq!(balance.available_nanos, 100);
     }
 
-    #[tokio::test]
-    async fn reserve_settle_charges_actual_cost_once() {
-        let (_dir, ledger) = ledger(Duration::from_secs(60)).await;
+    async fn reserve_settle_charges_actual_cost_once(url: String) {
+        let ledger = Ledger::open(&url, Duration::from_secs(60), true).await.unwrap();
         ledger.grant("a", 1000, "g", "free").await.unwrap();
         assert_eq!(ledger.reserve("r1", "a", "k", 600, None).await.unwrap(), (600, 400));
         assert_eq!(ledger.reserve("r1", "a", "k", 600, None).await.unwrap().0, 600, "idempotent");
@@ -453,9 +454,8 @@ mod tests {
         assert_eq!((event.cost_nanos, event.account_id.as_str()), (250, "a"));
     }
 
-    #[tokio::test]
-    async fn refuses_what_it_cannot_cover_and_never_goes_negative() {
-        let (_dir, ledger) = ledger(Duration::from_secs(60)).await;
+    async fn refuses_what_it_cannot_cover_and_never_goes_negative(url: String) {
+        let ledger = Ledger::open(&url, Duration::from_secs(60), true).await.unwrap();
         ledger.grant("a", 1000, "g", "free").await.unwrap();
         let mut tasks = Vec::new();
         for i in 0..50 {
@@ -473,9 +473,8 @@ mod tests {
         assert!(err.to_string().contains("top up"));
     }
 
-    #[tokio::test]
-    async fn a_key_limit_caps_spend_plus_open_holds() {
-        let (_dir, ledger) = ledger(Duration::from_secs(60)).await;
+    async fn a_key_limit_caps_spend_plus_open_holds(url: String) {
+        let ledger = Ledger::open(&url, Duration::from_secs(60), true).await.unwrap();
         ledger.grant("a", 10_000, "g", "free").await.unwrap();
         ledger.reserve("r1", "a", "k", 400, Some(1000)).await.unwrap();
         ledger.settle(&settlement("r1", 300)).await.unwrap();
@@ -487,9 +486,8 @@ mod tests {
         ledger.reserve("r4", "a", "k2", 300, Some(1000)).await.unwrap();
     }
 
-    #[tokio::test]
-    async fn release_and_expiry_free_the_hold() {
-        let (_dir, ledger) = ledger(Duration::from_millis(0)).await;
+    async fn release_and_expiry_free_the_hold(url: String) {
+        let ledger = Ledger::open(&url, Duration::from_millis(0), true).await.unwrap();
         ledger.grant("a", 1000, "g", "free").await.unwrap();
         ledger.reserve("r1", "a", "k", 300, None).await.unwrap();
         ledger.release("r1").await.unwrap();

@@ -21,7 +21,8 @@ pub use ledger::Ledger;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BillingConfig {
-    /// Where the ledger lives (sqlx URL).
+    /// Where the ledger lives: `sqlite://…` (created if missing) or
+    /// `postgres://…`; one billing process writes a database.
     #[arg(
         long = "billing-database-url",
         env = "INFERMESH_BILLING_DATABASE_URL",
