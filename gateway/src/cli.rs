@@ -87,6 +87,8 @@ pub enum Command {
     /// Measure admission: Acquire calls per second and their latency over
     /// loopback gRPC (tests/bench/ratelimit.sh adds the per-request overhead).
     BenchRatelimit(crate::bench_ratelimit::RateLimitBenchArgs),
+    /// Measure the ledger: durable reserve + settle pairs per second.
+    BenchBilling(crate::bench_billing::BillingBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -188,6 +190,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Keys(args) => crate::keys_cli::run(args).await,
         Command::Bench(args) => crate::up::bench(args).await,
         Command::BenchRatelimit(args) => crate::bench_ratelimit::run(args).await,
+        Command::BenchBilling(args) => crate::bench_billing::run(args).await,
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod app;
+pub mod bench_billing;
 pub mod bench_ratelimit;
 pub mod cli;
 pub mod error;

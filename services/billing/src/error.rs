@@ -30,6 +30,11 @@ pub enum BillingError {
     Storage(#[from] sqlx::Error),
     #[error("{0}")]
     Database(#[from] infermesh_sql::SqlError),
+    /// The batch holding this change was not written; nothing of it stands.
+    #[error("ledger write failed: {0}")]
+    WriteFailed(String),
+    #[error("the ledger is shutting down")]
+    Stopped,
 }
 
 impl From<BillingError> for MeshError {
@@ -38,7 +43,10 @@ impl From<BillingError> for MeshError {
             BillingError::InsufficientCredit { .. } | BillingError::KeyLimit { .. } => ErrorKind::InsufficientQuota,
             BillingError::UnknownHold(_) | BillingError::UnknownGeneration(_) => ErrorKind::NotFound,
             BillingError::NegativeAmount { .. } | BillingError::MissingField(_) => ErrorKind::InvalidRequest,
-            BillingError::Storage(_) | BillingError::Database(_) => {
+            BillingError::Storage(_)
+            | BillingError::Database(_)
+            | BillingError::WriteFailed(_)
+            | BillingError::Stopped => {
                 tracing::error!(error = %err, "billing storage failure");
                 return MeshError::internal("billing storage failure; retry shortly");
             }

@@ -1,41 +1,25 @@
 //! Prepaid credit per account: grants add, holds reserve, settlements
-//! charge. Every change is one SQL transaction on a single writer
-//! connection (SQLite or PostgreSQL), so concurrent requests serialise and
-//! the available balance can never go below zero through a hold. One
-//! billing process writes a database.
+//! charge, as double-entry movements (`book.rs`). Changes go through the
+//! group-commit writer (`writer.rs`), which answers once they are durable;
+//! reads go straight to the database (SQLite or PostgreSQL).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use infermesh_proto::v1::{Balance, UsageEvent};
-use infermesh_service::now_unix_ms;
 use infermesh_sql::{Migrations, Options, Pool, SqliteSynchronous, on_pool};
-use prost::Message;
 use sqlx::Row;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::error::BillingError;
-
-/// Takes a released or expired hold of `amount` out of its account's held balance.
-macro_rules! unhold {
-    ($executor:expr, $account_id:expr, $amount:expr) => {
-        sqlx::query("UPDATE credit_accounts SET held_nanos = held_nanos - $1 WHERE account_id = $2")
-            .bind($amount)
-            .bind($account_id)
-            .execute($executor)
-            .await?
-    };
-}
+use crate::writer::{Command, OwnedSettlement, Writer};
 
 pub const USAGE_SUBJECT: &str = infermesh_bus::subjects::USAGE_SETTLED;
 
 #[derive(Clone, Debug)]
 pub struct Ledger {
     pool: Pool,
-    hold_ttl: Duration,
-    /// Whether settlements write usage events to the outbox (only when a
-    /// publisher drains it).
-    outbox_enabled: bool,
+    commands: mpsc::Sender<Command>,
     outbox_ready: Arc<Notify>,
 }
 
@@ -57,21 +41,53 @@ pub struct OutboxRow {
     pub payload: Vec<u8>,
 }
 
+/// What [`Ledger::check_books`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BooksCheck {
+    /// The sum of every entry: zero when each movement balanced.
+    pub total_nanos: i64,
+    /// Books whose entries disagree with the cached balances, as
+    /// `(book, from entries, from credit_accounts)`.
+    pub mismatches: Vec<(String, i64, i64)>,
+}
+
+impl BooksCheck {
+    pub fn balanced(&self) -> bool {
+        self.total_nanos == 0 && self.mismatches.is_empty()
+    }
+}
+
 impl Ledger {
     pub async fn open(database_url: &str, hold_ttl: Duration, outbox_enabled: bool) -> Result<Ledger, BillingError> {
         let migrations = Migrations {
             sqlite: sqlx::migrate!("./migrations/sqlite"),
             postgres: sqlx::migrate!("./migrations/postgres"),
         };
-        // One connection: transactions serialise, which is what makes the
-        // balance check and the hold atomic.
-        let options = Options { max_connections: 1, sqlite_synchronous: SqliteSynchronous::Normal };
+        // Each batch is synced before anyone hears of it: group commit
+        // makes that one sync per batch, not per request.
+        let options = Options { max_connections: 4, sqlite_synchronous: SqliteSynchronous::Full };
         let pool = Pool::open(database_url, &migrations, options).await?;
-        Ok(Ledger { pool, hold_ttl, outbox_enabled, outbox_ready: Arc::new(Notify::new()) })
+        let outbox_ready = Arc::new(Notify::new());
+        let ttl_ms = i64::try_from(hold_ttl.as_millis()).unwrap_or(i64::MAX);
+        let mut writer = Writer::new(pool.clone(), ttl_ms, outbox_enabled, outbox_ready.clone());
+        writer.load_open_holds().await?;
+        let (commands, queue) = mpsc::channel(4096);
+        tokio::spawn(writer.run(queue));
+        Ok(Ledger { pool, commands, outbox_ready })
     }
 
     pub fn outbox_ready(&self) -> Arc<Notify> {
         self.outbox_ready.clone()
+    }
+
+    /// Sends a command to the writer and waits for its durable answer.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, BillingError>>) -> Command,
+    ) -> Result<T, BillingError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(command(reply)).await.map_err(|_| BillingError::Stopped)?;
+        answer.await.map_err(|_| BillingError::Stopped)?
     }
 
     /// Adds credit once per `idempotency_key`.
@@ -87,32 +103,14 @@ impl Ledger {
         }
         require("account_id", account_id)?;
         require("idempotency_key", idempotency_key)?;
-        on_pool!(&self.pool, pool => {
-            let mut tx = pool.begin().await?;
-            let inserted = sqlx::query(
-                "INSERT INTO grants (idempotency_key, account_id, amount_nanos, reason, created_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (idempotency_key) DO NOTHING",
-            )
-            .bind(idempotency_key)
-            .bind(account_id)
-            .bind(amount_nanos)
-            .bind(reason)
-            .bind(now_unix_ms())
-            .execute(&mut *tx)
-            .await?;
-            if inserted.rows_affected() == 1 {
-                sqlx::query(
-                    "INSERT INTO credit_accounts (account_id, granted_nanos) VALUES ($1, $2) \
-                     ON CONFLICT (account_id) DO UPDATE \
-                     SET granted_nanos = credit_accounts.granted_nanos + excluded.granted_nanos",
-                )
-                .bind(account_id)
-                .bind(amount_nanos)
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
-        });
+        self.ask(|reply| Command::Grant {
+            account_id: account_id.to_owned(),
+            amount: amount_nanos,
+            idempotency_key: idempotency_key.to_owned(),
+            reason: reason.to_owned(),
+            reply,
+        })
+        .await?;
         self.balance(account_id).await
     }
 
@@ -135,7 +133,8 @@ impl Ledger {
 
     /// Holds `amount_nanos` for `request_id`; a repeat returns the first
     /// hold. With `key_limit_nanos`, the key's settled spend plus its open
-    /// holds plus this one must stay within that cap as well.
+    /// holds plus this one must stay within that cap as well. Returns the
+    /// hold and what the account has available after it.
     pub async fn reserve(
         &self,
         request_id: &str,
@@ -149,62 +148,15 @@ impl Ledger {
         }
         require("request_id", request_id)?;
         require("account_id", account_id)?;
-        on_pool!(&self.pool, pool => {
-            let mut tx = pool.begin().await?;
-            let existing = sqlx::query("SELECT amount_nanos FROM holds WHERE request_id = $1")
-                .bind(request_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let available: i64 = sqlx::query(
-                "SELECT granted_nanos - used_nanos - held_nanos FROM credit_accounts WHERE account_id = $1",
-            )
-            .bind(account_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|row| row.try_get(0))
-            .transpose()?
-            .unwrap_or(0);
-            if let Some(row) = existing {
-                return Ok((row.try_get(0)?, available));
-            }
-            if available < amount_nanos {
-                return Err(BillingError::InsufficientCredit { available_nanos: available, needed_nanos: amount_nanos });
-            }
-            if let Some(limit_nanos) = key_limit_nanos {
-                let spent: i64 = sqlx::query(
-                    "SELECT CAST((SELECT COALESCE(SUM(cost_nanos), 0) FROM usage_records WHERE key_id = $1) + \
-                     (SELECT COALESCE(SUM(amount_nanos), 0) FROM holds WHERE key_id = $1 AND state = 'held') AS BIGINT)",
-                )
-                .bind(key_id)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_get(0)?;
-                if spent + amount_nanos > limit_nanos {
-                    return Err(BillingError::KeyLimit { limit_nanos, spent_nanos: spent, needed_nanos: amount_nanos });
-                }
-            }
-            let now = now_unix_ms();
-            let ttl_ms = i64::try_from(self.hold_ttl.as_millis()).unwrap_or(i64::MAX);
-            sqlx::query(
-                "INSERT INTO holds (request_id, account_id, key_id, amount_nanos, state, created_at, expires_at) \
-                 VALUES ($1, $2, $3, $4, 'held', $5, $6)",
-            )
-            .bind(request_id)
-            .bind(account_id)
-            .bind(key_id)
-            .bind(amount_nanos)
-            .bind(now)
-            .bind(now.saturating_add(ttl_ms))
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("UPDATE credit_accounts SET held_nanos = held_nanos + $1 WHERE account_id = $2")
-                .bind(amount_nanos)
-                .bind(account_id)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok((amount_nanos, available - amount_nanos))
+        self.ask(|reply| Command::Reserve {
+            request_id: request_id.to_owned(),
+            account_id: account_id.to_owned(),
+            key_id: key_id.to_owned(),
+            amount: amount_nanos,
+            key_limit: key_limit_nanos,
+            reply,
         })
+        .await
     }
 
     /// Charges the actual cost and frees the rest of the hold. Settling a
@@ -213,126 +165,68 @@ impl Ledger {
         if settlement.cost_nanos < 0 {
             return Err(BillingError::NegativeAmount { field: "cost_nanos", value: settlement.cost_nanos });
         }
-        let charged = on_pool!(&self.pool, pool => {
-            let mut tx = pool.begin().await?;
-            let hold = sqlx::query("SELECT account_id, key_id, amount_nanos, state FROM holds WHERE request_id = $1")
-                .bind(settlement.request_id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(|| BillingError::UnknownHold(settlement.request_id.to_owned()))?;
-            let account_id: String = hold.try_get(0)?;
-            let key_id: String = hold.try_get(1)?;
-            let held: i64 = hold.try_get(2)?;
-            let state: String = hold.try_get(3)?;
-            if state == "settled" {
-                let charged = sqlx::query("SELECT cost_nanos FROM usage_records WHERE request_id = $1")
-                    .bind(settlement.request_id)
-                    .fetch_one(&mut *tx)
-                    .await?
-                    .try_get(0)?;
-                return Ok::<_, BillingError>(charged);
-            }
-            // An expired or released hold no longer counts in held_nanos.
-            let still_held = if state == "held" { held } else { 0 };
-            sqlx::query(
-                "UPDATE credit_accounts SET held_nanos = held_nanos - $1, used_nanos = used_nanos + $2 \
-                 WHERE account_id = $3",
-            )
-            .bind(still_held)
-            .bind(settlement.cost_nanos)
-            .bind(&account_id)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("UPDATE holds SET state = 'settled' WHERE request_id = $1")
-                .bind(settlement.request_id)
-                .execute(&mut *tx)
-                .await?;
-            let now = now_unix_ms();
-            sqlx::query(
-                "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, prompt_tokens, \
-                 completion_tokens, cost_nanos, latency_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(settlement.request_id)
-            .bind(&account_id)
-            .bind(&key_id)
-            .bind(settlement.model)
-            .bind(settlement.provider)
-            .bind(i64::from(settlement.prompt_tokens))
-            .bind(i64::from(settlement.completion_tokens))
-            .bind(settlement.cost_nanos)
-            .bind(i64::from(settlement.latency_ms))
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            if self.outbox_enabled {
-                let event = UsageEvent {
-                    request_id: settlement.request_id.to_owned(),
-                    account_id,
-                    key_id,
-                    model: settlement.model.to_owned(),
-                    provider: settlement.provider.to_owned(),
-                    usage: Some(infermesh_proto::v1::Usage {
-                        prompt_tokens: settlement.prompt_tokens,
-                        completion_tokens: settlement.completion_tokens,
-                    }),
-                    cost_nanos: settlement.cost_nanos,
-                    settled_at_unix_ms: now,
-                    latency_ms: settlement.latency_ms,
-                };
-                sqlx::query("INSERT INTO outbox (subject, dedupe_id, payload, created_at) VALUES ($1, $2, $3, $4)")
-                    .bind(USAGE_SUBJECT)
-                    .bind(settlement.request_id)
-                    .bind(event.encode_to_vec())
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            tx.commit().await?;
-            Ok::<_, BillingError>(settlement.cost_nanos)
-        })?;
-        if self.outbox_enabled {
-            self.outbox_ready.notify_one();
-        }
-        Ok(charged)
+        let settlement = OwnedSettlement {
+            request_id: settlement.request_id.to_owned(),
+            cost_nanos: settlement.cost_nanos,
+            model: settlement.model.to_owned(),
+            provider: settlement.provider.to_owned(),
+            prompt_tokens: settlement.prompt_tokens,
+            completion_tokens: settlement.completion_tokens,
+            latency_ms: settlement.latency_ms,
+        };
+        self.ask(|reply| Command::Settle { settlement, reply }).await
     }
 
     /// Gives a hold back; releasing twice, or after settling, changes nothing.
     pub async fn release(&self, request_id: &str) -> Result<(), BillingError> {
-        on_pool!(&self.pool, pool => {
-            let mut tx = pool.begin().await?;
-            let released = sqlx::query(
-                "UPDATE holds SET state = 'released' WHERE request_id = $1 AND state = 'held' \
-                 RETURNING account_id, amount_nanos",
-            )
-            .bind(request_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(row) = released {
-                unhold!(&mut *tx, row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
-            }
-            tx.commit().await?;
-        });
-        Ok(())
+        self.ask(|reply| Command::Release { request_id: request_id.to_owned(), reply }).await
     }
 
     /// Releases holds whose lease lapsed (their gateway died), so credit is
     /// never stuck. Returns how many.
     pub async fn expire_holds(&self) -> Result<u64, BillingError> {
-        on_pool!(&self.pool, pool => {
-            let mut tx = pool.begin().await?;
-            let expired = sqlx::query(
-                "UPDATE holds SET state = 'expired' WHERE state = 'held' AND expires_at <= $1 \
-                 RETURNING account_id, amount_nanos",
+        self.ask(|reply| Command::Expire { reply }).await
+    }
+
+    /// Proves the books: every entry sums to zero, and each customer's and
+    /// hold book's entries add up to the balances `credit_accounts` caches.
+    pub async fn check_books(&self) -> Result<BooksCheck, BillingError> {
+        const ENTRIES: &str = "SELECT book, CAST(SUM(amount_nanos) AS BIGINT) FROM entries GROUP BY book";
+        const CACHED: &str = "SELECT account_id, granted_nanos, used_nanos, held_nanos FROM credit_accounts";
+        /// An account's cached `(id, granted, used, held)`.
+        type Cached = (String, i64, i64, i64);
+        let (books, cached): (Vec<(String, i64)>, Vec<Cached>) = on_pool!(&self.pool, pool => {
+            let books = sqlx::query(ENTRIES).fetch_all(pool).await?;
+            let cached = sqlx::query(CACHED).fetch_all(pool).await?;
+            (
+                books.iter().map(|r| Ok::<_, BillingError>((r.try_get(0)?, r.try_get(1)?))).collect::<Result<_, _>>()?,
+                cached
+                    .iter()
+                    .map(|r| Ok::<_, BillingError>((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+                    .collect::<Result<_, _>>()?,
             )
-            .bind(now_unix_ms())
-            .fetch_all(&mut *tx)
-            .await?;
-            for row in &expired {
-                unhold!(&mut *tx, row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
+        });
+        let from_entries: std::collections::HashMap<String, i64> = books.iter().cloned().collect();
+        let entry = |book: &str| from_entries.get(book).copied().unwrap_or(0);
+        let mut mismatches = Vec::new();
+        let (mut granted_total, mut used_total) = (0i64, 0i64);
+        for (account, granted, used, held) in &cached {
+            granted_total += granted;
+            used_total += used;
+            for (book, expected) in
+                [(crate::book::customer(account), granted - used - held), (crate::book::holds(account), *held)]
+            {
+                if entry(&book) != expected {
+                    mismatches.push((book.clone(), entry(&book), expected));
+                }
             }
-            tx.commit().await?;
-            Ok(expired.len() as u64)
-        })
+        }
+        for (book, expected) in [(crate::book::GRANTS, -granted_total), (crate::book::REVENUE, used_total)] {
+            if entry(book) != expected {
+                mismatches.push((book.to_owned(), entry(book), expected));
+            }
+        }
+        Ok(BooksCheck { total_nanos: books.iter().map(|(_, amount)| amount).sum(), mismatches })
     }
 
     /// Lifetime spend of one key: (cost, prompt tokens, completion tokens, calls).
@@ -403,6 +297,8 @@ fn require(field: &'static str, value: &str) -> Result<(), BillingError> {
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
 
     infermesh_sql::on_sqlite_and_postgres!(
@@ -411,6 +307,7 @@ mod tests {
         refuses_what_it_cannot_cover_and_never_goes_negative,
         a_key_limit_caps_spend_plus_open_holds,
         release_and_expiry_free_the_hold,
+        the_books_balance_after_a_mixed_load,
     );
 
     fn settlement(request_id: &str, cost_nanos: i64) -> Settlement<'_> {
@@ -500,5 +397,50 @@ mod tests {
         ledger.settle(&settlement("r2", 100)).await.unwrap();
         let balance = ledger.balance("a").await.unwrap();
         assert_eq!((balance.used_nanos, balance.held_nanos), (100, 0));
+    }
+
+    async fn the_books_balance_after_a_mixed_load(url: String) {
+        let ledger = Ledger::open(&url, Duration::from_millis(50), true).await.unwrap();
+        let mut tasks = Vec::new();
+        for account in 0..4 {
+            // Enough for all 50 of the account's holds at once.
+            ledger.grant(&format!("a{account}"), 15_000, &format!("signup:{account}"), "free").await.unwrap();
+        }
+        let repeated = ledger.grant("a0", 15_000, "signup:0", "free").await.unwrap();
+        assert_eq!(repeated.granted_nanos, 15_000, "a repeated grant adds nothing");
+        ledger.grant("a1", 5_000, "topup:1", "top-up").await.unwrap();
+        for i in 0..200 {
+            let ledger = ledger.clone();
+            tasks.push(tokio::spawn(async move {
+                let (id, account) = (format!("r{i}"), format!("a{}", i % 4));
+                ledger.reserve(&id, &account, "k", 300, None).await.unwrap();
+                match i % 5 {
+                    0 => ledger.release(&id).await.unwrap(),
+                    1 => {} // abandoned: its hold lapses
+                    _ => {
+                        ledger.settle(&settlement(&id, (i % 7) * 40)).await.unwrap();
+                    }
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let expired = ledger.expire_holds().await.unwrap();
+        assert!(expired > 0, "abandoned holds lapse");
+        let check = ledger.check_books().await.unwrap();
+        assert!(check.balanced(), "{check:?}");
+        let mut charged = 0;
+        for account in 0..4 {
+            let balance = ledger.balance(&format!("a{account}")).await.unwrap();
+            assert_eq!(balance.held_nanos, 0);
+            assert!(balance.available_nanos >= 0);
+            charged += balance.used_nanos;
+        }
+        let usage: i64 = (0..200).filter(|i| i % 5 >= 2).map(|i| (i % 7) * 40).sum();
+        assert_eq!(charged, usage, "every settlement charged once");
+        let settled = (0..200).filter(|i| i % 5 >= 2).count();
+        assert_eq!(ledger.outbox_batch(1000).await.unwrap().len(), settled, "one usage event per settlement");
     }
 }

@@ -4,10 +4,12 @@
 //! - [`outbox`]: publishes usage events from the outbox to NATS JetStream.
 //! - [`grpc`]: thin `infermesh.v1.BillingService` handlers.
 
+pub mod book;
 pub mod error;
 pub mod grpc;
 pub mod ledger;
 pub mod outbox;
+pub mod writer;
 
 use std::future::Future;
 use std::time::Duration;

@@ -1,0 +1,564 @@
+//! Group commit: one task owns every change to the ledger. It takes the
+//! commands waiting in its queue as one batch, applies the rules to the
+//! in-memory [`Book`] (a cache of the database, loaded lazily), writes the
+//! whole batch in one transaction with one multi-row statement per table,
+//! and only then answers each caller. So a request never waits for its own
+//! round trips to the database, every answer is durable, and the balance
+//! check and the hold are atomic because only this task changes balances.
+//! One billing process writes a database.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use infermesh_proto::v1::UsageEvent;
+use infermesh_service::now_unix_ms;
+use infermesh_sql::{Pool, on_pool};
+use prost::Message;
+use sqlx::Row;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::book::{AccountBalance, Book, Changes, Entry, Hold, HoldState};
+use crate::error::BillingError;
+use crate::ledger::USAGE_SUBJECT;
+
+/// Commands taken into one transaction at most (bounded by the bind
+/// parameters a statement may carry: 10 per usage row).
+const MAX_BATCH: usize = 512;
+
+type Reply<T> = oneshot::Sender<Result<T, BillingError>>;
+
+pub struct OwnedSettlement {
+    pub request_id: String,
+    pub cost_nanos: i64,
+    pub model: String,
+    pub provider: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub latency_ms: u32,
+}
+
+pub enum Command {
+    Grant {
+        account_id: String,
+        amount: i64,
+        idempotency_key: String,
+        reason: String,
+        reply: Reply<()>,
+    },
+    Reserve {
+        request_id: String,
+        account_id: String,
+        key_id: String,
+        amount: i64,
+        key_limit: Option<i64>,
+        reply: Reply<(i64, i64)>,
+    },
+    Settle {
+        settlement: OwnedSettlement,
+        reply: Reply<i64>,
+    },
+    Release {
+        request_id: String,
+        reply: Reply<()>,
+    },
+    Expire {
+        reply: Reply<u64>,
+    },
+}
+
+/// An answer computed while applying a batch, sent once it committed.
+type Answer = Box<dyn FnOnce(Option<&str>) + Send>;
+
+fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, BillingError>) -> Answer {
+    Box::new(move |failed: Option<&str>| {
+        let result = match failed {
+            Some(reason) => Err(BillingError::WriteFailed(reason.to_owned())),
+            None => result,
+        };
+        // The caller may have gone (its request was cancelled); the change
+        // stands either way.
+        let _ = reply.send(result);
+    })
+}
+
+struct GrantRow {
+    idempotency_key: String,
+    account_id: String,
+    amount: i64,
+    reason: String,
+}
+
+struct UsageRow {
+    settlement: OwnedSettlement,
+    account_id: String,
+    key_id: String,
+}
+
+pub struct Writer {
+    pool: Pool,
+    book: Book,
+    hold_ttl_ms: i64,
+    outbox_enabled: bool,
+    outbox_ready: Arc<Notify>,
+}
+
+impl Writer {
+    pub fn new(pool: Pool, hold_ttl_ms: i64, outbox_enabled: bool, outbox_ready: Arc<Notify>) -> Writer {
+        Writer { pool, book: Book::default(), hold_ttl_ms, outbox_enabled, outbox_ready }
+    }
+
+    /// Every open hold, so expiry finds them all.
+    pub async fn load_open_holds(&mut self) -> Result<(), BillingError> {
+        self.book = Book::default();
+        const SQL: &str = "SELECT request_id, account_id, key_id, amount_nanos, created_at, expires_at FROM holds WHERE state = 'held'";
+        let holds: Vec<(String, Hold)> = on_pool!(&self.pool, pool => {
+            let rows = sqlx::query(SQL).fetch_all(pool).await?;
+            rows.iter()
+                .map(|row| {
+                    Ok::<_, BillingError>((row.try_get(0)?, Hold {
+                        account_id: row.try_get(1)?,
+                        key_id: row.try_get(2)?,
+                        amount: row.try_get(3)?,
+                        state: HoldState::Held,
+                        created_at: row.try_get(4)?,
+                        expires_at: row.try_get(5)?,
+                    }))
+                })
+                .collect::<Result<_, _>>()?
+        });
+        self.book.holds.extend(holds);
+        Ok(())
+    }
+
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        while let Some(first) = commands.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match commands.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.process(batch).await;
+        }
+    }
+
+    async fn process(&mut self, batch: Vec<Command>) {
+        let existing_grants = match self.prefetch(&batch).await {
+            Ok(existing) => existing,
+            Err(err) => {
+                let reason = err.to_string();
+                for answer in batch.into_iter().map(|command| refuse(command)) {
+                    answer(Some(&reason));
+                }
+                return;
+            }
+        };
+        let now = now_unix_ms();
+        let mut changes = Changes::default();
+        let (mut grants, mut usage, mut answers) = (Vec::new(), Vec::new(), Vec::with_capacity(batch.len()));
+        let mut granted_keys: HashSet<String> = HashSet::new();
+        // Closed holds are forgotten on the expiry sweep's schedule, not on
+        // every batch.
+        let expired_this_batch = batch.iter().any(|command| matches!(command, Command::Expire { .. }));
+        for command in batch {
+            answers.push(match command {
+                Command::Grant { account_id, amount, idempotency_key, reason, reply } => {
+                    if !existing_grants.contains(&idempotency_key) && granted_keys.insert(idempotency_key.clone()) {
+                        self.book.grant(&mut changes, &account_id, amount, &idempotency_key);
+                        grants.push(GrantRow { idempotency_key, account_id, amount, reason });
+                    }
+                    answer(reply, Ok(()))
+                }
+                Command::Reserve { request_id, account_id, key_id, amount, key_limit, reply } => {
+                    let result = match self.book.holds.get(&request_id) {
+                        // A repeat returns the first hold.
+                        Some(hold) => Ok((hold.amount, self.book.account(&hold.account_id).available())),
+                        None => self
+                            .book
+                            .reserve(
+                                &mut changes,
+                                &request_id,
+                                &account_id,
+                                &key_id,
+                                amount,
+                                key_limit,
+                                now,
+                                now.saturating_add(self.hold_ttl_ms),
+                            )
+                            .map(|available| (amount, available)),
+                    };
+                    answer(reply, result)
+                }
+                Command::Settle { settlement, reply } => {
+                    let result = match self.book.settle(&mut changes, &settlement.request_id, settlement.cost_nanos) {
+                        None => Err(BillingError::UnknownHold(settlement.request_id.clone())),
+                        Some((charged, first_time)) => {
+                            if first_time && let Some(hold) = self.book.holds.get(&settlement.request_id) {
+                                let (account_id, key_id) = (hold.account_id.clone(), hold.key_id.clone());
+                                usage.push(UsageRow { settlement, account_id, key_id });
+                            }
+                            Ok(charged)
+                        }
+                    };
+                    answer(reply, result)
+                }
+                Command::Release { request_id, reply } => {
+                    self.book.unhold(&mut changes, &request_id, HoldState::Released);
+                    answer(reply, Ok(()))
+                }
+                Command::Expire { reply } => {
+                    let lapsed = self.book.lapsed(now);
+                    for request_id in &lapsed {
+                        self.book.unhold(&mut changes, request_id, HoldState::Expired);
+                    }
+                    answer(reply, Ok(lapsed.len() as u64))
+                }
+            });
+        }
+        let failed = match self.write(&changes, &grants, &usage, now).await {
+            Ok(()) => None,
+            Err(err) => {
+                tracing::error!(error = %err, "ledger batch not written; reloading state from the database");
+                // The in-memory book ran ahead of the database: start again
+                // from what the database holds.
+                if let Err(err) = self.load_open_holds().await {
+                    tracing::error!(error = %err, "reloading open holds failed");
+                }
+                Some(err.to_string())
+            }
+        };
+        for answer in answers {
+            answer(failed.as_deref());
+        }
+        if failed.is_none() {
+            if self.outbox_enabled && !usage.is_empty() {
+                self.outbox_ready.notify_one();
+            }
+            if expired_this_batch {
+                self.book.forget_closed(now.saturating_sub(self.hold_ttl_ms));
+            }
+        }
+    }
+
+    /// Loads what the batch touches and memory lacks; returns which grant
+    /// keys were already used.
+    async fn prefetch(&mut self, batch: &[Command]) -> Result<HashSet<String>, BillingError> {
+        let mut hold_ids = Vec::new();
+        let mut grant_keys = Vec::new();
+        let mut limit_keys = Vec::new();
+        for command in batch {
+            match command {
+                Command::Reserve { request_id, key_id, key_limit, .. } => {
+                    hold_ids.push(request_id.clone());
+                    if key_limit.is_some() && !self.book.key_spend.contains_key(key_id) {
+                        limit_keys.push(key_id.clone());
+                    }
+                }
+                Command::Settle { settlement, .. } => hold_ids.push(settlement.request_id.clone()),
+                Command::Release { request_id, .. } => hold_ids.push(request_id.clone()),
+                Command::Grant { idempotency_key, .. } => grant_keys.push(idempotency_key.clone()),
+                Command::Expire { .. } => {}
+            }
+        }
+        hold_ids.retain(|id| !self.book.holds.contains_key(id));
+        if !hold_ids.is_empty() {
+            self.load_holds(&hold_ids).await?;
+        }
+        let mut accounts: Vec<String> = batch
+            .iter()
+            .filter_map(|command| match command {
+                Command::Grant { account_id, .. } | Command::Reserve { account_id, .. } => Some(account_id.clone()),
+                _ => None,
+            })
+            .chain(self.book.holds.values().filter(|h| h.state == HoldState::Held).map(|h| h.account_id.clone()))
+            .filter(|account| !self.book.accounts.contains_key(account))
+            .collect();
+        accounts.sort_unstable();
+        accounts.dedup();
+        if !accounts.is_empty() {
+            self.load_accounts(&accounts).await?;
+        }
+        limit_keys.sort_unstable();
+        limit_keys.dedup();
+        for key_id in limit_keys {
+            let spent = self.key_spend_of(&key_id).await?;
+            self.book.key_spend.insert(key_id, spent);
+        }
+        if grant_keys.is_empty() {
+            return Ok(HashSet::new());
+        }
+        on_pool!(&self.pool, pool => {
+            let mut query = sqlx::QueryBuilder::new("SELECT idempotency_key FROM grants WHERE idempotency_key IN (");
+            let mut list = query.separated(", ");
+            for key in &grant_keys {
+                list.push_bind(key.clone());
+            }
+            query.push(")");
+            let rows = query.build().fetch_all(pool).await?;
+            rows.iter().map(|row| Ok(row.try_get::<String, _>(0)?)).collect()
+        })
+    }
+
+    async fn load_holds(&mut self, ids: &[String]) -> Result<(), BillingError> {
+        let holds: Vec<(String, Hold)> = on_pool!(&self.pool, pool => {
+            let mut query = sqlx::QueryBuilder::new(
+                "SELECT h.request_id, h.account_id, h.key_id, h.amount_nanos, h.state, h.created_at, h.expires_at, \
+                 u.cost_nanos FROM holds h LEFT JOIN usage_records u ON u.request_id = h.request_id \
+                 WHERE h.request_id IN (",
+            );
+            let mut list = query.separated(", ");
+            for id in ids {
+                list.push_bind(id.clone());
+            }
+            query.push(")");
+            let rows = query.build().fetch_all(pool).await?;
+            rows.iter()
+                .map(|row| {
+                    let state: String = row.try_get(4)?;
+                    let cost: Option<i64> = row.try_get(7)?;
+                    let state = match (state.as_str(), cost) {
+                        ("settled", Some(cost)) => HoldState::Settled { cost },
+                        ("held", _) => HoldState::Held,
+                        ("released", _) => HoldState::Released,
+                        _ => HoldState::Expired,
+                    };
+                    Ok::<_, BillingError>((row.try_get(0)?, Hold {
+                        account_id: row.try_get(1)?,
+                        key_id: row.try_get(2)?,
+                        amount: row.try_get(3)?,
+                        state,
+                        created_at: row.try_get(5)?,
+                        expires_at: row.try_get(6)?,
+                    }))
+                })
+                .collect::<Result<_, _>>()?
+        });
+        let mut accounts: Vec<String> = holds
+            .iter()
+            .map(|(_, hold)| hold.account_id.clone())
+            .filter(|account| !self.book.accounts.contains_key(account))
+            .collect();
+        self.book.holds.extend(holds);
+        accounts.sort_unstable();
+        accounts.dedup();
+        if !accounts.is_empty() {
+            self.load_accounts(&accounts).await?;
+        }
+        Ok(())
+    }
+
+    async fn load_accounts(&mut self, ids: &[String]) -> Result<(), BillingError> {
+        let found: Vec<(String, AccountBalance)> = on_pool!(&self.pool, pool => {
+            let mut query = sqlx::QueryBuilder::new(
+                "SELECT account_id, granted_nanos, used_nanos, held_nanos FROM credit_accounts WHERE account_id IN (",
+            );
+            let mut list = query.separated(", ");
+            for id in ids {
+                list.push_bind(id.clone());
+            }
+            query.push(")");
+            let rows = query.build().fetch_all(pool).await?;
+            rows.iter()
+                .map(|row| {
+                    Ok::<_, BillingError>((row.try_get(0)?, AccountBalance {
+                        granted: row.try_get(1)?,
+                        used: row.try_get(2)?,
+                        held: row.try_get(3)?,
+                    }))
+                })
+                .collect::<Result<_, _>>()?
+        });
+        for id in ids {
+            self.book.accounts.entry(id.clone()).or_default();
+        }
+        self.book.accounts.extend(found);
+        Ok(())
+    }
+
+    async fn key_spend_of(&self, key_id: &str) -> Result<i64, BillingError> {
+        const SQL: &str = "SELECT CAST((SELECT COALESCE(SUM(cost_nanos), 0) FROM usage_records WHERE key_id = $1) + \
+             (SELECT COALESCE(SUM(amount_nanos), 0) FROM holds WHERE key_id = $1 AND state = 'held') AS BIGINT)";
+        Ok(on_pool!(&self.pool, pool => sqlx::query(SQL).bind(key_id).fetch_one(pool).await?.try_get(0)?))
+    }
+
+    /// Writes one batch's changes in one transaction.
+    async fn write(
+        &self,
+        changes: &Changes,
+        grants: &[GrantRow],
+        usage: &[UsageRow],
+        now: i64,
+    ) -> Result<(), BillingError> {
+        if changes.entries.is_empty() && changes.changed_holds.is_empty() && changes.new_holds.is_empty() {
+            return Ok(());
+        }
+        let book = &self.book;
+        let outbox_enabled = self.outbox_enabled;
+        on_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await?;
+            if !grants.is_empty() {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO grants (idempotency_key, account_id, amount_nanos, reason, created_at) ",
+                );
+                query.push_values(grants, |mut row, grant| {
+                    row.push_bind(grant.idempotency_key.clone())
+                        .push_bind(grant.account_id.clone())
+                        .push_bind(grant.amount)
+                        .push_bind(grant.reason.clone())
+                        .push_bind(now);
+                });
+                query.build().execute(&mut *tx).await?;
+            }
+            if !changes.new_holds.is_empty() {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO holds (request_id, account_id, key_id, amount_nanos, state, created_at, expires_at) ",
+                );
+                query.push_values(changes.new_holds.iter().filter_map(|id| Some((id, book.holds.get(id)?))), |mut row, (id, hold)| {
+                    row.push_bind(id.clone())
+                        .push_bind(hold.account_id.clone())
+                        .push_bind(hold.key_id.clone())
+                        .push_bind(hold.amount)
+                        .push_bind(hold.state.as_str())
+                        .push_bind(hold.created_at)
+                        .push_bind(hold.expires_at);
+                });
+                query.build().execute(&mut *tx).await?;
+            }
+            for state in ["settled", "released", "expired"] {
+                let ids: Vec<&String> = changes
+                    .changed_holds
+                    .iter()
+                    .filter(|id| book.holds.get(*id).is_some_and(|hold| hold.state.as_str() == state))
+                    .collect();
+                if ids.is_empty() {
+                    continue;
+                }
+                let mut query = sqlx::QueryBuilder::new("UPDATE holds SET state = ");
+                query.push_bind(state).push(" WHERE request_id IN (");
+                let mut list = query.separated(", ");
+                for id in ids {
+                    list.push_bind(id.clone());
+                }
+                query.push(")");
+                query.build().execute(&mut *tx).await?;
+            }
+            if !usage.is_empty() {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, prompt_tokens, \
+                     completion_tokens, cost_nanos, latency_ms, created_at) ",
+                );
+                query.push_values(usage, |mut row, record| {
+                    let s = &record.settlement;
+                    row.push_bind(s.request_id.clone())
+                        .push_bind(record.account_id.clone())
+                        .push_bind(record.key_id.clone())
+                        .push_bind(s.model.clone())
+                        .push_bind(s.provider.clone())
+                        .push_bind(i64::from(s.prompt_tokens))
+                        .push_bind(i64::from(s.completion_tokens))
+                        .push_bind(s.cost_nanos)
+                        .push_bind(i64::from(s.latency_ms))
+                        .push_bind(now);
+                });
+                query.build().execute(&mut *tx).await?;
+                if outbox_enabled {
+                    let mut query =
+                        sqlx::QueryBuilder::new("INSERT INTO outbox (subject, dedupe_id, payload, created_at) ");
+                    query.push_values(usage, |mut row, record| {
+                        row.push_bind(USAGE_SUBJECT)
+                            .push_bind(record.settlement.request_id.clone())
+                            .push_bind(usage_event(record, now).encode_to_vec())
+                            .push_bind(now);
+                    });
+                    query.build().execute(&mut *tx).await?;
+                }
+            }
+            let journal = compound_entries(&changes.entries, now);
+            if !journal.is_empty() {
+                let mut query =
+                    sqlx::QueryBuilder::new("INSERT INTO entries (movement, book, amount_nanos, created_at) ");
+                query.push_values(journal, |mut row, (movement, book, amount)| {
+                    row.push_bind(movement).push_bind(book).push_bind(amount).push_bind(now);
+                });
+                query.build().execute(&mut *tx).await?;
+            }
+            if !changes.accounts.is_empty() {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO credit_accounts (account_id, granted_nanos, used_nanos, held_nanos) ",
+                );
+                query.push_values(&changes.accounts, |mut row, account_id| {
+                    let balance = book.account(account_id);
+                    row.push_bind(account_id.clone())
+                        .push_bind(balance.granted)
+                        .push_bind(balance.used)
+                        .push_bind(balance.held);
+                });
+                query.push(
+                    " ON CONFLICT (account_id) DO UPDATE SET granted_nanos = excluded.granted_nanos, \
+                     used_nanos = excluded.used_nanos, held_nanos = excluded.held_nanos",
+                );
+                query.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+}
+
+/// The batch's movements as one compound journal entry: each book's net
+/// change. It balances because each movement in it does; the requests
+/// themselves are recorded in `holds` and `usage_records`. A grant keeps
+/// entries of its own, so its source is visible in the journal.
+fn compound_entries(entries: &[Entry], now: i64) -> Vec<(String, String, i64)> {
+    let mut journal: Vec<(String, String, i64)> = Vec::new();
+    let mut net: Vec<(String, i64)> = Vec::new();
+    for entry in entries {
+        if entry.movement.starts_with("grant:") {
+            journal.push((entry.movement.clone(), entry.book.clone(), entry.amount));
+            continue;
+        }
+        match net.iter_mut().find(|(book, _)| *book == entry.book) {
+            Some((_, amount)) => *amount += entry.amount,
+            None => net.push((entry.book.clone(), entry.amount)),
+        }
+    }
+    static BATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let movement = format!("batch:{now}:{}", BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    journal.extend(
+        net.into_iter().filter(|(_, amount)| *amount != 0).map(|(book, amount)| (movement.clone(), book, amount)),
+    );
+    journal
+}
+
+fn usage_event(record: &UsageRow, now: i64) -> UsageEvent {
+    let s = &record.settlement;
+    UsageEvent {
+        request_id: s.request_id.clone(),
+        account_id: record.account_id.clone(),
+        key_id: record.key_id.clone(),
+        model: s.model.clone(),
+        provider: s.provider.clone(),
+        usage: Some(infermesh_proto::v1::Usage {
+            prompt_tokens: s.prompt_tokens,
+            completion_tokens: s.completion_tokens,
+        }),
+        cost_nanos: s.cost_nanos,
+        settled_at_unix_ms: now,
+        latency_ms: s.latency_ms,
+    }
+}
+
+/// The answer to a command the batch could not even start on.
+fn refuse(command: Command) -> Answer {
+    fn unstarted<T>() -> Result<T, BillingError> {
+        Err(BillingError::WriteFailed("the ledger could not read its state".into()))
+    }
+    match command {
+        Command::Grant { reply, .. } => answer(reply, unstarted()),
+        Command::Reserve { reply, .. } => answer(reply, unstarted()),
+        Command::Settle { reply, .. } => answer(reply, unstarted()),
+        Command::Release { reply, .. } => answer(reply, unstarted()),
+        Command::Expire { reply } => answer(reply, unstarted()),
+    }
+}
