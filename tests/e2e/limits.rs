@@ -33,6 +33,14 @@ async fn set_limits(base: &str, key_id: &str, rate_limit: Value) {
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
 }
 
+/// `POST /v1/keys` with `body`: the new key (shown once) and its id.
+async fn create_key(base: &str, key: &str, body: Value) -> (String, String) {
+    let created: Value =
+        http().post(format!("{base}/v1/keys")).bearer_auth(key).json(&body).send().await.unwrap().json().await.unwrap();
+    let new_key = created["key"].as_str().expect("the new key, shown once").to_owned();
+    (new_key, created["data"]["id"].as_str().expect("its id").to_owned())
+}
+
 fn embed(base: &str, key: &str) -> reqwest::RequestBuilder {
     http()
         .post(format!("{base}/v1/embeddings"))
@@ -55,18 +63,7 @@ async fn every_missing_or_bad_key_gets_a_401_that_says_why() {
     // with each header spelling, revoked.
     let listed = http().get(format!("{base}/v1/keys")).bearer_auth(&key).send().await.unwrap().text().await.unwrap();
     assert!(!listed.contains(&key), "a listing never shows a whole key");
-    let created: Value = http()
-        .post(format!("{base}/v1/keys"))
-        .bearer_auth(&key)
-        .body(r#"{"name":"ci","limit":1.5}"#)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let second = created["key"].as_str().expect("the new key, shown once").to_owned();
-    let second_id = created["data"]["id"].as_str().expect("its id").to_owned();
+    let (second, second_id) = create_key(&base, &key, serde_json::json!({"name": "ci", "limit": 1.5})).await;
     let models = |header: &'static str, value: String| http().get(format!("{base}/v1/models")).header(header, value);
     assert_eq!(models("authorization", format!("Bearer {second}")).send().await.unwrap().status(), 200);
     assert_eq!(models("X-API-Key", second.clone()).send().await.unwrap().status(), 200);
@@ -75,31 +72,10 @@ async fn every_missing_or_bad_key_gets_a_401_that_says_why() {
     let revoked = http().delete(format!("{base}/v1/keys/{second_id}")).bearer_auth(&key).send().await.unwrap();
     assert!(revoked.status().is_success(), "{}", revoked.status());
 
-    let expiring: Value = http()
-        .post(format!("{base}/v1/keys"))
-        .bearer_auth(&key)
-        .json(&serde_json::json!({"name": "short", "expires_at": time_in(2)}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let expiring = expiring["key"].as_str().unwrap().to_owned();
+    let (expiring, _) = create_key(&base, &key, serde_json::json!({"name": "short", "expires_at": time_in(2)})).await;
     assert_eq!(models("x-api-key", expiring.clone()).send().await.unwrap().status(), 200, "valid until it expires");
 
-    let disabled: Value = http()
-        .post(format!("{base}/v1/keys"))
-        .bearer_auth(&key)
-        .body(r#"{"name":"to-disable"}"#)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (disabled, disabled_id) =
-        (disabled["key"].as_str().unwrap().to_owned(), disabled["data"]["id"].as_str().unwrap().to_owned());
+    let (disabled, disabled_id) = create_key(&base, &key, serde_json::json!({"name": "to-disable"})).await;
     let response = http()
         .patch(format!("{base}/admin/v1/keys/{disabled_id}"))
         .bearer_auth(ADMIN)

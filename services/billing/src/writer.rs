@@ -289,12 +289,7 @@ impl Writer {
             return Ok(HashSet::new());
         }
         on_pool!(&self.pool, pool => {
-            let mut query = sqlx::QueryBuilder::new("SELECT idempotency_key FROM grants WHERE idempotency_key IN (");
-            let mut list = query.separated(", ");
-            for key in &grant_keys {
-                list.push_bind(key.clone());
-            }
-            query.push(")");
+            let mut query = in_list("SELECT idempotency_key FROM grants WHERE idempotency_key IN ", &grant_keys);
             let rows = query.build().fetch_all(pool).await?;
             rows.iter().map(|row| Ok(row.try_get::<String, _>(0)?)).collect()
         })
@@ -302,16 +297,12 @@ impl Writer {
 
     async fn load_holds(&mut self, ids: &[String]) -> Result<(), BillingError> {
         let holds: Vec<(String, Hold)> = on_pool!(&self.pool, pool => {
-            let mut query = sqlx::QueryBuilder::new(
+            let mut query = in_list(
                 "SELECT h.request_id, h.account_id, h.key_id, h.amount_nanos, h.state, h.created_at, h.expires_at, \
                  u.cost_nanos FROM holds h LEFT JOIN usage_records u ON u.request_id = h.request_id \
-                 WHERE h.request_id IN (",
+                 WHERE h.request_id IN ",
+                ids,
             );
-            let mut list = query.separated(", ");
-            for id in ids {
-                list.push_bind(id.clone());
-            }
-            query.push(")");
             let rows = query.build().fetch_all(pool).await?;
             rows.iter()
                 .map(|row| {
@@ -350,14 +341,10 @@ impl Writer {
 
     async fn load_accounts(&mut self, ids: &[String]) -> Result<(), BillingError> {
         let found: Vec<(String, AccountBalance)> = on_pool!(&self.pool, pool => {
-            let mut query = sqlx::QueryBuilder::new(
-                "SELECT account_id, granted_nanos, used_nanos, held_nanos FROM credit_accounts WHERE account_id IN (",
+            let mut query = in_list(
+                "SELECT account_id, granted_nanos, used_nanos, held_nanos FROM credit_accounts WHERE account_id IN ",
+                ids,
             );
-            let mut list = query.separated(", ");
-            for id in ids {
-                list.push_bind(id.clone());
-            }
-            query.push(")");
             let rows = query.build().fetch_all(pool).await?;
             rows.iter()
                 .map(|row| {
@@ -426,21 +413,17 @@ impl Writer {
                 query.build().execute(&mut *tx).await?;
             }
             for state in ["settled", "released", "expired"] {
-                let ids: Vec<&String> = changes
+                let ids: Vec<String> = changes
                     .changed_holds
                     .iter()
                     .filter(|id| book.holds.get(*id).is_some_and(|hold| hold.state.as_str() == state))
+                    .cloned()
                     .collect();
                 if ids.is_empty() {
                     continue;
                 }
-                let mut query = sqlx::QueryBuilder::new("UPDATE holds SET state = ");
-                query.push_bind(state).push(" WHERE request_id IN (");
-                let mut list = query.separated(", ");
-                for id in ids {
-                    list.push_bind(id.clone());
-                }
-                query.push(")");
+                // `state` is one of three constants, never input.
+                let mut query = in_list(&format!("UPDATE holds SET state = '{state}' WHERE request_id IN "), &ids);
                 query.build().execute(&mut *tx).await?;
             }
             if !usage.is_empty() {
@@ -529,6 +512,23 @@ fn compound_entries(entries: &[Entry], now: i64) -> Vec<(String, String, i64)> {
         net.into_iter().filter(|(_, amount)| *amount != 0).map(|(book, amount)| (movement.clone(), book, amount)),
     );
     journal
+}
+
+/// `sql` followed by a parenthesised list binding each of `values` (an
+/// `IN` list), for either backend.
+fn in_list<DB: sqlx::Database>(sql: &str, values: &[String]) -> sqlx::QueryBuilder<DB>
+where
+    for<'t> String: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    <DB as sqlx::Database>::Arguments: Default,
+{
+    let mut query = sqlx::QueryBuilder::new(sql);
+    query.push("(");
+    let mut list = query.separated(", ");
+    for value in values {
+        list.push_bind(value.clone());
+    }
+    query.push(")");
+    query
 }
 
 fn usage_event(record: &UsageRow, now: i64) -> UsageEvent {
