@@ -70,7 +70,11 @@ impl Pool {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(options.sqlite_synchronous)
-                .busy_timeout(Duration::from_secs(5));
+                .busy_timeout(Duration::from_secs(5))
+                // Pages through the OS page cache rather than a read() per
+                // page once a table outgrows SQLite's own small cache.
+                .pragma("mmap_size", "268435456")
+                .pragma("cache_size", "-16384");
             let pool = SqlitePoolOptions::new().max_connections(options.max_connections).connect_with(connect).await?;
             migrations.sqlite.run(&pool).await?;
             Ok(Pool::Sqlite(pool))

@@ -15,7 +15,7 @@
 //! has on hold; `credit_accounts` caches both (with granted and used), and
 //! [`crate::Ledger::check_books`] proves the cache equals the entries.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::BillingError;
 
@@ -97,12 +97,27 @@ pub struct Changes {
     pub new_holds: Vec<String>,
     pub changed_holds: Vec<String>,
     pub entries: Vec<Entry>,
+    touched_accounts: HashSet<String>,
+    created_holds: HashSet<String>,
 }
 
 impl Changes {
     fn touch_account(&mut self, account_id: &str) {
-        if !self.accounts.iter().any(|a| a == account_id) {
+        if self.touched_accounts.insert(account_id.to_owned()) {
             self.accounts.push(account_id.to_owned());
+        }
+    }
+
+    fn create_hold(&mut self, request_id: &str) {
+        self.created_holds.insert(request_id.to_owned());
+        self.new_holds.push(request_id.to_owned());
+    }
+
+    /// A hold created earlier is updated; one created in this batch is
+    /// simply inserted in its final state.
+    fn change_hold(&mut self, request_id: &str) {
+        if !self.created_holds.contains(request_id) {
+            self.changed_holds.push(request_id.to_owned());
         }
     }
 
@@ -168,7 +183,7 @@ impl Book {
             },
         );
         changes.touch_account(account_id);
-        changes.new_holds.push(request_id.to_owned());
+        changes.create_hold(request_id);
         changes.movement(request_id, &[(customer(account_id), -amount), (holds(account_id), amount)]);
         Ok(available - amount)
     }
@@ -191,9 +206,7 @@ impl Book {
             *spent += cost - still_held;
         }
         changes.touch_account(&account_id);
-        if !changes.new_holds.iter().any(|id| id == request_id) {
-            changes.changed_holds.push(request_id.to_owned());
-        }
+        changes.change_hold(request_id);
         changes.movement(
             request_id,
             &[(holds(&account_id), -still_held), (REVENUE.into(), cost), (customer(&account_id), still_held - cost)],
@@ -215,9 +228,7 @@ impl Book {
             *spent -= amount;
         }
         changes.touch_account(&account_id);
-        if !changes.new_holds.iter().any(|id| id == request_id) {
-            changes.changed_holds.push(request_id.to_owned());
-        }
+        changes.change_hold(request_id);
         changes.movement(request_id, &[(holds(&account_id), -amount), (customer(&account_id), amount)]);
         true
     }

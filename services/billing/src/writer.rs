@@ -22,8 +22,8 @@ use crate::error::BillingError;
 use crate::ledger::USAGE_SUBJECT;
 
 /// Commands taken into one transaction at most (bounded by the bind
-/// parameters a statement may carry: 10 per usage row).
-const MAX_BATCH: usize = 512;
+/// parameters a statement may carry, 32,766 in SQLite: 10 per usage row).
+const MAX_BATCH: usize = 2048;
 
 type Reply<T> = oneshot::Sender<Result<T, BillingError>>;
 
@@ -495,16 +495,19 @@ impl Writer {
 /// entries of its own, so its source is visible in the journal.
 fn compound_entries(entries: &[Entry], now: i64) -> Vec<(String, String, i64)> {
     let mut journal: Vec<(String, String, i64)> = Vec::new();
+    // Books in first-touched order, so the journal reads in batch order.
     let mut net: Vec<(String, i64)> = Vec::new();
+    let mut position: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for entry in entries {
         if entry.movement.starts_with("grant:") {
             journal.push((entry.movement.clone(), entry.book.clone(), entry.amount));
             continue;
         }
-        match net.iter_mut().find(|(book, _)| *book == entry.book) {
-            Some((_, amount)) => *amount += entry.amount,
-            None => net.push((entry.book.clone(), entry.amount)),
-        }
+        let at = *position.entry(&entry.book).or_insert_with(|| {
+            net.push((entry.book.clone(), 0));
+            net.len() - 1
+        });
+        net[at].1 += entry.amount;
     }
     static BATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let movement = format!("batch:{now}:{}", BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
