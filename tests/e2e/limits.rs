@@ -1,7 +1,8 @@
 //! End-to-end: keys and rate limits over HTTP against the real binary.
 //! Every 401 variant, the key lifecycle, `GET /v1/auth/key`, exact limits
 //! across two gateways and two ratelimit replicas (separate processes),
-//! a truthful `Retry-After`, and tokens per minute counted from actual use.
+//! a truthful `Retry-After`, tokens per minute counted from actual use, and
+//! the operator's key CLI and credit top-ups.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a failed step should fail the test loudly")]
 
@@ -296,4 +297,55 @@ async fn the_keys_cli_changes_the_keys_of_a_running_mesh() {
     assert!(missing.contains("NotFound"), "{missing}");
     let bad = keys_cli(&up, &["update", &key_id, "--limit=-3"]).await.unwrap_err();
     assert!(bad.contains("--limit"), "{bad}");
+}
+
+/// `POST /admin/v1/accounts/{id}/credits`: a top-up adds credit once per
+/// idempotency key (body field or `Idempotency-Key` header), and the
+/// account's own `GET /v1/credits` sees it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_tops_up_an_account_once_per_idempotency_key() {
+    let data = tempfile::tempdir().unwrap();
+    let (_up, base) = start_up(data.path(), &["--admin-token", ADMIN, "--signup-credit", "1"]).await;
+    let signed: Value = http()
+        .post(format!("{base}/v1/auth/signup"))
+        .body(r#"{"email":"topup@example.com"}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (key, account) =
+        (signed["key"].as_str().unwrap().to_owned(), signed["account_id"].as_str().unwrap().to_owned());
+    let top_up = |body: Value, token: &'static str| {
+        http().post(format!("{base}/admin/v1/accounts/{account}/credits")).bearer_auth(token).json(&body)
+    };
+    let credits = || async {
+        let body: Value =
+            http().get(format!("{base}/v1/credits")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+        body["data"]["total_credits"].as_f64().unwrap()
+    };
+    assert_eq!(credits().await, 1.0);
+
+    for _ in 0..2 {
+        let response =
+            top_up(serde_json::json!({"amount": 5, "idempotency_key": "invoice-1"}), ADMIN).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["data"]["total_credits"], 6.0, "a repeat adds nothing: {body}");
+    }
+    let by_header =
+        top_up(serde_json::json!({"amount": 2.5}), ADMIN).header("Idempotency-Key", "invoice-2").send().await.unwrap();
+    assert_eq!(by_header.status(), 200);
+    assert_eq!(credits().await, 8.5);
+
+    let (status, body) =
+        error_of(top_up(serde_json::json!({"amount": -1, "idempotency_key": "x"}), ADMIN).send().await.unwrap()).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("amount")), "{body}");
+    let (status, body) = error_of(top_up(serde_json::json!({"amount": 1}), ADMIN).send().await.unwrap()).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (400, Some("idempotency_key")), "{body}");
+    let (status, _) =
+        error_of(top_up(serde_json::json!({"amount": 1, "idempotency_key": "y"}), "nope").send().await.unwrap()).await;
+    assert_eq!(status, 401);
+    assert_eq!(credits().await, 8.5, "refused top-ups add nothing");
 }

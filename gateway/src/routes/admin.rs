@@ -4,9 +4,9 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use infermesh_proto::v1::{KeyInfo, KeyUsage, UpdateKeyRequest};
+use infermesh_proto::v1::{GrantRequest, KeyInfo, KeyUsage, UpdateKeyRequest};
 use infermesh_service::ErrorKind;
-use infermesh_service::money::dollars_to_nanos;
+use infermesh_service::money::{dollars_to_nanos, nanos_to_dollars};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -97,6 +97,52 @@ pub async fn update_key(
     let usage = key_usage(&state, &key_id).await?;
     let data = key_with_limits_json(&info, &usage);
     Ok(Json(json!({ "data": data })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopUp {
+    /// Dollars.
+    amount: f64,
+    /// The caller's key for this top-up: repeating a request with the same
+    /// key adds nothing (also accepted as the `Idempotency-Key` header).
+    idempotency_key: Option<String>,
+    reason: Option<String>,
+}
+
+/// `POST /admin/v1/accounts/{id}/credits {amount, idempotency_key, reason?}`:
+/// adds prepaid credit once per idempotency key; answers the balance.
+pub async fn top_up(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(account_id): Path<String>,
+    RawBody(body): RawBody,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&state, &headers)?;
+    let TopUp { amount, idempotency_key, reason } = parse_json(&body)?;
+    let amount_nanos = dollars_to_nanos(amount)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| ApiError::invalid("amount", "`amount` must be a positive dollar amount"))?;
+    let header_key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let key = idempotency_key.or(header_key).filter(|k| !k.trim().is_empty() && k.len() <= 200).ok_or_else(|| {
+        ApiError::invalid(
+            "idempotency_key",
+            "give `idempotency_key` (or an Idempotency-Key header) of at most 200 characters, so a retry adds nothing",
+        )
+    })?;
+    let request = GrantRequest {
+        account_id: account_id.clone(),
+        amount_nanos,
+        idempotency_key: format!("topup:{account_id}:{key}"),
+        reason: reason.unwrap_or_else(|| "top-up".to_owned()),
+    };
+    let balance = state.mesh.billing.clone().grant(request).await.map_err(peer_error("billing"))?.into_inner();
+    Ok(Json(json!({"data": {
+        "account_id": account_id,
+        "total_credits": nanos_to_dollars(balance.granted_nanos),
+        "total_usage": nanos_to_dollars(balance.used_nanos),
+        "available": nanos_to_dollars(balance.available_nanos),
+    }})))
 }
 
 /// A key as the operator sees it: its public fields, usage and rate limits.
