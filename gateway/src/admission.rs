@@ -7,15 +7,16 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use infermesh_proto::v1::{
     AcquireRequest, CommitRequest, KeyInfo, LimitState, Model, ReleaseAdmissionRequest, ReleaseRequest, ReserveRequest,
-    SettleRequest, Usage,
+    SettleRequest, SettleResponse, Usage,
 };
 use infermesh_service::money::token_cost_nanos;
 use infermesh_service::{ErrorKind, MeshError};
+use tonic::Code;
 
 use crate::error::ApiError;
 use crate::mesh::{Mesh, peer_error};
@@ -237,30 +238,57 @@ async fn settle_task(
 ) -> Result<Settled, ApiError> {
     let cost = cost_nanos(&model, u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
     let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
-    let mut billing = mesh.billing.clone();
     let commit = mesh.ratelimit.commit(CommitRequest {
         key_id,
         request_id: request_id.clone(),
         actual_tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),
     });
-    let settle = billing.settle(SettleRequest {
-        request_id,
-        cost_nanos: cost,
-        model: model.id.clone(),
-        provider,
-        usage: Some(usage),
-        latency_ms,
-    });
+    let settle = settle_durably(
+        &mesh,
+        SettleRequest {
+            request_id,
+            cost_nanos: cost,
+            model: model.id.clone(),
+            provider,
+            usage: Some(usage),
+            latency_ms,
+        },
+    );
     let (committed, settled) = tokio::join!(commit, settle);
     if let Err(status) = committed {
         tracing::warn!(error = %status.message(), "rate-limit commit failed");
     }
-    let charged = settled.map_err(peer_error("billing"))?.into_inner().charged_nanos;
+    let charged = settled.map_err(peer_error("billing"))?.charged_nanos;
     metrics::counter!("infermesh_tokens_total", "model" => model.id.clone(), "direction" => "prompt")
         .increment(u64::from(usage.prompt_tokens));
     metrics::counter!("infermesh_tokens_total", "model" => model.id, "direction" => "completion")
         .increment(u64::from(usage.completion_tokens));
     Ok(Settled { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens, cost_nanos: charged })
+}
+
+/// How long a settlement keeps retrying while billing is unreachable.
+const SETTLE_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Settles, retrying while billing cannot answer (restarting, a failed
+/// write): Settle is idempotent by request id, so a retry never charges
+/// twice, and the work already done must be charged and reported, not lost.
+async fn settle_durably(mesh: &Mesh, request: SettleRequest) -> Result<SettleResponse, tonic::Status> {
+    let deadline = Instant::now() + SETTLE_RETRY_FOR;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match mesh.billing.clone().settle(request.clone()).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status)
+                if matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled)
+                    && Instant::now() + pause < deadline =>
+            {
+                tracing::warn!(error = %status.message(), request_id = %request.request_id, "settlement failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(status) => return Err(status),
+        }
+    }
 }
 
 impl Drop for Admission {

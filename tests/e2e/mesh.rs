@@ -427,3 +427,107 @@ async fn the_operator_changes_a_key_through_the_admin_routes() {
         error_of(patch(&plain_base, "operator-secret", &key_id, r#"{"disabled":false}"#).await.unwrap()).await;
     assert_eq!((status, kind.as_str()), (403, "permission_denied"));
 }
+
+/// Billing killed (SIGKILL) in the middle of a streamed completion and
+/// started again on the same port and database: the gateway retries the
+/// settlement until billing is back, so the client sees `usage.cost` and
+/// the ledger charged exactly that, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_billing_crash_mid_stream_loses_no_charge() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path();
+    let sqlite = |name: &str| format!("sqlite://{}", dir.join(name).display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let billing_addr = format!("127.0.0.1:{port}");
+    let billing_args = ["billing", "--listen", &billing_addr, "--billing-database-url", &sqlite("billing.db")];
+    let registry = spawn("registry", &["registry", "--listen", "127.0.0.1:0"]).await;
+    let auth = spawn("auth", &["auth", "--listen", "127.0.0.1:0", "--auth-database-url", &sqlite("auth.db")]).await;
+    let mut billing = spawn("billing", &billing_args).await;
+    let ratelimit = spawn("ratelimit", &["ratelimit", "--listen", "127.0.0.1:0"]).await;
+    let _worker = spawn("worker", &["worker", "--listen", "127.0.0.1:0", "--registry-addr", &registry.address]).await;
+    let gateway = spawn(
+        "gateway",
+        &[
+            "gateway",
+            "--http",
+            "127.0.0.1:0",
+            "--auth-addr",
+            &auth.address,
+            "--billing-addr",
+            &billing_addr,
+            "--registry-addr",
+            &registry.address,
+            "--ratelimit-addr",
+            &ratelimit.address,
+        ],
+    )
+    .await;
+    let base = format!("http://{}", gateway.address);
+    wait_ready(&base).await;
+    let key = signup(&base, "crash@example.com").await;
+
+    let response = http()
+        .post(format!("{base}/v1/completions"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({
+            "model": "infermesh/gemma-3-270m",
+            "prompt": "Count slowly:",
+            "max_tokens": 120,
+            "ignore_eos": true,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let (mut text, mut chunks, mut killed, mut restarted) = (String::new(), 0, false, false);
+    loop {
+        // Billing stays down until the stream stalls: generation is over
+        // and the settlement is waiting for it.
+        let next = match tokio::time::timeout(Duration::from_secs(2), body.next()).await {
+            Ok(next) => next,
+            Err(_) if killed && !restarted => {
+                billing = spawn("billing", &billing_args).await;
+                restarted = true;
+                continue;
+            }
+            Err(_) => panic!("the stream stalled with billing up"),
+        };
+        let Some(bytes) = next else { break };
+        text.push_str(&String::from_utf8_lossy(&bytes.unwrap()));
+        chunks += 1;
+        if chunks == 5 && !killed {
+            billing.child.start_kill().unwrap();
+            billing.child.wait().await.unwrap();
+            killed = true;
+        }
+    }
+    assert!(killed && restarted, "the stream ended before billing was killed and restarted");
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    let last = events.last().expect("events");
+    let cost = last["usage"]["cost"].as_f64().unwrap_or_else(|| panic!("no usage.cost in the last event: {last}"));
+    assert_eq!(last["usage"]["completion_tokens"], 120, "{last}");
+    let id = last["id"].as_str().unwrap();
+
+    let generation: Value = http()
+        .get(format!("{base}/v1/generation?id={id}"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(generation["data"]["total_cost"].as_f64(), Some(cost), "{generation}");
+    let credits: Value =
+        http().get(format!("{base}/v1/credits")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+    assert_eq!(credits["data"]["total_usage"].as_f64(), Some(cost), "charged once: {credits}");
+    drop(billing);
+}
