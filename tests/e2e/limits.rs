@@ -59,6 +59,12 @@ async fn every_missing_or_bad_key_gets_a_401_that_says_why() {
     let data = tempfile::tempdir().unwrap();
     let (_up, base) = start_up(data.path(), &["--admin-token", ADMIN]).await;
     let key = signup(&base, "keys@example.com").await;
+    // The same email again (any case) is refused, not a second account.
+    let again =
+        http().post(format!("{base}/v1/auth/signup")).body(r#"{"email":"Keys@Example.com"}"#).send().await.unwrap();
+    let (status, body) = error_of(again).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("already exists"), "{body}");
 
     // The key lifecycle: listed by prefix only, a second key created, used
     // with each header spelling, revoked.
