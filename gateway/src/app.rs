@@ -54,6 +54,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/keys", get(account::list_keys).post(account::create_key))
         .route("/v1/keys/{id}", axum::routing::delete(account::revoke_key))
         .route("/admin/v1/keys/{id}", axum::routing::patch(admin::update_key))
+        .route("/admin/v1/keys/{id}/usage", get(admin::key_daily_usage))
         .route("/admin/v1/accounts/{id}/credits", post(admin::top_up))
         .route("/health", get(health::health))
         .route("/readyz", get(health::readyz))

@@ -126,7 +126,7 @@ fn time_in(seconds: i64) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_key_reports_its_own_usage_and_limits() {
     let data = tempfile::tempdir().unwrap();
-    let (_up, base) = start_up(data.path(), &[]).await;
+    let (_up, base) = start_up(data.path(), &["--admin-token", ADMIN]).await;
     let key = signup(&base, "usage@example.com").await;
     let chat = http()
         .post(format!("{base}/v1/chat/completions"))
@@ -151,6 +151,27 @@ async fn the_key_reports_its_own_usage_and_limits() {
     assert_eq!(data["tokens_used"]["completion"], usage["usage"]["completion_tokens"], "{body}");
     assert!(data["usage"].as_f64().unwrap() > 0.0, "{body}");
     assert!(data["limit"].is_null());
+
+    // The operator's per-day view of the same key.
+    let id = key_id(&base, &key).await;
+    let daily: Value = http()
+        .get(format!("{base}/admin/v1/keys/{id}/usage?days=7"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    assert_eq!(daily["data"].as_array().map(Vec::len), Some(1), "{daily}");
+    let day = &daily["data"][0];
+    assert_eq!((day["date"].as_str(), day["requests"].as_u64()), (Some(today.as_str()), Some(1)), "{daily}");
+    assert_eq!(day["cost"], data["usage"], "{daily}");
+    assert_eq!(day["completion_tokens"], usage["usage"]["completion_tokens"], "{daily}");
+    let refused =
+        http().get(format!("{base}/admin/v1/keys/{id}/usage?days=0")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(refused.status(), 400);
 }
 
 /// Two gateways in front of two ratelimit replicas: each key is counted

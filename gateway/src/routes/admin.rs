@@ -2,9 +2,10 @@
 //! (`--admin-token`): without one configured they answer 403.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use infermesh_proto::v1::{GrantRequest, KeyInfo, KeyUsage, UpdateKeyRequest};
+use infermesh_proto::v1::{GetKeyDailyUsageRequest, GrantRequest, KeyInfo, KeyUsage, UpdateKeyRequest};
 use infermesh_service::ErrorKind;
 use infermesh_service::money::{dollars_to_nanos, nanos_to_dollars};
 use serde::{Deserialize, Deserializer};
@@ -143,6 +144,47 @@ pub async fn top_up(
         "total_usage": nanos_to_dollars(balance.used_nanos),
         "available": nanos_to_dollars(balance.available_nanos),
     }})))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DaysQuery {
+    days: Option<u32>,
+}
+
+/// `GET /admin/v1/keys/{id}/usage?days=N` (default 30, at most 366): what
+/// the key spent each UTC day with any use, oldest first.
+pub async fn key_daily_usage(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(key_id): Path<String>,
+    query: Result<Query<DaysQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&state, &headers)?;
+    let Query(query) = query.map_err(|err| ApiError::invalid("days", format!("invalid query string: {err}")))?;
+    let days = query.days.unwrap_or(30);
+    if !(1..=366).contains(&days) {
+        return Err(ApiError::invalid("days", "`days` must be 1 to 366"));
+    }
+    let request = GetKeyDailyUsageRequest { key_id: key_id.clone(), days };
+    let usage =
+        state.mesh.billing.clone().get_key_daily_usage(request).await.map_err(peer_error("billing"))?.into_inner();
+    let days: Vec<Value> = usage
+        .days
+        .iter()
+        .map(|day| {
+            let date = time::OffsetDateTime::from_unix_timestamp(day.day_start_unix)
+                .map(|t| t.date().to_string())
+                .unwrap_or_default();
+            json!({
+                "date": date,
+                "requests": day.calls,
+                "prompt_tokens": day.prompt_tokens,
+                "completion_tokens": day.completion_tokens,
+                "cost": nanos_to_dollars(day.cost_nanos),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"key_id": key_id, "data": days})))
 }
 
 /// A key as the operator sees it: its public fields, usage and rate limits.

@@ -2,8 +2,9 @@
 
 use infermesh_proto::v1::billing_service_server::BillingService;
 use infermesh_proto::v1::{
-    Balance, GetBalanceRequest, GetGenerationRequest, GetKeyUsageRequest, GrantRequest, KeyUsage, ReleaseRequest,
-    ReleaseResponse, ReserveRequest, ReserveResponse, SettleRequest, SettleResponse, Usage, UsageEvent,
+    Balance, GetBalanceRequest, GetGenerationRequest, GetKeyDailyUsageRequest, GetKeyUsageRequest, GrantRequest,
+    KeyDailyUsage, KeyUsage, ReleaseRequest, ReleaseResponse, ReserveRequest, ReserveResponse, SettleRequest,
+    SettleResponse, Usage, UsageEvent,
 };
 use tonic::{Request, Response, Status};
 
@@ -62,6 +63,18 @@ impl BillingService for BillingGrpc {
         let GetKeyUsageRequest { key_id } = request.into_inner();
         let (cost_nanos, prompt_tokens, completion_tokens, calls) = self.ledger.key_usage(&key_id).await?;
         Ok(Response::new(KeyUsage { key_id, cost_nanos, prompt_tokens, completion_tokens, calls }))
+    }
+
+    async fn get_key_daily_usage(
+        &self,
+        request: Request<GetKeyDailyUsageRequest>,
+    ) -> Result<Response<KeyDailyUsage>, Status> {
+        let GetKeyDailyUsageRequest { key_id, days } = request.into_inner();
+        const DAY_MS: i64 = 86_400_000;
+        let today = infermesh_service::now_unix_ms() / DAY_MS * DAY_MS;
+        let since = today - i64::from(days.clamp(1, 366) - 1) * DAY_MS;
+        let days = self.ledger.key_daily_usage(&key_id, since).await?;
+        Ok(Response::new(KeyDailyUsage { key_id, days }))
     }
 
     async fn get_generation(&self, request: Request<GetGenerationRequest>) -> Result<Response<UsageEvent>, Status> {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use infermesh_proto::v1::{Balance, UsageEvent};
+use infermesh_proto::v1::{Balance, DailyUsage, UsageEvent};
 use infermesh_sql::{Migrations, Options, Pool, SqliteSynchronous, on_pool};
 use sqlx::Row;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -242,6 +242,32 @@ impl Ledger {
         Ok((sums[0], count(sums[1]), count(sums[2]), count(sums[3])))
     }
 
+    /// What `key_id` spent each UTC day since `since_unix_ms`, oldest first.
+    pub async fn key_daily_usage(&self, key_id: &str, since_unix_ms: i64) -> Result<Vec<DailyUsage>, BillingError> {
+        const DAY_MS: i64 = 86_400_000;
+        const SQL: &str = "SELECT CAST(created_at / 86400000 AS BIGINT) AS day, COUNT(*), \
+             CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), \
+             CAST(SUM(cost_nanos) AS BIGINT) FROM usage_records WHERE key_id = $1 AND created_at >= $2 \
+             GROUP BY day ORDER BY day";
+        on_pool!(&self.pool, pool => {
+            let rows = sqlx::query(SQL).bind(key_id).bind(since_unix_ms).fetch_all(pool).await?;
+            rows.iter()
+                .map(|row| {
+                    let count = |i: usize| -> Result<u64, BillingError> {
+                        Ok(u64::try_from(row.try_get::<i64, _>(i)?).unwrap_or(0))
+                    };
+                    Ok(DailyUsage {
+                        day_start_unix: row.try_get::<i64, _>(0)? * DAY_MS / 1000,
+                        calls: count(1)?,
+                        prompt_tokens: count(2)?,
+                        completion_tokens: count(3)?,
+                        cost_nanos: row.try_get(4)?,
+                    })
+                })
+                .collect()
+        })
+    }
+
     pub async fn generation(&self, request_id: &str) -> Result<UsageEvent, BillingError> {
         const SQL: &str = "SELECT account_id, key_id, model, provider, prompt_tokens, completion_tokens, \
              cost_nanos, latency_ms, created_at FROM usage_records WHERE request_id = $1";
@@ -342,6 +368,11 @@ mod tests {
         assert_eq!((balance.used_nanos, balance.held_nanos, balance.available_nanos), (250, 0, 750));
         assert_eq!(ledger.key_usage("k").await.unwrap(), (250, 3, 4, 1));
         assert_eq!(ledger.key_usage("other").await.unwrap(), (0, 0, 0, 0));
+        let days = ledger.key_daily_usage("k", 0).await.unwrap();
+        assert_eq!(days.len(), 1);
+        assert_eq!((days[0].calls, days[0].cost_nanos, days[0].prompt_tokens), (1, 250, 3));
+        assert_eq!(days[0].day_start_unix % 86_400, 0);
+        assert!(ledger.key_daily_usage("k", i64::MAX).await.unwrap().is_empty());
         let record = ledger.generation("r1").await.unwrap();
         assert_eq!((record.cost_nanos, record.account_id.as_str(), record.latency_ms), (250, "a", 5));
         assert!(matches!(ledger.generation("nope").await, Err(BillingError::UnknownGeneration(_))));
