@@ -88,22 +88,38 @@ pub async fn start_up(data_dir: &Path, extra: &[&str]) -> (Proc, String) {
 /// them replaces up's ratelimit); returns it ready, with its base URL.
 pub async fn spawn_gateway(up: &Proc, extra: &[&str]) -> (Proc, String) {
     let address = |name: &str| service_address(up, name);
-    let (auth, billing, registry, ratelimit) =
-        (address("auth"), address("billing"), address("registry"), address("ratelimit"));
+    let ratelimit = address("ratelimit");
+    // `extra` may name other ratelimit replicas.
+    let ratelimit = if extra.contains(&"--ratelimit-addr") { None } else { Some(ratelimit.as_str()) };
+    let peers =
+        Peers { auth: &address("auth"), billing: &address("billing"), registry: &address("registry"), ratelimit };
+    spawn_gateway_to(&peers, extra).await
+}
+
+/// Where a gateway finds the services; `ratelimit: None` leaves it to `extra`.
+pub struct Peers<'a> {
+    pub auth: &'a str,
+    pub billing: &'a str,
+    pub registry: &'a str,
+    pub ratelimit: Option<&'a str>,
+}
+
+/// A gateway process in front of `peers`, plus `extra` flags; returns it
+/// ready, with its base URL.
+pub async fn spawn_gateway_to(peers: &Peers<'_>, extra: &[&str]) -> (Proc, String) {
     let mut args = vec![
         "gateway",
         "--http",
         "127.0.0.1:0",
         "--auth-addr",
-        &auth,
+        peers.auth,
         "--billing-addr",
-        &billing,
+        peers.billing,
         "--registry-addr",
-        &registry,
+        peers.registry,
     ];
-    // `extra` may name other ratelimit replicas.
-    if !extra.contains(&"--ratelimit-addr") {
-        args.extend(["--ratelimit-addr", &ratelimit]);
+    if let Some(ratelimit) = peers.ratelimit {
+        args.extend(["--ratelimit-addr", ratelimit]);
     }
     args.extend_from_slice(extra);
     let gateway = spawn("gateway", &args).await;

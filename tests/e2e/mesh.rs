@@ -10,7 +10,7 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use harness::{http, run_openai_client, signup, spawn, spawn_gateway, spawn_nats, start_up, wait_ready};
+use harness::{Peers, http, run_openai_client, signup, spawn, spawn_gateway, spawn_gateway_to, spawn_nats, start_up};
 use infermesh_proto::v1::UsageEvent;
 use prost::Message;
 use serde_json::Value;
@@ -80,25 +80,13 @@ async fn separate_processes_publish_a_usage_event_per_request_on_nats() {
     .await;
     let ratelimit = spawn("ratelimit", &["ratelimit", "--listen", "127.0.0.1:0"]).await;
     let _worker = spawn("worker", &["worker", "--listen", "127.0.0.1:0", "--registry-addr", &registry.address]).await;
-    let gateway = spawn(
-        "gateway",
-        &[
-            "gateway",
-            "--http",
-            "127.0.0.1:0",
-            "--auth-addr",
-            &auth.address,
-            "--billing-addr",
-            &billing.address,
-            "--registry-addr",
-            &registry.address,
-            "--ratelimit-addr",
-            &ratelimit.address,
-        ],
-    )
-    .await;
-    let base = format!("http://{}", gateway.address);
-    wait_ready(&base).await;
+    let peers = Peers {
+        auth: &auth.address,
+        billing: &billing.address,
+        registry: &registry.address,
+        ratelimit: Some(&ratelimit.address),
+    };
+    let (_gateway, base) = spawn_gateway_to(&peers, &[]).await;
     let key = signup(&base, "procs@example.com").await;
     let result = run_openai_client(&base, &key).await;
 
@@ -445,25 +433,13 @@ async fn a_billing_crash_mid_stream_loses_no_charge() {
     let mut billing = spawn("billing", &billing_args).await;
     let ratelimit = spawn("ratelimit", &["ratelimit", "--listen", "127.0.0.1:0"]).await;
     let _worker = spawn("worker", &["worker", "--listen", "127.0.0.1:0", "--registry-addr", &registry.address]).await;
-    let gateway = spawn(
-        "gateway",
-        &[
-            "gateway",
-            "--http",
-            "127.0.0.1:0",
-            "--auth-addr",
-            &auth.address,
-            "--billing-addr",
-            &billing_addr,
-            "--registry-addr",
-            &registry.address,
-            "--ratelimit-addr",
-            &ratelimit.address,
-        ],
-    )
-    .await;
-    let base = format!("http://{}", gateway.address);
-    wait_ready(&base).await;
+    let peers = Peers {
+        auth: &auth.address,
+        billing: &billing_addr,
+        registry: &registry.address,
+        ratelimit: Some(&ratelimit.address),
+    };
+    let (_gateway, base) = spawn_gateway_to(&peers, &[]).await;
     let key = signup(&base, "crash@example.com").await;
 
     let response = http()

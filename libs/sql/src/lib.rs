@@ -2,7 +2,7 @@
 //! chosen by the database URL, so a service's store is written once.
 //!
 //! Queries are written once inside [`on_pool!`], which type-checks the same
-//! body against each backend. Both backends take `$1`-style placeholders;
+//! body against each backend. Both backends take `$1`-style bind parameters;
 //! each service keeps a migration set per backend because their column
 //! types differ (an `INTEGER` is 64-bit in SQLite, 32-bit in PostgreSQL).
 
