@@ -165,6 +165,8 @@ impl Admission {
                 key_id: key.key_id.clone(),
                 amount_nanos: hold,
                 key_limit_nanos: key.limit_nanos,
+                model: model.id.clone(),
+                max_tokens: u64::from(estimate),
             })
             .await;
         if let Err(status) = reserved {

@@ -56,6 +56,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/admin/v1/keys/{id}", axum::routing::patch(admin::update_key))
         .route("/admin/v1/keys/{id}/usage", get(admin::key_daily_usage))
         .route("/admin/v1/accounts/{id}/credits", post(admin::top_up))
+        .route("/admin/v1/accounts/{id}/plan", get(admin::account_plan).put(admin::set_account_plan))
+        .route("/admin/v1/plans", get(admin::list_plans))
         .route("/health", get(health::health))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

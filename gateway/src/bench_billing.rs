@@ -6,7 +6,8 @@
 use std::time::{Duration, Instant};
 
 use infermesh_billing::Ledger;
-use infermesh_billing::ledger::Settlement;
+use infermesh_billing::ledger::{HoldRequest, Settlement};
+use infermesh_billing::plans::Plans;
 
 use crate::cli::CliError;
 
@@ -30,7 +31,7 @@ pub async fn run(args: BillingBenchArgs) -> Result<(), CliError> {
     let failed = |err: infermesh_billing::BillingError| CliError::Service(err.to_string());
     let dir = tempfile::tempdir().map_err(|err| CliError::Service(err.to_string()))?;
     let url = args.database_url.unwrap_or_else(|| format!("sqlite://{}", dir.path().join("billing.db").display()));
-    let ledger = Ledger::open(&url, Duration::from_secs(900), true).await.map_err(failed)?;
+    let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(900), true).await.map_err(failed)?;
     let accounts = args.accounts.max(1);
     for account in 0..accounts {
         ledger
@@ -53,11 +54,21 @@ pub async fn run(args: BillingBenchArgs) -> Result<(), CliError> {
                 }
                 let account = format!("acct_{}", (caller * 7919 + call) % accounts);
                 let request_id = format!("{run_id}-{caller}-{call}");
-                ledger.reserve(&request_id, &account, "key_bench", 2_000, None).await?;
+                ledger
+                    .reserve(&HoldRequest {
+                        request_id: &request_id,
+                        account_id: &account,
+                        key_id: "key_bench",
+                        model: "infermesh/bench-model",
+                        amount: 2_000,
+                        max_tokens: 30,
+                        key_limit: None,
+                    })
+                    .await?;
                 let settlement = Settlement {
                     request_id: &request_id,
                     cost_nanos: 1_234,
-                    model: "bench-model",
+                    model: "infermesh/bench-model",
                     provider: "bench",
                     prompt_tokens: 10,
                     completion_tokens: 20,

@@ -140,7 +140,11 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     services.spawn(async move {
         ("auth", infermesh_auth::run(auth_config, auth_bus, auth, s.cancelled_owned()).await.map_err(|e| e.to_string()))
     });
-    let billing_config = BillingConfig { database_url: sqlite_url(&data_dir, "billing.db"), hold_ttl_secs: 900 };
+    let billing_config = BillingConfig {
+        database_url: sqlite_url(&data_dir, "billing.db"),
+        hold_ttl_secs: 900,
+        plans: args.config.clone(),
+    };
     let s = stop.clone();
     services.spawn(async move {
         (

@@ -5,7 +5,10 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use infermesh_proto::v1::{GetKeyDailyUsageRequest, GrantRequest, KeyInfo, KeyUsage, UpdateKeyRequest};
+use infermesh_proto::v1::{
+    AccountPlan, GetAccountPlanRequest, GetKeyDailyUsageRequest, GrantRequest, KeyInfo, KeyUsage, ListPlansRequest,
+    Plan, SetAccountPlanRequest, UpdateKeyRequest,
+};
 use infermesh_service::ErrorKind;
 use infermesh_service::money::{dollars_to_nanos, nanos_to_dollars};
 use serde::{Deserialize, Deserializer};
@@ -185,6 +188,67 @@ pub async fn key_daily_usage(
         })
         .collect();
     Ok(Json(json!({"key_id": key_id, "data": days})))
+}
+
+fn plan_json(plan: &Plan) -> Value {
+    json!({
+        "id": plan.id,
+        "name": plan.name,
+        "models": plan.models,
+        "included_tokens_per_month": plan.included_tokens_per_month,
+    })
+}
+
+fn account_plan_json(account: &AccountPlan) -> Value {
+    json!({"data": {
+        "account_id": account.account_id,
+        "plan": account.plan.as_ref().map(plan_json),
+        "month": format!("{}-{:02}", account.month / 100, account.month % 100),
+        "included_tokens_used": account.included_tokens_used,
+    }})
+}
+
+/// `GET /admin/v1/plans`: the plans on sale and which one new accounts get.
+pub async fn list_plans(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    require_admin(&state, &headers)?;
+    let plans = state.mesh.billing.clone().list_plans(ListPlansRequest {}).await.map_err(peer_error("billing"))?;
+    let plans = plans.into_inner();
+    Ok(Json(
+        json!({"data": plans.plans.iter().map(plan_json).collect::<Vec<_>>(), "default_plan": plans.default_plan_id}),
+    ))
+}
+
+/// `GET /admin/v1/accounts/{id}/plan`: the account's plan and the tokens
+/// it included this month that were used.
+pub async fn account_plan(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(account_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&state, &headers)?;
+    let request = GetAccountPlanRequest { account_id };
+    let plan = state.mesh.billing.clone().get_account_plan(request).await.map_err(peer_error("billing"))?;
+    Ok(Json(account_plan_json(&plan.into_inner())))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanChange {
+    plan: String,
+}
+
+/// `PUT /admin/v1/accounts/{id}/plan {"plan": "<plan id>"}`.
+pub async fn set_account_plan(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(account_id): Path<String>,
+    RawBody(body): RawBody,
+) -> Result<Json<Value>, ApiError> {
+    require_admin(&state, &headers)?;
+    let PlanChange { plan } = parse_json(&body)?;
+    let request = SetAccountPlanRequest { account_id, plan_id: plan };
+    let plan = state.mesh.billing.clone().set_account_plan(request).await.map_err(peer_error("billing"))?;
+    Ok(Json(account_plan_json(&plan.into_inner())))
 }
 
 /// A key as the operator sees it: its public fields, usage and rate limits.

@@ -23,9 +23,15 @@ pub fn dollars_to_nanos(dollars: f64) -> Option<i64> {
     (nanos.is_finite() && nanos.abs() < 9.0e18).then_some(nanos as i64)
 }
 
-/// `$0.000123` style, for error messages.
+/// Exact dollars for error messages: `$1.50`, `$0.00000105`, `-$0.25`;
+/// every nano-dollar shows, so a message never rounds a small amount away.
 pub fn format_usd(nanos: i64) -> String {
-    format!("${:.6}", nanos_to_dollars(nanos))
+    let sign = if nanos < 0 { "-" } else { "" };
+    let magnitude = nanos.unsigned_abs();
+    let per_dollar = NANOS_PER_DOLLAR.unsigned_abs();
+    let fraction = format!("{:09}", magnitude % per_dollar);
+    let fraction = fraction.trim_end_matches('0');
+    format!("{sign}${}.{fraction:0<2}", magnitude / per_dollar)
 }
 
 #[cfg(test)]
@@ -45,6 +51,10 @@ mod tests {
         assert_eq!(dollars_to_nanos(1.0), Some(NANOS_PER_DOLLAR));
         assert_eq!(dollars_to_nanos(nanos_to_dollars(123_456_789)), Some(123_456_789));
         assert_eq!(dollars_to_nanos(f64::NAN), None);
-        assert_eq!(format_usd(1_500_000), "$0.001500");
+        assert_eq!(format_usd(1_500_000), "$0.0015");
+        assert_eq!(format_usd(1_050), "$0.00000105");
+        assert_eq!(format_usd(1_500_000_000), "$1.50");
+        assert_eq!(format_usd(-250_000_000), "-$0.25");
+        assert_eq!(format_usd(0), "$0.00");
     }
 }

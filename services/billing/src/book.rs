@@ -14,10 +14,15 @@
 //! so `customer:X` is the account's available credit and `holds:X` what it
 //! has on hold; `credit_accounts` caches both (with granted and used), and
 //! [`crate::Ledger::check_books`] proves the cache equals the entries.
+//!
+//! Tokens a plan includes each month are not money: a hold covers as many
+//! of its tokens as the month has left (holding that share less credit),
+//! and its settlement charges only the share of the cost beyond them.
 
 use std::collections::{HashMap, HashSet};
 
 use crate::error::BillingError;
+use crate::plans::Plans;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AccountBalance {
@@ -59,6 +64,42 @@ pub struct Hold {
     pub state: HoldState,
     pub created_at: i64,
     pub expires_at: i64,
+    /// Tokens of this request the plan's monthly allowance covers.
+    pub covered_tokens: i64,
+}
+
+/// An account's plan and this month's use of the tokens it includes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlanUsage {
+    /// Empty for the default plan.
+    pub plan_id: String,
+    /// `year * 100 + month`, UTC.
+    pub month: i64,
+    pub tokens_used: i64,
+    /// Covered by open holds; derived from them, never stored.
+    pub tokens_held: i64,
+}
+
+/// A request asking for a hold.
+#[derive(Debug, Clone)]
+pub struct HoldRequest<'a> {
+    pub request_id: &'a str,
+    pub account_id: &'a str,
+    pub key_id: &'a str,
+    pub model: &'a str,
+    /// The most the request may cost at full price.
+    pub amount: i64,
+    /// The most tokens it may use (prompt plus `max_tokens`).
+    pub max_tokens: i64,
+    pub key_limit: Option<i64>,
+}
+
+/// `amount × part / whole`, rounded down; zero for an empty whole.
+fn share(amount: i64, part: i64, whole: i64) -> i64 {
+    if whole <= 0 {
+        return 0;
+    }
+    i64::try_from(i128::from(amount) * i128::from(part.clamp(0, whole)) / i128::from(whole)).unwrap_or(amount)
 }
 
 /// One side of a movement.
@@ -88,6 +129,7 @@ pub struct Book {
     pub holds: HashMap<String, Hold>,
     /// Settled spend plus open holds, for keys with a credit limit.
     pub key_spend: HashMap<String, i64>,
+    pub plan_usage: HashMap<String, PlanUsage>,
 }
 
 /// What one batch changed, to be written in one transaction.
@@ -97,7 +139,10 @@ pub struct Changes {
     pub new_holds: Vec<String>,
     pub changed_holds: Vec<String>,
     pub entries: Vec<Entry>,
+    /// Accounts whose plan or included-token use changed.
+    pub plan_accounts: Vec<String>,
     touched_accounts: HashSet<String>,
+    touched_plans: HashSet<String>,
     created_holds: HashSet<String>,
 }
 
@@ -105,6 +150,12 @@ impl Changes {
     fn touch_account(&mut self, account_id: &str) {
         if self.touched_accounts.insert(account_id.to_owned()) {
             self.accounts.push(account_id.to_owned());
+        }
+    }
+
+    fn touch_plan(&mut self, account_id: &str) {
+        if self.touched_plans.insert(account_id.to_owned()) {
+            self.plan_accounts.push(account_id.to_owned());
         }
     }
 
@@ -144,19 +195,59 @@ impl Book {
             .movement(&format!("grant:{idempotency_key}"), &[(GRANTS.into(), -amount), (customer(account_id), amount)]);
     }
 
-    /// Holds `amount` for a new request; `Ok(available after)`.
-    #[allow(clippy::too_many_arguments, reason = "one hold's fields")]
+    /// Tokens that open holds of `account_id` cover, for an account whose
+    /// plan usage is being loaded.
+    pub fn tokens_held_by(&self, account_id: &str) -> i64 {
+        self.holds
+            .values()
+            .filter(|hold| hold.state == HoldState::Held && hold.account_id == account_id)
+            .map(|hold| hold.covered_tokens)
+            .sum()
+    }
+
+    /// The account's plan usage in `month`: a new month starts with none of
+    /// its included tokens used.
+    fn plan_usage_in(&mut self, account_id: &str, month: i64) -> &mut PlanUsage {
+        let usage = self.plan_usage.entry(account_id.to_owned()).or_default();
+        if usage.month != month {
+            usage.month = month;
+            usage.tokens_used = 0;
+        }
+        usage
+    }
+
+    pub fn set_plan(&mut self, changes: &mut Changes, account_id: &str, plan_id: &str, month: i64) {
+        self.plan_usage_in(account_id, month).plan_id = plan_id.to_owned();
+        changes.touch_plan(account_id);
+    }
+
+    /// Holds what `request` may cost beyond the tokens its plan still
+    /// includes this month; `Ok((held, available after))`. Refuses a model
+    /// outside the plan, and a hold the balance or the key's limit cannot
+    /// cover.
     pub fn reserve(
         &mut self,
         changes: &mut Changes,
-        request_id: &str,
-        account_id: &str,
-        key_id: &str,
-        amount: i64,
-        key_limit: Option<i64>,
+        plans: &Plans,
+        request: &HoldRequest<'_>,
         now: i64,
         expires_at: i64,
-    ) -> Result<i64, BillingError> {
+    ) -> Result<(i64, i64), BillingError> {
+        let HoldRequest { request_id, account_id, key_id, model, max_tokens, key_limit, .. } = *request;
+        let usage = self.plan_usage_in(account_id, crate::plans::month_of(now));
+        let plan = plans.of_account(&usage.plan_id);
+        if !plan.includes(model) {
+            return Err(BillingError::NotInPlan {
+                model: model.to_owned(),
+                plan: plan.name.clone(),
+                including: plans.including(model),
+            });
+        }
+        let included = i64::try_from(plan.included_tokens_per_month).unwrap_or(i64::MAX);
+        let left = included.saturating_sub(usage.tokens_used).saturating_sub(usage.tokens_held).max(0);
+        let max_tokens = max_tokens.max(0);
+        let covered_tokens = left.min(max_tokens);
+        let amount = request.amount - share(request.amount, covered_tokens, max_tokens);
         let available = self.account(account_id).available();
         if available < amount {
             return Err(BillingError::InsufficientCredit { available_nanos: available, needed_nanos: amount });
@@ -170,6 +261,7 @@ impl Book {
         if let Some(spent) = self.key_spend.get_mut(key_id) {
             *spent += amount;
         }
+        self.plan_usage.entry(account_id.to_owned()).or_default().tokens_held += covered_tokens;
         self.accounts.entry(account_id.to_owned()).or_default().held += amount;
         self.holds.insert(
             request_id.to_owned(),
@@ -180,25 +272,44 @@ impl Book {
                 state: HoldState::Held,
                 created_at: now,
                 expires_at,
+                covered_tokens,
             },
         );
         changes.touch_account(account_id);
         changes.create_hold(request_id);
         changes.movement(request_id, &[(customer(account_id), -amount), (holds(account_id), amount)]);
-        Ok(available - amount)
+        Ok((amount, available - amount))
     }
 
-    /// Charges `cost` for a held (or lapsed) request; a repeat returns the
-    /// first charge. `None` when the request never had a hold.
-    pub fn settle(&mut self, changes: &mut Changes, request_id: &str, cost: i64) -> Option<(i64, bool)> {
+    /// Charges a held (or lapsed) request that used `tokens` and would cost
+    /// `full_cost` at full price: the share of the cost its covered tokens
+    /// pay for is not charged. A repeat returns the first charge. `None`
+    /// when the request never had a hold.
+    pub fn settle(
+        &mut self,
+        changes: &mut Changes,
+        request_id: &str,
+        full_cost: i64,
+        tokens: i64,
+        now: i64,
+    ) -> Option<(i64, bool)> {
         let hold = self.holds.get_mut(request_id)?;
         if let HoldState::Settled { cost } = hold.state {
             return Some((cost, false));
         }
-        // A released or expired hold no longer counts as held.
-        let still_held = if hold.state == HoldState::Held { hold.amount } else { 0 };
+        // A released or expired hold no longer counts as held, nor covers.
+        let open = hold.state == HoldState::Held;
+        let (still_held, covered) = if open { (hold.amount, hold.covered_tokens) } else { (0, 0) };
+        let free_tokens = covered.min(tokens.max(0));
+        let cost = full_cost - share(full_cost, free_tokens, tokens);
         hold.state = HoldState::Settled { cost };
         let (account_id, key_id) = (hold.account_id.clone(), hold.key_id.clone());
+        if covered > 0 {
+            let usage = self.plan_usage_in(&account_id, crate::plans::month_of(now));
+            usage.tokens_held -= covered;
+            usage.tokens_used += free_tokens;
+            changes.touch_plan(&account_id);
+        }
         let account = self.accounts.entry(account_id.clone()).or_default();
         account.held -= still_held;
         account.used += cost;
@@ -223,6 +334,9 @@ impl Book {
         }
         hold.state = state;
         let (account_id, key_id, amount) = (hold.account_id.clone(), hold.key_id.clone(), hold.amount);
+        if hold.covered_tokens > 0 {
+            self.plan_usage.entry(account_id.clone()).or_default().tokens_held -= hold.covered_tokens;
+        }
         self.accounts.entry(account_id.clone()).or_default().held -= amount;
         if let Some(spent) = self.key_spend.get_mut(&key_id) {
             *spent -= amount;
@@ -252,6 +366,19 @@ impl Book {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plans::month_of;
+
+    fn ask(request_id: &str, amount: i64, key_limit: Option<i64>) -> HoldRequest<'_> {
+        HoldRequest {
+            request_id,
+            account_id: "a",
+            key_id: "k",
+            model: "infermesh/m",
+            amount,
+            max_tokens: 100,
+            key_limit,
+        }
+    }
 
     fn balanced(changes: &Changes) -> bool {
         let mut by_movement: HashMap<&str, i64> = HashMap::new();
@@ -263,20 +390,20 @@ mod tests {
 
     #[test]
     fn every_movement_balances_and_the_books_match_the_balances() {
-        let (mut book, mut changes) = (Book::default(), Changes::default());
+        let (mut book, mut changes, plans) = (Book::default(), Changes::default(), Plans::default());
         book.grant(&mut changes, "a", 1000, "g1");
-        assert_eq!(book.reserve(&mut changes, "r1", "a", "k", 600, None, 0, 10).unwrap(), 400);
-        assert!(book.reserve(&mut changes, "r2", "a", "k", 500, None, 0, 10).is_err());
-        assert_eq!(book.settle(&mut changes, "r1", 250), Some((250, true)));
-        assert_eq!(book.settle(&mut changes, "r1", 999), Some((250, false)), "a repeat charges nothing");
-        book.reserve(&mut changes, "r3", "a", "k", 100, None, 0, 10).unwrap();
+        assert_eq!(book.reserve(&mut changes, &plans, &ask("r1", 600, None), 0, 10).unwrap(), (600, 400));
+        assert!(book.reserve(&mut changes, &plans, &ask("r2", 500, None), 0, 10).is_err());
+        assert_eq!(book.settle(&mut changes, "r1", 250, 10, 0), Some((250, true)));
+        assert_eq!(book.settle(&mut changes, "r1", 999, 10, 0), Some((250, false)), "a repeat charges nothing");
+        book.reserve(&mut changes, &plans, &ask("r3", 100, None), 0, 10).unwrap();
         assert!(book.unhold(&mut changes, "r3", HoldState::Released));
         assert!(!book.unhold(&mut changes, "r3", HoldState::Released));
-        book.reserve(&mut changes, "r4", "a", "k", 100, None, 0, 10).unwrap();
+        book.reserve(&mut changes, &plans, &ask("r4", 100, None), 0, 10).unwrap();
         assert_eq!(book.lapsed(10), vec!["r4".to_owned()]);
         assert!(book.unhold(&mut changes, "r4", HoldState::Expired));
         // Settled after its hold lapsed: the usage is still charged.
-        assert_eq!(book.settle(&mut changes, "r4", 30), Some((30, true)));
+        assert_eq!(book.settle(&mut changes, "r4", 30, 10, 0), Some((30, true)));
         assert!(balanced(&changes));
         let sum_of =
             |book_name: &str| changes.entries.iter().filter(|e| e.book == book_name).map(|e| e.amount).sum::<i64>();
@@ -290,13 +417,60 @@ mod tests {
 
     #[test]
     fn a_key_limit_counts_spend_and_open_holds() {
-        let (mut book, mut changes) = (Book::default(), Changes::default());
+        let (mut book, mut changes, plans) = (Book::default(), Changes::default(), Plans::default());
         book.grant(&mut changes, "a", 10_000, "g");
         book.key_spend.insert("k".into(), 0);
-        book.reserve(&mut changes, "r1", "a", "k", 400, Some(1000), 0, 10).unwrap();
-        book.settle(&mut changes, "r1", 300);
-        book.reserve(&mut changes, "r2", "a", "k", 500, Some(1000), 0, 10).unwrap();
-        let err = book.reserve(&mut changes, "r3", "a", "k", 300, Some(1000), 0, 10).unwrap_err();
+        book.reserve(&mut changes, &plans, &ask("r1", 400, Some(1000)), 0, 10).unwrap();
+        book.settle(&mut changes, "r1", 300, 10, 0);
+        book.reserve(&mut changes, &plans, &ask("r2", 500, Some(1000)), 0, 10).unwrap();
+        let err = book.reserve(&mut changes, &plans, &ask("r3", 300, Some(1000)), 0, 10).unwrap_err();
         assert!(matches!(err, BillingError::KeyLimit { spent_nanos: 800, .. }), "{err}");
+    }
+
+    #[test]
+    fn included_tokens_cover_holds_and_charges_until_the_month_runs_out() {
+        let plans = Plans::from_toml(
+            "[[plans]]\nid = \"free\"\nmodels = [\"infermesh/*\"]\n\
+             [[plans]]\nid = \"big\"\nname = \"Big\"\nmodels = [\"*\"]\nincluded_tokens_per_month = 1000\n",
+        )
+        .unwrap();
+        let (mut book, mut changes) = (Book::default(), Changes::default());
+        let request = |request_id, model, max_tokens| HoldRequest {
+            request_id,
+            account_id: "a",
+            key_id: "k",
+            model,
+            amount: 1000,
+            max_tokens,
+            key_limit: None,
+        };
+        let err = book.reserve(&mut changes, &plans, &request("r0", "openai/gpt", 10), 0, 10).unwrap_err();
+        assert!(matches!(&err, BillingError::NotInPlan { including, .. } if including == &["Big"]), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "the model openai/gpt is not included in this account's plan (free); the Big plan includes it"
+        );
+        book.set_plan(&mut changes, "a", "big", month_of(0));
+        book.grant(&mut changes, "a", 10_000, "g");
+        // All 600 tokens are included: nothing held.
+        assert_eq!(book.reserve(&mut changes, &plans, &request("r1", "openai/gpt", 600), 0, 10).unwrap(), (0, 10_000));
+        // 400 of 600 included: a third of the price held.
+        assert_eq!(book.reserve(&mut changes, &plans, &request("r2", "openai/gpt", 600), 0, 10).unwrap().0, 334);
+        assert_eq!(book.tokens_held_by("a"), 1000);
+        // r1 used 300 tokens, all included; its other 300 return to the month.
+        assert_eq!(book.settle(&mut changes, "r1", 500, 300, 0), Some((0, true)));
+        // r2 used 600: 400 included, 200 charged at 500 per 600.
+        assert_eq!(book.settle(&mut changes, "r2", 500, 600, 0), Some((500 - 333, true)));
+        assert_eq!(book.plan_usage["a"].tokens_used, 700);
+        assert_eq!(book.plan_usage["a"].tokens_held, 0);
+        assert_eq!(book.account("a").used, 167);
+        assert_eq!(changes.plan_accounts, ["a"]);
+        // A new month includes every token again.
+        let next_month = 40 * 86_400_000;
+        assert_eq!(
+            book.reserve(&mut changes, &plans, &request("r3", "openai/gpt", 1000), next_month, 10).unwrap().0,
+            0
+        );
+        assert!(balanced(&changes));
     }
 }

@@ -18,6 +18,12 @@ pub enum BillingError {
         format_usd(*needed_nanos)
     )]
     KeyLimit { limit_nanos: i64, spent_nanos: i64, needed_nanos: i64 },
+    #[error("{}", not_in_plan(model, plan, including))]
+    NotInPlan { model: String, plan: String, including: Vec<String> },
+    #[error("no plan {0:?}; the plans are listed at GET /admin/v1/plans")]
+    UnknownPlan(String),
+    #[error("invalid plans config: {0}")]
+    Config(String),
     #[error("no credit hold for request {0:?}")]
     UnknownHold(String),
     #[error("no generation with id {0:?}; ids are the `id` of a completed response")]
@@ -37,13 +43,26 @@ pub enum BillingError {
     Stopped,
 }
 
+fn not_in_plan(model: &str, plan: &str, including: &[String]) -> String {
+    let upgrade = match including {
+        [] => "no plan includes it".to_owned(),
+        [one] => format!("the {one} plan includes it"),
+        [rest @ .., last] => format!("the {} and {last} plans include it", rest.join(", ")),
+    };
+    format!("the model {model} is not included in this account's plan ({plan}); {upgrade}")
+}
+
 impl From<BillingError> for MeshError {
     fn from(err: BillingError) -> MeshError {
         let kind = match &err {
             BillingError::InsufficientCredit { .. } | BillingError::KeyLimit { .. } => ErrorKind::InsufficientQuota,
-            BillingError::UnknownHold(_) | BillingError::UnknownGeneration(_) => ErrorKind::NotFound,
+            BillingError::NotInPlan { .. } => ErrorKind::PermissionDenied,
+            BillingError::UnknownHold(_) | BillingError::UnknownGeneration(_) | BillingError::UnknownPlan(_) => {
+                ErrorKind::NotFound
+            }
             BillingError::NegativeAmount { .. } | BillingError::MissingField(_) => ErrorKind::InvalidRequest,
-            BillingError::Storage(_)
+            BillingError::Config(_)
+            | BillingError::Storage(_)
             | BillingError::Database(_)
             | BillingError::WriteFailed(_)
             | BillingError::Stopped => {

@@ -2,13 +2,33 @@
 
 use infermesh_proto::v1::billing_service_server::BillingService;
 use infermesh_proto::v1::{
-    Balance, GetBalanceRequest, GetGenerationRequest, GetKeyDailyUsageRequest, GetKeyUsageRequest, GrantRequest,
-    KeyDailyUsage, KeyUsage, ReleaseRequest, ReleaseResponse, ReserveRequest, ReserveResponse, SettleRequest,
+    AccountPlan, Balance, GetAccountPlanRequest, GetBalanceRequest, GetGenerationRequest, GetKeyDailyUsageRequest,
+    GetKeyUsageRequest, GrantRequest, KeyDailyUsage, KeyUsage, ListPlansRequest, ListPlansResponse, Plan,
+    ReleaseRequest, ReleaseResponse, ReserveRequest, ReserveResponse, SetAccountPlanRequest, SettleRequest,
     SettleResponse, Usage, UsageEvent,
 };
 use tonic::{Request, Response, Status};
 
-use crate::ledger::{Ledger, Settlement};
+use crate::ledger::{HoldRequest, Ledger, Settlement};
+use crate::plans;
+
+fn plan_message(plan: &plans::Plan) -> Plan {
+    Plan {
+        id: plan.id.clone(),
+        name: plan.name.clone(),
+        models: plan.models.clone(),
+        included_tokens_per_month: plan.included_tokens_per_month,
+    }
+}
+
+fn account_plan_message(account_id: String, account_plan: &crate::ledger::AccountPlan) -> AccountPlan {
+    AccountPlan {
+        account_id,
+        plan: Some(plan_message(&account_plan.plan)),
+        month: account_plan.month,
+        included_tokens_used: account_plan.included_tokens_used,
+    }
+}
 
 pub struct BillingGrpc {
     ledger: Ledger,
@@ -29,9 +49,20 @@ impl BillingService for BillingGrpc {
     }
 
     async fn reserve(&self, request: Request<ReserveRequest>) -> Result<Response<ReserveResponse>, Status> {
-        let ReserveRequest { request_id, account_id, key_id, amount_nanos, key_limit_nanos } = request.into_inner();
-        let (held_nanos, available_nanos) =
-            self.ledger.reserve(&request_id, &account_id, &key_id, amount_nanos, key_limit_nanos).await?;
+        let ReserveRequest { request_id, account_id, key_id, amount_nanos, key_limit_nanos, model, max_tokens } =
+            request.into_inner();
+        let (held_nanos, available_nanos) = self
+            .ledger
+            .reserve(&HoldRequest {
+                request_id: &request_id,
+                account_id: &account_id,
+                key_id: &key_id,
+                model: &model,
+                amount: amount_nanos,
+                max_tokens: i64::try_from(max_tokens).unwrap_or(i64::MAX),
+                key_limit: key_limit_nanos,
+            })
+            .await?;
         Ok(Response::new(ReserveResponse { held_nanos, available_nanos }))
     }
 
@@ -85,5 +116,25 @@ impl BillingService for BillingGrpc {
     async fn get_balance(&self, request: Request<GetBalanceRequest>) -> Result<Response<Balance>, Status> {
         let GetBalanceRequest { account_id } = request.into_inner();
         Ok(Response::new(self.ledger.balance(&account_id).await?))
+    }
+
+    async fn list_plans(&self, _request: Request<ListPlansRequest>) -> Result<Response<ListPlansResponse>, Status> {
+        let plans = self.ledger.plans();
+        Ok(Response::new(ListPlansResponse {
+            plans: plans.all().iter().map(plan_message).collect(),
+            default_plan_id: plans.default_plan().id.clone(),
+        }))
+    }
+
+    async fn get_account_plan(&self, request: Request<GetAccountPlanRequest>) -> Result<Response<AccountPlan>, Status> {
+        let GetAccountPlanRequest { account_id } = request.into_inner();
+        let plan = self.ledger.account_plan(&account_id).await?;
+        Ok(Response::new(account_plan_message(account_id, &plan)))
+    }
+
+    async fn set_account_plan(&self, request: Request<SetAccountPlanRequest>) -> Result<Response<AccountPlan>, Status> {
+        let SetAccountPlanRequest { account_id, plan_id } = request.into_inner();
+        let plan = self.ledger.set_plan(&account_id, &plan_id).await?;
+        Ok(Response::new(account_plan_message(account_id, &plan)))
     }
 }

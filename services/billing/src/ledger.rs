@@ -11,7 +11,9 @@ use infermesh_sql::{Migrations, Options, Pool, SqliteSynchronous, on_pool};
 use sqlx::Row;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+pub use crate::book::HoldRequest;
 use crate::error::BillingError;
+use crate::plans::{Plan, Plans, month_of};
 use crate::writer::{Command, OwnedSettlement, Writer};
 
 pub const USAGE_SUBJECT: &str = infermesh_bus::subjects::USAGE_SETTLED;
@@ -21,6 +23,16 @@ pub struct Ledger {
     pool: Pool,
     commands: mpsc::Sender<Command>,
     outbox_ready: Arc<Notify>,
+    plans: Arc<Plans>,
+}
+
+/// An account's plan and its use this month.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountPlan {
+    pub plan: Plan,
+    /// `year * 100 + month`, UTC.
+    pub month: i64,
+    pub included_tokens_used: u64,
 }
 
 pub struct Settlement<'a> {
@@ -58,7 +70,12 @@ impl BooksCheck {
 }
 
 impl Ledger {
-    pub async fn open(database_url: &str, hold_ttl: Duration, outbox_enabled: bool) -> Result<Ledger, BillingError> {
+    pub async fn open(
+        database_url: &str,
+        plans: Plans,
+        hold_ttl: Duration,
+        outbox_enabled: bool,
+    ) -> Result<Ledger, BillingError> {
         let migrations = Migrations {
             sqlite: sqlx::migrate!("./migrations/sqlite"),
             postgres: sqlx::migrate!("./migrations/postgres"),
@@ -69,11 +86,12 @@ impl Ledger {
         let pool = Pool::open(database_url, &migrations, options).await?;
         let outbox_ready = Arc::new(Notify::new());
         let ttl_ms = i64::try_from(hold_ttl.as_millis()).unwrap_or(i64::MAX);
-        let mut writer = Writer::new(pool.clone(), ttl_ms, outbox_enabled, outbox_ready.clone());
+        let plans = Arc::new(plans);
+        let mut writer = Writer::new(pool.clone(), plans.clone(), ttl_ms, outbox_enabled, outbox_ready.clone());
         writer.load_open_holds().await?;
         let (commands, queue) = mpsc::channel(4096);
         tokio::spawn(writer.run(queue));
-        Ok(Ledger { pool, commands, outbox_ready })
+        Ok(Ledger { pool, commands, outbox_ready, plans })
     }
 
     pub fn outbox_ready(&self) -> Arc<Notify> {
@@ -131,32 +149,67 @@ impl Ledger {
         })
     }
 
-    /// Holds `amount_nanos` for `request_id`; a repeat returns the first
-    /// hold. With `key_limit_nanos`, the key's settled spend plus its open
-    /// holds plus this one must stay within that cap as well. Returns the
-    /// hold and what the account has available after it.
-    pub async fn reserve(
-        &self,
-        request_id: &str,
-        account_id: &str,
-        key_id: &str,
-        amount_nanos: i64,
-        key_limit_nanos: Option<i64>,
-    ) -> Result<(i64, i64), BillingError> {
-        if amount_nanos < 0 {
-            return Err(BillingError::NegativeAmount { field: "amount_nanos", value: amount_nanos });
+    /// Holds what `request` may cost beyond the tokens its account's plan
+    /// still includes this month; a repeat returns the first hold. With a
+    /// key limit, the key's settled spend plus its open holds plus this one
+    /// must stay within that cap as well. Returns the hold and what the
+    /// account has available after it.
+    pub async fn reserve(&self, request: &HoldRequest<'_>) -> Result<(i64, i64), BillingError> {
+        for (field, value) in [("amount_nanos", request.amount), ("max_tokens", request.max_tokens)] {
+            if value < 0 {
+                return Err(BillingError::NegativeAmount { field, value });
+            }
         }
-        require("request_id", request_id)?;
-        require("account_id", account_id)?;
+        require("request_id", request.request_id)?;
+        require("account_id", request.account_id)?;
+        require("model", request.model)?;
         self.ask(|reply| Command::Reserve {
-            request_id: request_id.to_owned(),
-            account_id: account_id.to_owned(),
-            key_id: key_id.to_owned(),
-            amount: amount_nanos,
-            key_limit: key_limit_nanos,
+            request_id: request.request_id.to_owned(),
+            account_id: request.account_id.to_owned(),
+            key_id: request.key_id.to_owned(),
+            model: request.model.to_owned(),
+            amount: request.amount,
+            max_tokens: request.max_tokens,
+            key_limit: request.key_limit,
             reply,
         })
         .await
+    }
+
+    pub fn plans(&self) -> &Plans {
+        &self.plans
+    }
+
+    /// Moves an account to the plan `plan_id`; its included tokens used
+    /// this month carry over.
+    pub async fn set_plan(&self, account_id: &str, plan_id: &str) -> Result<AccountPlan, BillingError> {
+        require("account_id", account_id)?;
+        if plan_id.is_empty() || self.plans.get(plan_id).is_none() {
+            return Err(BillingError::UnknownPlan(plan_id.to_owned()));
+        }
+        let (account, plan) = (account_id.to_owned(), plan_id.to_owned());
+        self.ask(|reply| Command::SetPlan { account_id: account, plan_id: plan, reply }).await?;
+        self.account_plan(account_id).await
+    }
+
+    pub async fn account_plan(&self, account_id: &str) -> Result<AccountPlan, BillingError> {
+        const SQL: &str = "SELECT plan_id, month, tokens_used FROM account_plans WHERE account_id = $1";
+        let stored: Option<(String, i64, i64)> = on_pool!(&self.pool, pool => {
+            match sqlx::query(SQL).bind(account_id).fetch_optional(pool).await? {
+                Some(row) => Some((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)),
+                None => None,
+            }
+        });
+        let this_month = month_of(infermesh_service::now_unix_ms());
+        let (plan_id, used) = match stored {
+            Some((plan_id, month, used)) => (plan_id, if month == this_month { used } else { 0 }),
+            None => (String::new(), 0),
+        };
+        Ok(AccountPlan {
+            plan: self.plans.of_account(&plan_id).clone(),
+            month: this_month,
+            included_tokens_used: u64::try_from(used).unwrap_or(0),
+        })
     }
 
     /// Charges the actual cost and frees the rest of the hold. Settling a
@@ -334,7 +387,18 @@ mod tests {
         a_key_limit_caps_spend_plus_open_holds,
         release_and_expiry_free_the_hold,
         the_books_balance_after_a_mixed_load,
+        a_plan_gates_models_and_its_included_tokens_cost_nothing,
     );
+
+    fn hold<'a>(
+        request_id: &'a str,
+        account_id: &'a str,
+        key_id: &'a str,
+        amount: i64,
+        key_limit: Option<i64>,
+    ) -> HoldRequest<'a> {
+        HoldRequest { request_id, account_id, key_id, model: "infermesh/m", amount, max_tokens: 100, key_limit }
+    }
 
     fn settlement(request_id: &str, cost_nanos: i64) -> Settlement<'_> {
         Settlement {
@@ -349,7 +413,7 @@ mod tests {
     }
 
     async fn grant_is_idempotent(url: String) {
-        let ledger = Ledger::open(&url, Duration::from_secs(60), true).await.unwrap();
+        let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(60), true).await.unwrap();
         ledger.grant("a", 100, "signup:a", "free").await.unwrap();
         let balance = ledger.grant("a", 100, "signup:a", "free").await.unwrap();
         assert_eq!(balance.granted_nanos, 100);
@@ -357,10 +421,10 @@ mod tests {
     }
 
     async fn reserve_settle_charges_actual_cost_once(url: String) {
-        let ledger = Ledger::open(&url, Duration::from_secs(60), true).await.unwrap();
+        let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(60), true).await.unwrap();
         ledger.grant("a", 1000, "g", "free").await.unwrap();
-        assert_eq!(ledger.reserve("r1", "a", "k", 600, None).await.unwrap(), (600, 400));
-        assert_eq!(ledger.reserve("r1", "a", "k", 600, None).await.unwrap().0, 600, "idempotent");
+        assert_eq!(ledger.reserve(&hold("r1", "a", "k", 600, None)).await.unwrap(), (600, 400));
+        assert_eq!(ledger.reserve(&hold("r1", "a", "k", 600, None)).await.unwrap().0, 600, "idempotent");
         assert_eq!(ledger.balance("a").await.unwrap().held_nanos, 600);
         assert_eq!(ledger.settle(&settlement("r1", 250)).await.unwrap(), 250);
         assert_eq!(ledger.settle(&settlement("r1", 999)).await.unwrap(), 250, "idempotent");
@@ -383,45 +447,46 @@ mod tests {
     }
 
     async fn refuses_what_it_cannot_cover_and_never_goes_negative(url: String) {
-        let ledger = Ledger::open(&url, Duration::from_secs(60), true).await.unwrap();
+        let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(60), true).await.unwrap();
         ledger.grant("a", 1000, "g", "free").await.unwrap();
         let mut tasks = Vec::new();
         for i in 0..50 {
             let ledger = ledger.clone();
-            tasks
-                .push(tokio::spawn(async move { ledger.reserve(&format!("r{i}"), "a", "k", 100, None).await.is_ok() }));
+            tasks.push(tokio::spawn(async move {
+                ledger.reserve(&hold(&format!("r{i}"), "a", "k", 100, None)).await.is_ok()
+            }));
         }
         let mut admitted = 0;
         for task in tasks {
             admitted += usize::from(task.await.unwrap());
         }
         assert_eq!(admitted, 10);
-        let err = ledger.reserve("late", "a", "k", 1, None).await.unwrap_err();
+        let err = ledger.reserve(&hold("late", "a", "k", 1, None)).await.unwrap_err();
         assert!(matches!(err, BillingError::InsufficientCredit { available_nanos: 0, needed_nanos: 1 }));
         assert!(err.to_string().contains("top up"));
     }
 
     async fn a_key_limit_caps_spend_plus_open_holds(url: String) {
-        let ledger = Ledger::open(&url, Duration::from_secs(60), true).await.unwrap();
+        let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(60), true).await.unwrap();
         ledger.grant("a", 10_000, "g", "free").await.unwrap();
-        ledger.reserve("r1", "a", "k", 400, Some(1000)).await.unwrap();
+        ledger.reserve(&hold("r1", "a", "k", 400, Some(1000))).await.unwrap();
         ledger.settle(&settlement("r1", 300)).await.unwrap();
-        ledger.reserve("r2", "a", "k", 500, Some(1000)).await.unwrap();
+        ledger.reserve(&hold("r2", "a", "k", 500, Some(1000))).await.unwrap();
         // 300 spent + 500 held + 300 more > 1000.
-        let err = ledger.reserve("r3", "a", "k", 300, Some(1000)).await.unwrap_err();
+        let err = ledger.reserve(&hold("r3", "a", "k", 300, Some(1000))).await.unwrap_err();
         assert!(matches!(err, BillingError::KeyLimit { spent_nanos: 800, .. }), "{err}");
         // Another key of the same account is not capped by it.
-        ledger.reserve("r4", "a", "k2", 300, Some(1000)).await.unwrap();
+        ledger.reserve(&hold("r4", "a", "k2", 300, Some(1000))).await.unwrap();
     }
 
     async fn release_and_expiry_free_the_hold(url: String) {
-        let ledger = Ledger::open(&url, Duration::from_millis(0), true).await.unwrap();
+        let ledger = Ledger::open(&url, Plans::default(), Duration::from_millis(0), true).await.unwrap();
         ledger.grant("a", 1000, "g", "free").await.unwrap();
-        ledger.reserve("r1", "a", "k", 300, None).await.unwrap();
+        ledger.reserve(&hold("r1", "a", "k", 300, None)).await.unwrap();
         ledger.release("r1").await.unwrap();
         ledger.release("r1").await.unwrap();
         assert_eq!(ledger.balance("a").await.unwrap().available_nanos, 1000);
-        ledger.reserve("r2", "a", "k", 300, None).await.unwrap();
+        ledger.reserve(&hold("r2", "a", "k", 300, None)).await.unwrap();
         assert_eq!(ledger.expire_holds().await.unwrap(), 1);
         assert_eq!(ledger.balance("a").await.unwrap().held_nanos, 0);
         // A late settlement after expiry still charges what was used.
@@ -431,7 +496,7 @@ mod tests {
     }
 
     async fn the_books_balance_after_a_mixed_load(url: String) {
-        let ledger = Ledger::open(&url, Duration::from_millis(50), true).await.unwrap();
+        let ledger = Ledger::open(&url, Plans::default(), Duration::from_millis(50), true).await.unwrap();
         let mut tasks = Vec::new();
         for account in 0..4 {
             // Enough for all 50 of the account's holds at once.
@@ -444,7 +509,7 @@ mod tests {
             let ledger = ledger.clone();
             tasks.push(tokio::spawn(async move {
                 let (id, account) = (format!("r{i}"), format!("a{}", i % 4));
-                ledger.reserve(&id, &account, "k", 300, None).await.unwrap();
+                ledger.reserve(&hold(&id, &account, "k", 300, None)).await.unwrap();
                 match i % 5 {
                     0 => ledger.release(&id).await.unwrap(),
                     1 => {} // abandoned: its hold lapses
@@ -473,5 +538,27 @@ mod tests {
         assert_eq!(charged, usage, "every settlement charged once");
         let settled = (0..200).filter(|i| i % 5 >= 2).count();
         assert_eq!(ledger.outbox_batch(1000).await.unwrap().len(), settled, "one usage event per settlement");
+    }
+
+    async fn a_plan_gates_models_and_its_included_tokens_cost_nothing(url: String) {
+        let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(60), true).await.unwrap();
+        ledger.grant("a", 1_000, "g", "top-up").await.unwrap();
+        let upstream = HoldRequest { model: "openai/gpt-4o", ..hold("r1", "a", "k", 600, None) };
+        let err = ledger.reserve(&upstream).await.unwrap_err();
+        assert!(err.to_string().contains("plan (Free); the Pro and Ultimate plans include it"), "{err}");
+        assert!(matches!(ledger.set_plan("a", "gold").await, Err(BillingError::UnknownPlan(_))));
+        let plan = ledger.set_plan("a", "pro").await.unwrap();
+        assert_eq!((plan.plan.name.as_str(), plan.included_tokens_used), ("Pro", 0));
+        // Every token is included: nothing held, nothing charged.
+        assert_eq!(ledger.reserve(&upstream).await.unwrap(), (0, 1_000));
+        assert_eq!(ledger.settle(&settlement("r1", 500)).await.unwrap(), 0);
+        assert_eq!(ledger.generation("r1").await.unwrap().cost_nanos, 0);
+        assert_eq!(ledger.account_plan("a").await.unwrap().included_tokens_used, 7);
+        // The writer's memory and the database agree after a restart.
+        drop(ledger);
+        let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(60), true).await.unwrap();
+        assert_eq!(ledger.account_plan("a").await.unwrap().plan.id, "pro");
+        assert_eq!(ledger.reserve(&HoldRequest { request_id: "r2", ..upstream }).await.unwrap().0, 0);
+        assert!(ledger.check_books().await.unwrap().balanced());
     }
 }

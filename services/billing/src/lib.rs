@@ -9,6 +9,7 @@ pub mod error;
 pub mod grpc;
 pub mod ledger;
 pub mod outbox;
+pub mod plans;
 pub mod writer;
 
 use std::future::Future;
@@ -35,6 +36,25 @@ pub struct BillingConfig {
     /// that died mid-request must not keep credit stuck).
     #[arg(long = "hold-ttl-secs", env = "INFERMESH_HOLD_TTL_SECS", default_value_t = 900)]
     pub hold_ttl_secs: u64,
+    /// A TOML file whose `[[plans]]` (id, name, models, included_tokens_per_month)
+    /// and `default_plan` replace the built-in Free / Starter / Pro / Ultimate;
+    /// the same file `infermesh up --config` reads.
+    #[arg(long = "plans", env = "INFERMESH_PLANS")]
+    pub plans: Option<std::path::PathBuf>,
+}
+
+impl BillingConfig {
+    /// Reads and validates the plans, so a bad file fails at start-up.
+    pub fn load_plans(&self) -> Result<plans::Plans, BillingError> {
+        match &self.plans {
+            None => Ok(plans::Plans::default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|err| BillingError::Config(format!("cannot read {}: {err}", path.display())))?;
+                plans::Plans::from_toml(&text)
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +73,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
-    let ledger = Ledger::open(&config.database_url, Duration::from_secs(config.hold_ttl_secs), bus.is_some()).await?;
+    let plans = config.load_plans()?;
+    let ledger =
+        Ledger::open(&config.database_url, plans, Duration::from_secs(config.hold_ttl_secs), bus.is_some()).await?;
     let background = CancellationToken::new();
     if let Some(bus) = bus {
         tokio::spawn(outbox::publish_forever(ledger.clone(), bus, background.clone()));

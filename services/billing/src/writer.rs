@@ -17,9 +17,10 @@ use prost::Message;
 use sqlx::Row;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::book::{AccountBalance, Book, Changes, Entry, Hold, HoldState};
+use crate::book::{AccountBalance, Book, Changes, Entry, Hold, HoldRequest, HoldState, PlanUsage};
 use crate::error::BillingError;
 use crate::ledger::USAGE_SUBJECT;
+use crate::plans::{Plans, month_of};
 
 /// Commands taken into one transaction at most (bounded by the bind
 /// parameters a statement may carry, 32,766 in SQLite: 10 per usage row).
@@ -49,9 +50,16 @@ pub enum Command {
         request_id: String,
         account_id: String,
         key_id: String,
+        model: String,
         amount: i64,
+        max_tokens: i64,
         key_limit: Option<i64>,
         reply: Reply<(i64, i64)>,
+    },
+    SetPlan {
+        account_id: String,
+        plan_id: String,
+        reply: Reply<()>,
     },
     Settle {
         settlement: OwnedSettlement,
@@ -92,25 +100,35 @@ struct UsageRow {
     settlement: OwnedSettlement,
     account_id: String,
     key_id: String,
+    /// What was charged: the full cost less the share included tokens paid.
+    cost: i64,
 }
 
 pub struct Writer {
     pool: Pool,
     book: Book,
+    plans: Arc<Plans>,
     hold_ttl_ms: i64,
     outbox_enabled: bool,
     outbox_ready: Arc<Notify>,
 }
 
 impl Writer {
-    pub fn new(pool: Pool, hold_ttl_ms: i64, outbox_enabled: bool, outbox_ready: Arc<Notify>) -> Writer {
-        Writer { pool, book: Book::default(), hold_ttl_ms, outbox_enabled, outbox_ready }
+    pub fn new(
+        pool: Pool,
+        plans: Arc<Plans>,
+        hold_ttl_ms: i64,
+        outbox_enabled: bool,
+        outbox_ready: Arc<Notify>,
+    ) -> Writer {
+        Writer { pool, book: Book::default(), plans, hold_ttl_ms, outbox_enabled, outbox_ready }
     }
 
     /// Every open hold, so expiry finds them all.
     pub async fn load_open_holds(&mut self) -> Result<(), BillingError> {
         self.book = Book::default();
-        const SQL: &str = "SELECT request_id, account_id, key_id, amount_nanos, created_at, expires_at FROM holds WHERE state = 'held'";
+        const SQL: &str = "SELECT request_id, account_id, key_id, amount_nanos, created_at, expires_at, covered_tokens \
+             FROM holds WHERE state = 'held'";
         let holds: Vec<(String, Hold)> = on_pool!(&self.pool, pool => {
             let rows = sqlx::query(SQL).fetch_all(pool).await?;
             rows.iter()
@@ -122,6 +140,7 @@ impl Writer {
                         state: HoldState::Held,
                         created_at: row.try_get(4)?,
                         expires_at: row.try_get(5)?,
+                        covered_tokens: row.try_get(6)?,
                     }))
                 })
                 .collect::<Result<_, _>>()?
@@ -170,33 +189,40 @@ impl Writer {
                     }
                     answer(reply, Ok(()))
                 }
-                Command::Reserve { request_id, account_id, key_id, amount, key_limit, reply } => {
+                Command::Reserve { request_id, account_id, key_id, model, amount, max_tokens, key_limit, reply } => {
                     let result = match self.book.holds.get(&request_id) {
                         // A repeat returns the first hold.
                         Some(hold) => Ok((hold.amount, self.book.account(&hold.account_id).available())),
-                        None => self
-                            .book
-                            .reserve(
-                                &mut changes,
-                                &request_id,
-                                &account_id,
-                                &key_id,
+                        None => {
+                            let request = HoldRequest {
+                                request_id: &request_id,
+                                account_id: &account_id,
+                                key_id: &key_id,
+                                model: &model,
                                 amount,
+                                max_tokens,
                                 key_limit,
-                                now,
-                                now.saturating_add(self.hold_ttl_ms),
-                            )
-                            .map(|available| (amount, available)),
+                            };
+                            let expires_at = now.saturating_add(self.hold_ttl_ms);
+                            self.book.reserve(&mut changes, &self.plans, &request, now, expires_at)
+                        }
                     };
                     answer(reply, result)
                 }
+                Command::SetPlan { account_id, plan_id, reply } => {
+                    self.book.set_plan(&mut changes, &account_id, &plan_id, month_of(now));
+                    answer(reply, Ok(()))
+                }
                 Command::Settle { settlement, reply } => {
-                    let result = match self.book.settle(&mut changes, &settlement.request_id, settlement.cost_nanos) {
+                    let tokens = i64::from(settlement.prompt_tokens) + i64::from(settlement.completion_tokens);
+                    let settled =
+                        self.book.settle(&mut changes, &settlement.request_id, settlement.cost_nanos, tokens, now);
+                    let result = match settled {
                         None => Err(BillingError::UnknownHold(settlement.request_id.clone())),
                         Some((charged, first_time)) => {
                             if first_time && let Some(hold) = self.book.holds.get(&settlement.request_id) {
                                 let (account_id, key_id) = (hold.account_id.clone(), hold.key_id.clone());
-                                usage.push(UsageRow { settlement, account_id, key_id });
+                                usage.push(UsageRow { settlement, account_id, key_id, cost: charged });
                             }
                             Ok(charged)
                         }
@@ -258,7 +284,7 @@ impl Writer {
                 Command::Settle { settlement, .. } => hold_ids.push(settlement.request_id.clone()),
                 Command::Release { request_id, .. } => hold_ids.push(request_id.clone()),
                 Command::Grant { idempotency_key, .. } => grant_keys.push(idempotency_key.clone()),
-                Command::Expire { .. } => {}
+                Command::Expire { .. } | Command::SetPlan { .. } => {}
             }
         }
         hold_ids.retain(|id| !self.book.holds.contains_key(id));
@@ -268,7 +294,9 @@ impl Writer {
         let mut accounts: Vec<String> = batch
             .iter()
             .filter_map(|command| match command {
-                Command::Grant { account_id, .. } | Command::Reserve { account_id, .. } => Some(account_id.clone()),
+                Command::Grant { account_id, .. }
+                | Command::Reserve { account_id, .. }
+                | Command::SetPlan { account_id, .. } => Some(account_id.clone()),
                 _ => None,
             })
             .chain(self.book.holds.values().filter(|h| h.state == HoldState::Held).map(|h| h.account_id.clone()))
@@ -299,7 +327,7 @@ impl Writer {
         let holds: Vec<(String, Hold)> = on_pool!(&self.pool, pool => {
             let mut query = in_list(
                 "SELECT h.request_id, h.account_id, h.key_id, h.amount_nanos, h.state, h.created_at, h.expires_at, \
-                 u.cost_nanos FROM holds h LEFT JOIN usage_records u ON u.request_id = h.request_id \
+                 u.cost_nanos, h.covered_tokens FROM holds h LEFT JOIN usage_records u ON u.request_id = h.request_id \
                  WHERE h.request_id IN ",
                 ids,
             );
@@ -321,6 +349,7 @@ impl Writer {
                         state,
                         created_at: row.try_get(5)?,
                         expires_at: row.try_get(6)?,
+                        covered_tokens: row.try_get(8)?,
                     }))
                 })
                 .collect::<Result<_, _>>()?
@@ -356,10 +385,33 @@ impl Writer {
                 })
                 .collect::<Result<_, _>>()?
         });
+        let plans: Vec<(String, PlanUsage)> = on_pool!(&self.pool, pool => {
+            let mut query =
+                in_list("SELECT account_id, plan_id, month, tokens_used FROM account_plans WHERE account_id IN ", ids);
+            let rows = query.build().fetch_all(pool).await?;
+            rows.iter()
+                .map(|row| {
+                    Ok::<_, BillingError>((row.try_get(0)?, PlanUsage {
+                        plan_id: row.try_get(1)?,
+                        month: row.try_get(2)?,
+                        tokens_used: row.try_get(3)?,
+                        tokens_held: 0,
+                    }))
+                })
+                .collect::<Result<_, _>>()?
+        });
         for id in ids {
             self.book.accounts.entry(id.clone()).or_default();
+            self.book.plan_usage.entry(id.clone()).or_default();
         }
         self.book.accounts.extend(found);
+        self.book.plan_usage.extend(plans);
+        for id in ids {
+            let held = self.book.tokens_held_by(id);
+            if let Some(usage) = self.book.plan_usage.get_mut(id) {
+                usage.tokens_held = held;
+            }
+        }
         Ok(())
     }
 
@@ -377,7 +429,11 @@ impl Writer {
         usage: &[UsageRow],
         now: i64,
     ) -> Result<(), BillingError> {
-        if changes.entries.is_empty() && changes.changed_holds.is_empty() && changes.new_holds.is_empty() {
+        if changes.entries.is_empty()
+            && changes.changed_holds.is_empty()
+            && changes.new_holds.is_empty()
+            && changes.plan_accounts.is_empty()
+        {
             return Ok(());
         }
         let book = &self.book;
@@ -399,7 +455,8 @@ impl Writer {
             }
             if !changes.new_holds.is_empty() {
                 let mut query = sqlx::QueryBuilder::new(
-                    "INSERT INTO holds (request_id, account_id, key_id, amount_nanos, state, created_at, expires_at) ",
+                    "INSERT INTO holds (request_id, account_id, key_id, amount_nanos, state, created_at, expires_at, \
+                     covered_tokens) ",
                 );
                 query.push_values(changes.new_holds.iter().filter_map(|id| Some((id, book.holds.get(id)?))), |mut row, (id, hold)| {
                     row.push_bind(id.clone())
@@ -408,7 +465,8 @@ impl Writer {
                         .push_bind(hold.amount)
                         .push_bind(hold.state.as_str())
                         .push_bind(hold.created_at)
-                        .push_bind(hold.expires_at);
+                        .push_bind(hold.expires_at)
+                        .push_bind(hold.covered_tokens);
                 });
                 query.build().execute(&mut *tx).await?;
             }
@@ -440,7 +498,7 @@ impl Writer {
                         .push_bind(s.provider.clone())
                         .push_bind(i64::from(s.prompt_tokens))
                         .push_bind(i64::from(s.completion_tokens))
-                        .push_bind(s.cost_nanos)
+                        .push_bind(record.cost)
                         .push_bind(i64::from(s.latency_ms))
                         .push_bind(now);
                 });
@@ -464,6 +522,22 @@ impl Writer {
                 query.push_values(journal, |mut row, (movement, book, amount)| {
                     row.push_bind(movement).push_bind(book).push_bind(amount).push_bind(now);
                 });
+                query.build().execute(&mut *tx).await?;
+            }
+            if !changes.plan_accounts.is_empty() {
+                let mut query =
+                    sqlx::QueryBuilder::new("INSERT INTO account_plans (account_id, plan_id, month, tokens_used) ");
+                query.push_values(&changes.plan_accounts, |mut row, account_id| {
+                    let usage = book.plan_usage.get(account_id).cloned().unwrap_or_default();
+                    row.push_bind(account_id.clone())
+                        .push_bind(usage.plan_id)
+                        .push_bind(usage.month)
+                        .push_bind(usage.tokens_used);
+                });
+                query.push(
+                    " ON CONFLICT (account_id) DO UPDATE SET plan_id = excluded.plan_id, month = excluded.month, \
+                     tokens_used = excluded.tokens_used",
+                );
                 query.build().execute(&mut *tx).await?;
             }
             if !changes.accounts.is_empty() {
@@ -546,7 +620,7 @@ fn usage_event(record: &UsageRow, now: i64) -> UsageEvent {
             prompt_tokens: s.prompt_tokens,
             completion_tokens: s.completion_tokens,
         }),
-        cost_nanos: s.cost_nanos,
+        cost_nanos: record.cost,
         settled_at_unix_ms: now,
         latency_ms: s.latency_ms,
     }
@@ -560,6 +634,7 @@ fn refuse(command: Command) -> Answer {
     match command {
         Command::Grant { reply, .. } => answer(reply, unstarted()),
         Command::Reserve { reply, .. } => answer(reply, unstarted()),
+        Command::SetPlan { reply, .. } => answer(reply, unstarted()),
         Command::Settle { reply, .. } => answer(reply, unstarted()),
         Command::Release { reply, .. } => answer(reply, unstarted()),
         Command::Expire { reply } => answer(reply, unstarted()),

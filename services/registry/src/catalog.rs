@@ -32,10 +32,11 @@ capabilities = ["embeddings"]
 pricing = { prompt = 0.005, completion = 0.0 }
 "#;
 
-/// Other top-level tables (plans, limits) belong to other services.
+/// Other top-level tables (plans, limits) belong to other services; a
+/// file without `[[models]]` keeps the built-in catalogue.
 #[derive(Debug, Deserialize)]
 struct CatalogFile {
-    models: Vec<ModelEntry>,
+    models: Option<Vec<ModelEntry>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,8 +72,11 @@ impl Catalog {
     /// Parses and validates a catalogue; errors name the bad model and field.
     pub fn from_toml(text: &str, created_unix: i64) -> Result<Catalog, RegistryError> {
         let file: CatalogFile = toml::from_str(text).map_err(|err| RegistryError::Config(err.to_string()))?;
-        let mut models = Vec::with_capacity(file.models.len());
-        for entry in file.models {
+        let Some(entries) = file.models else {
+            return Catalog::from_toml(DEFAULT_CATALOG, created_unix);
+        };
+        let mut models = Vec::with_capacity(entries.len());
+        for entry in entries {
             let bad = |field: &str, why: &str| RegistryError::Config(format!("model {:?}: {field} {why}", entry.id));
             let Some((owner, name)) = entry.id.split_once('/') else {
                 return Err(bad("id", "must be owner/name"));
@@ -164,6 +168,23 @@ mod tests {
         assert_eq!(gemma.pricing.unwrap().prompt_nanos_per_mtok, 30_000_000);
         let err = catalog.resolve("gpt-9").unwrap_err();
         assert!(err.to_string().contains("infermesh/gemma-3-270m"));
+    }
+
+    #[test]
+    fn the_example_config_spells_out_the_built_in_catalogue() {
+        let example =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../deploy/infermesh.example.toml"))
+                .unwrap();
+        assert_eq!(
+            Catalog::from_toml(&example, 0).unwrap().models(),
+            Catalog::from_toml(DEFAULT_CATALOG, 0).unwrap().models()
+        );
+    }
+
+    #[test]
+    fn a_config_without_models_keeps_the_built_in_catalogue() {
+        let catalog = Catalog::from_toml("default_plan = \"free\"\n[[plans]]\nid = \"free\"\n", 0).unwrap();
+        assert_eq!(catalog.models().len(), 2);
     }
 
     #[test]
