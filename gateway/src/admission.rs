@@ -96,6 +96,8 @@ pub struct Admission {
     /// The key's limits after admission; none when rate limits are off.
     pub limits: Option<LimitState>,
     pub provider: String,
+    /// The caller's end user (OpenAI's `user`), for the usage event.
+    end_user: String,
     started: Instant,
     prompt_tokens: AtomicU32,
     completion_tokens: AtomicU32,
@@ -123,6 +125,7 @@ impl Admission {
         request_id: String,
         estimated_prompt_tokens: u32,
         max_output_tokens: u32,
+        end_user: String,
     ) -> Result<Admission, Refused> {
         let estimate = estimated_prompt_tokens.saturating_add(max_output_tokens);
         let asked = Instant::now();
@@ -183,6 +186,7 @@ impl Admission {
             model,
             limits,
             provider: "infermesh".to_owned(),
+            end_user,
             started: Instant::now(),
             prompt_tokens: AtomicU32::new(estimated_prompt_tokens),
             completion_tokens: AtomicU32::new(0),
@@ -214,30 +218,37 @@ impl Admission {
             prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
             completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
         });
-        let task = settle_task(
-            self.mesh.clone(),
-            self.request_id.clone(),
-            self.key.key_id.clone(),
-            self.model.clone(),
-            self.provider.clone(),
-            usage,
-            self.started,
-        );
-        tokio::spawn(task)
+        tokio::spawn(settle_task(self.bill(), usage))
             .await
             .map_err(|err| ApiError(MeshError::internal(format!("settlement task failed: {err}"))))?
     }
+
+    fn bill(&self) -> Bill {
+        Bill {
+            mesh: self.mesh.clone(),
+            request_id: self.request_id.clone(),
+            key_id: self.key.key_id.clone(),
+            model: self.model.clone(),
+            provider: self.provider.clone(),
+            end_user: self.end_user.clone(),
+            started: self.started,
+        }
+    }
 }
 
-async fn settle_task(
+/// What a settlement needs of its admission, owned, so it can outlive it.
+struct Bill {
     mesh: Arc<Mesh>,
     request_id: String,
     key_id: String,
     model: Model,
     provider: String,
-    usage: Usage,
+    end_user: String,
     started: Instant,
-) -> Result<Settled, ApiError> {
+}
+
+async fn settle_task(bill: Bill, usage: Usage) -> Result<Settled, ApiError> {
+    let Bill { mesh, request_id, key_id, model, provider, end_user, started } = bill;
     let cost = cost_nanos(&model, u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
     let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
     let commit = mesh.ratelimit.commit(CommitRequest {
@@ -254,6 +265,7 @@ async fn settle_task(
             provider,
             usage: Some(usage),
             latency_ms,
+            end_user,
         },
     );
     let (committed, settled) = tokio::join!(commit, settle);
@@ -298,17 +310,13 @@ impl Drop for Admission {
         if self.finished.load(Ordering::Relaxed) {
             return;
         }
-        let mesh = self.mesh.clone();
-        let request_id = self.request_id.clone();
-        let key_id = self.key.key_id.clone();
         if self.started_work.load(Ordering::Relaxed) {
             // Charge for what was generated before the client left.
             let usage = Usage {
                 prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
                 completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
             };
-            let task =
-                settle_task(mesh, request_id, key_id, self.model.clone(), self.provider.clone(), usage, self.started);
+            let task = settle_task(self.bill(), usage);
             let span = tracing::Span::current();
             tokio::spawn(tracing::Instrument::instrument(
                 async move {
@@ -319,6 +327,7 @@ impl Drop for Admission {
                 span,
             ));
         } else {
+            let (mesh, request_id, key_id) = (self.mesh.clone(), self.request_id.clone(), self.key.key_id.clone());
             tokio::spawn(async move {
                 let mut billing = mesh.billing.clone();
                 let release = billing.release(ReleaseRequest { request_id: request_id.clone() });

@@ -5,9 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use infermesh_billing::Ledger;
 use infermesh_billing::ledger::{HoldRequest, Settlement};
-use infermesh_billing::plans::Plans;
+use infermesh_billing::{Ledger, LedgerOptions};
 
 use crate::cli::CliError;
 
@@ -31,7 +30,8 @@ pub async fn run(args: BillingBenchArgs) -> Result<(), CliError> {
     let failed = |err: infermesh_billing::BillingError| CliError::Service(err.to_string());
     let dir = tempfile::tempdir().map_err(|err| CliError::Service(err.to_string()))?;
     let url = args.database_url.unwrap_or_else(|| format!("sqlite://{}", dir.path().join("billing.db").display()));
-    let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(900), true).await.map_err(failed)?;
+    let options = LedgerOptions { publish_events: true, ..LedgerOptions::default() };
+    let ledger = Ledger::open(&url, options).await.map_err(failed)?;
     let accounts = args.accounts.max(1);
     for account in 0..accounts {
         ledger
@@ -73,6 +73,7 @@ pub async fn run(args: BillingBenchArgs) -> Result<(), CliError> {
                     prompt_tokens: 10,
                     completion_tokens: 20,
                     latency_ms: 5,
+                    end_user: "",
                 };
                 ledger.settle(&settlement).await?;
                 if started >= warm_until {

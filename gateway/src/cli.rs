@@ -81,6 +81,9 @@ pub enum Command {
     /// Operator key commands against a running mesh (show, list, create,
     /// revoke, update limits), over gRPC to auth.
     Keys(crate::keys_cli::KeysArgs),
+    /// Usage and credit events from NATS JetStream (`usage tail`: a durable
+    /// consumer that prints them and resumes where it stopped).
+    Usage(crate::usage_cli::UsageArgs),
     /// Measure the engine alone: prefill, then batched decode at several
     /// stream counts (tests/bench/engine.sh compares with llama.cpp).
     Bench(crate::up::BenchArgs),
@@ -188,6 +191,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Keys(args) => crate::keys_cli::run(args).await,
+        Command::Usage(args) => crate::usage_cli::run(args).await,
         Command::Bench(args) => crate::up::bench(args).await,
         Command::BenchRatelimit(args) => crate::bench_ratelimit::run(args).await,
         Command::BenchBilling(args) => crate::bench_billing::run(args).await,

@@ -20,6 +20,7 @@ pub mod openai;
 pub mod ratelimit_shards;
 pub mod routes;
 pub mod up;
+pub mod usage_cli;
 
 use std::future::Future;
 use std::sync::Arc;

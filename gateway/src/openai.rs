@@ -113,6 +113,8 @@ pub struct ValidSampling {
     pub n: u32,
     /// `Some(k)`: per-token log-probabilities with `k` alternatives.
     pub logprobs: Option<u32>,
+    /// OpenAI's `user`: the caller's end user, carried into usage events.
+    pub end_user: String,
 }
 
 /// A chat request that passed validation.
@@ -215,8 +217,20 @@ impl SamplingFields {
             ignore_eos: self.ignore_eos.unwrap_or(false),
             n: self.n.unwrap_or(1),
             logprobs: None,
+            end_user: end_user(self.user)?,
         })
     }
+}
+
+/// The most characters of an end-user id kept for billing records.
+const MAX_END_USER_CHARS: usize = 256;
+
+fn end_user(user: Option<String>) -> Result<String, ApiError> {
+    let user = user.unwrap_or_default();
+    if user.chars().count() > MAX_END_USER_CHARS {
+        return Err(ApiError::invalid("user", format!("`user` may be at most {MAX_END_USER_CHARS} characters")));
+    }
+    Ok(user)
 }
 
 fn require_model(model: &str) -> Result<(), ApiError> {
@@ -440,6 +454,7 @@ pub struct ValidEmbedding {
     pub inputs: Vec<String>,
     pub format: EncodingFormat,
     pub dimensions: Option<u32>,
+    pub end_user: String,
 }
 
 /// The most inputs one embeddings request may carry (OpenAI's limit).
@@ -479,7 +494,13 @@ impl EmbeddingRequest {
                 ));
             }
         };
-        Ok(ValidEmbedding { model: self.model, inputs, format, dimensions: self.dimensions })
+        Ok(ValidEmbedding {
+            model: self.model,
+            inputs,
+            format,
+            dimensions: self.dimensions,
+            end_user: end_user(self.user)?,
+        })
     }
 }
 

@@ -144,6 +144,7 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         database_url: sqlite_url(&data_dir, "billing.db"),
         hold_ttl_secs: 900,
         plans: args.config.clone(),
+        low_credit_percent: 10,
     };
     let s = stop.clone();
     services.spawn(async move {

@@ -255,11 +255,20 @@ pub async fn serve(state: &AppState, key: KeyInfo, model: Model, generation: Gen
     let prompt_bound = generation.prompt_bound.min(model.context_length);
     // Every choice may use the whole budget.
     let output_bound = generation.max_tokens.saturating_mul(generation.sampling.n.max(1));
-    let admission =
-        match Admission::admit(state.mesh.clone(), key, model, request_id.clone(), prompt_bound, output_bound).await {
-            Ok(admission) => Arc::new(admission),
-            Err(refused) => return Ok(refused.into_response()),
-        };
+    let admission = match Admission::admit(
+        state.mesh.clone(),
+        key,
+        model,
+        request_id.clone(),
+        prompt_bound,
+        output_bound,
+        generation.sampling.end_user.clone(),
+    )
+    .await
+    {
+        Ok(admission) => Arc::new(admission),
+        Err(refused) => return Ok(refused.into_response()),
+    };
     let sampling = &generation.sampling;
     let request = GenerateRequest {
         request_id,

@@ -16,15 +16,29 @@ use bytes::Bytes;
 pub mod subjects {
     /// `infermesh.v1.UsageEvent`, one per settled request.
     pub const USAGE_SETTLED: &str = "usage.settled.v1";
+    /// `infermesh.v1.CreditEvent`: credit was added to an account.
+    pub const CREDIT_GRANTED: &str = "credit.granted.v1";
+    /// `infermesh.v1.CreditEvent`: an account's balance is running low.
+    pub const CREDIT_LOW: &str = "credit.low.v1";
+    /// `infermesh.v1.CreditEvent`: an account can no longer pay for requests.
+    pub const CREDIT_EXHAUSTED: &str = "credit.exhausted.v1";
     /// `infermesh.v1.KeyEvent`: a key was revoked.
     pub const KEYS_REVOKED: &str = "keys.revoked.v1";
     /// `infermesh.v1.KeyEvent`: a key's state (disabled, limits) changed.
     pub const KEYS_UPDATED: &str = "keys.updated.v1";
     /// Every key event, for caches that evict on any of them.
     pub const KEYS_ALL: &str = "keys.>";
-    /// Streams created on connect: (name, subject filter).
-    pub const STREAMS: [(&str, &str); 3] = [("USAGE", "usage.>"), ("CREDIT", "credit.>"), ("KEYS", "keys.>")];
+    /// Streams kept in step on connect: (name, subject filter, days kept).
+    /// Usage and credit events are billing records: a month and more, for
+    /// any number of consumers, each reading at its own pace (limits
+    /// retention, not a work queue). Key events only evict caches.
+    pub const STREAMS: [(&str, &str, u64); 3] = [("USAGE", "usage.>", 90), ("CREDIT", "credit.>", 90), ("KEYS", "keys.>", 1)];
 }
+
+/// How long JetStream remembers a `Nats-Msg-Id`: a republish within it (an
+/// outbox that lost the ack, a billing restart) is dropped as a duplicate.
+/// Consumers that must never double-count also dedupe on the id.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(10 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
@@ -45,7 +59,7 @@ pub struct Bus {
 
 impl Bus {
     /// Connects and makes sure every stream in [`subjects::STREAMS`] exists
-    /// (file storage, two-minute dedupe window).
+    /// with its retention (file storage, [`DUPLICATE_WINDOW`]).
     pub async fn connect(url: &str) -> Result<Bus, BusError> {
         let client = async_nats::ConnectOptions::new()
             .name("infermesh")
@@ -54,13 +68,15 @@ impl Bus {
             .await
             .map_err(|source| BusError::Connect { url: url.to_owned(), source })?;
         let jetstream = jetstream::new(client.clone());
-        for (name, filter) in subjects::STREAMS {
+        for (name, filter, days) in subjects::STREAMS {
             jetstream
-                .get_or_create_stream(stream::Config {
+                .create_or_update_stream(stream::Config {
                     name: name.to_owned(),
                     subjects: vec![filter.to_owned()],
                     storage: stream::StorageType::File,
-                    duplicate_window: Duration::from_secs(120),
+                    retention: stream::RetentionPolicy::Limits,
+                    max_age: Duration::from_secs(days * 86_400),
+                    duplicate_window: DUPLICATE_WINDOW,
                     ..Default::default()
                 })
                 .await

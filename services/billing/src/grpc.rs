@@ -67,7 +67,8 @@ impl BillingService for BillingGrpc {
     }
 
     async fn settle(&self, request: Request<SettleRequest>) -> Result<Response<SettleResponse>, Status> {
-        let SettleRequest { request_id, cost_nanos, model, provider, usage, latency_ms } = request.into_inner();
+        let SettleRequest { request_id, cost_nanos, model, provider, usage, latency_ms, end_user } =
+            request.into_inner();
         let Usage { prompt_tokens, completion_tokens } = usage.unwrap_or_default();
         let charged_nanos = self
             .ledger
@@ -79,6 +80,7 @@ impl BillingService for BillingGrpc {
                 prompt_tokens,
                 completion_tokens,
                 latency_ms,
+                end_user: &end_user,
             })
             .await?;
         Ok(Response::new(SettleResponse { charged_nanos }))

@@ -26,6 +26,29 @@ pub struct Ledger {
     plans: Arc<Plans>,
 }
 
+/// How a ledger behaves.
+#[derive(Debug, Clone)]
+pub struct LedgerOptions {
+    pub plans: Plans,
+    /// How long a hold lives before it is released on its own.
+    pub hold_ttl: Duration,
+    /// A balance below this share of everything granted is low.
+    pub low_credit_percent: u8,
+    /// Write usage and credit events to the outbox (for NATS).
+    pub publish_events: bool,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> LedgerOptions {
+        LedgerOptions {
+            plans: Plans::default(),
+            hold_ttl: Duration::from_secs(900),
+            low_credit_percent: 10,
+            publish_events: false,
+        }
+    }
+}
+
 /// An account's plan and its use this month.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountPlan {
@@ -43,6 +66,7 @@ pub struct Settlement<'a> {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub latency_ms: u32,
+    pub end_user: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,12 +94,8 @@ impl BooksCheck {
 }
 
 impl Ledger {
-    pub async fn open(
-        database_url: &str,
-        plans: Plans,
-        hold_ttl: Duration,
-        outbox_enabled: bool,
-    ) -> Result<Ledger, BillingError> {
+    pub async fn open(database_url: &str, options: LedgerOptions) -> Result<Ledger, BillingError> {
+        let LedgerOptions { plans, hold_ttl, low_credit_percent, publish_events } = options;
         let migrations = Migrations {
             sqlite: sqlx::migrate!("./migrations/sqlite"),
             postgres: sqlx::migrate!("./migrations/postgres"),
@@ -87,7 +107,8 @@ impl Ledger {
         let outbox_ready = Arc::new(Notify::new());
         let ttl_ms = i64::try_from(hold_ttl.as_millis()).unwrap_or(i64::MAX);
         let plans = Arc::new(plans);
-        let mut writer = Writer::new(pool.clone(), plans.clone(), ttl_ms, outbox_enabled, outbox_ready.clone());
+        let mut writer =
+            Writer::new(pool.clone(), plans.clone(), ttl_ms, low_credit_percent, publish_events, outbox_ready.clone());
         writer.load_open_holds().await?;
         let (commands, queue) = mpsc::channel(4096);
         tokio::spawn(writer.run(queue));
@@ -226,6 +247,7 @@ impl Ledger {
             prompt_tokens: settlement.prompt_tokens,
             completion_tokens: settlement.completion_tokens,
             latency_ms: settlement.latency_ms,
+            end_user: settlement.end_user.to_owned(),
         };
         self.ask(|reply| Command::Settle { settlement, reply }).await
     }
@@ -323,7 +345,7 @@ impl Ledger {
 
     pub async fn generation(&self, request_id: &str) -> Result<UsageEvent, BillingError> {
         const SQL: &str = "SELECT account_id, key_id, model, provider, prompt_tokens, completion_tokens, \
-             cost_nanos, latency_ms, created_at FROM usage_records WHERE request_id = $1";
+             cost_nanos, latency_ms, created_at, end_user FROM usage_records WHERE request_id = $1";
         on_pool!(&self.pool, pool => {
             let row = sqlx::query(SQL)
                 .bind(request_id)
@@ -343,6 +365,7 @@ impl Ledger {
                 cost_nanos: row.try_get(6)?,
                 latency_ms: small(7)?,
                 settled_at_unix_ms: row.try_get(8)?,
+                end_user: row.try_get(9)?,
             })
         })
     }
@@ -376,6 +399,7 @@ fn require(field: &'static str, value: &str) -> Result<(), BillingError> {
 
 #[cfg(test)]
 mod tests {
+    use infermesh_proto::v1::CreditEvent;
     use prost::Message;
 
     use super::*;
@@ -388,6 +412,7 @@ mod tests {
         release_and_expiry_free_the_hold,
         the_books_balance_after_a_mixed_load,
         a_plan_gates_models_and_its_included_tokens_cost_nothing,
+        credit_events_announce_grants_then_low_then_exhausted_once_per_grant,
     );
 
     fn hold<'a>(
@@ -400,6 +425,16 @@ mod tests {
         HoldRequest { request_id, account_id, key_id, model: "infermesh/m", amount, max_tokens: 100, key_limit }
     }
 
+    async fn usage_rows(ledger: &Ledger) -> Vec<OutboxRow> {
+        let mut rows = ledger.outbox_batch(10_000).await.unwrap();
+        rows.retain(|row| row.subject == USAGE_SUBJECT);
+        rows
+    }
+
+    fn options(hold_ttl: Duration) -> LedgerOptions {
+        LedgerOptions { hold_ttl, publish_events: true, ..LedgerOptions::default() }
+    }
+
     fn settlement(request_id: &str, cost_nanos: i64) -> Settlement<'_> {
         Settlement {
             request_id,
@@ -409,11 +444,12 @@ mod tests {
             prompt_tokens: 3,
             completion_tokens: 4,
             latency_ms: 5,
+            end_user: "",
         }
     }
 
     async fn grant_is_idempotent(url: String) {
-        let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(60), true).await.unwrap();
+        let ledger = Ledger::open(&url, options(Duration::from_secs(60))).await.unwrap();
         ledger.grant("a", 100, "signup:a", "free").await.unwrap();
         let balance = ledger.grant("a", 100, "signup:a", "free").await.unwrap();
         assert_eq!(balance.granted_nanos, 100);
@@ -421,7 +457,7 @@ mod tests {
     }
 
     async fn reserve_settle_charges_actual_cost_once(url: String) {
-        let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(60), true).await.unwrap();
+        let ledger = Ledger::open(&url, options(Duration::from_secs(60))).await.unwrap();
         ledger.grant("a", 1000, "g", "free").await.unwrap();
         assert_eq!(ledger.reserve(&hold("r1", "a", "k", 600, None)).await.unwrap(), (600, 400));
         assert_eq!(ledger.reserve(&hold("r1", "a", "k", 600, None)).await.unwrap().0, 600, "idempotent");
@@ -440,14 +476,14 @@ mod tests {
         let record = ledger.generation("r1").await.unwrap();
         assert_eq!((record.cost_nanos, record.account_id.as_str(), record.latency_ms), (250, "a", 5));
         assert!(matches!(ledger.generation("nope").await, Err(BillingError::UnknownGeneration(_))));
-        let outbox = ledger.outbox_batch(10).await.unwrap();
+        let outbox = usage_rows(&ledger).await;
         assert_eq!(outbox.len(), 1);
         let event = UsageEvent::decode(outbox[0].payload.as_slice()).unwrap();
         assert_eq!((event.cost_nanos, event.account_id.as_str()), (250, "a"));
     }
 
     async fn refuses_what_it_cannot_cover_and_never_goes_negative(url: String) {
-        let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(60), true).await.unwrap();
+        let ledger = Ledger::open(&url, options(Duration::from_secs(60))).await.unwrap();
         ledger.grant("a", 1000, "g", "free").await.unwrap();
         let mut tasks = Vec::new();
         for i in 0..50 {
@@ -467,7 +503,7 @@ mod tests {
     }
 
     async fn a_key_limit_caps_spend_plus_open_holds(url: String) {
-        let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(60), true).await.unwrap();
+        let ledger = Ledger::open(&url, options(Duration::from_secs(60))).await.unwrap();
         ledger.grant("a", 10_000, "g", "free").await.unwrap();
         ledger.reserve(&hold("r1", "a", "k", 400, Some(1000))).await.unwrap();
         ledger.settle(&settlement("r1", 300)).await.unwrap();
@@ -480,7 +516,7 @@ mod tests {
     }
 
     async fn release_and_expiry_free_the_hold(url: String) {
-        let ledger = Ledger::open(&url, Plans::default(), Duration::from_millis(0), true).await.unwrap();
+        let ledger = Ledger::open(&url, options(Duration::from_millis(0))).await.unwrap();
         ledger.grant("a", 1000, "g", "free").await.unwrap();
         ledger.reserve(&hold("r1", "a", "k", 300, None)).await.unwrap();
         ledger.release("r1").await.unwrap();
@@ -496,7 +532,7 @@ mod tests {
     }
 
     async fn the_books_balance_after_a_mixed_load(url: String) {
-        let ledger = Ledger::open(&url, Plans::default(), Duration::from_millis(50), true).await.unwrap();
+        let ledger = Ledger::open(&url, options(Duration::from_millis(50))).await.unwrap();
         let mut tasks = Vec::new();
         for account in 0..4 {
             // Enough for all 50 of the account's holds at once.
@@ -537,11 +573,11 @@ mod tests {
         let usage: i64 = (0..200).filter(|i| i % 5 >= 2).map(|i| (i % 7) * 40).sum();
         assert_eq!(charged, usage, "every settlement charged once");
         let settled = (0..200).filter(|i| i % 5 >= 2).count();
-        assert_eq!(ledger.outbox_batch(1000).await.unwrap().len(), settled, "one usage event per settlement");
+        assert_eq!(usage_rows(&ledger).await.len(), settled, "one usage event per settlement");
     }
 
     async fn a_plan_gates_models_and_its_included_tokens_cost_nothing(url: String) {
-        let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(60), true).await.unwrap();
+        let ledger = Ledger::open(&url, options(Duration::from_secs(60))).await.unwrap();
         ledger.grant("a", 1_000, "g", "top-up").await.unwrap();
         let upstream = HoldRequest { model: "openai/gpt-4o", ..hold("r1", "a", "k", 600, None) };
         let err = ledger.reserve(&upstream).await.unwrap_err();
@@ -556,9 +592,59 @@ mod tests {
         assert_eq!(ledger.account_plan("a").await.unwrap().included_tokens_used, 7);
         // The writer's memory and the database agree after a restart.
         drop(ledger);
-        let ledger = Ledger::open(&url, Plans::default(), Duration::from_secs(60), true).await.unwrap();
+        let ledger = Ledger::open(&url, options(Duration::from_secs(60))).await.unwrap();
         assert_eq!(ledger.account_plan("a").await.unwrap().plan.id, "pro");
         assert_eq!(ledger.reserve(&HoldRequest { request_id: "r2", ..upstream }).await.unwrap().0, 0);
         assert!(ledger.check_books().await.unwrap().balanced());
+    }
+
+    async fn credit_events_announce_grants_then_low_then_exhausted_once_per_grant(url: String) {
+        let ledger = Ledger::open(&url, options(Duration::from_secs(60))).await.unwrap();
+        let subjects = |rows: &[OutboxRow]| rows.iter().map(|row| row.subject.clone()).collect::<Vec<_>>();
+        ledger.grant("a", 1_000, "signup:a", "signup").await.unwrap();
+        // 850 used: 15% left, not yet low (below 10%).
+        ledger.reserve(&hold("r1", "a", "k", 900, None)).await.unwrap();
+        ledger.settle(&Settlement { end_user: "user-42", ..settlement("r1", 850) }).await.unwrap();
+        // 900, then 950 used: low from the second on, announced once.
+        for id in ["r2", "r3"] {
+            ledger.reserve(&hold(id, "a", "k", 50, None)).await.unwrap();
+            ledger.settle(&settlement(id, 50)).await.unwrap();
+        }
+        // Refused while low: exhausted, announced once.
+        for id in ["r4", "r5"] {
+            assert!(matches!(
+                ledger.reserve(&hold(id, "a", "k", 100, None)).await,
+                Err(BillingError::InsufficientCredit { .. })
+            ));
+        }
+        let rows = ledger.outbox_batch(100).await.unwrap();
+        assert_eq!(
+            subjects(&rows),
+            [
+                "credit.granted.v1",
+                "usage.settled.v1",
+                "usage.settled.v1",
+                "usage.settled.v1",
+                "credit.low.v1",
+                "credit.exhausted.v1"
+            ]
+        );
+        let granted = CreditEvent::decode(rows[0].payload.as_slice()).unwrap();
+        assert_eq!((granted.amount_nanos, granted.available_nanos, granted.reason.as_str()), (1_000, 1_000, "signup"));
+        assert_eq!(rows[0].dedupe_id, "credit.granted:signup:a");
+        let usage = UsageEvent::decode(rows[1].payload.as_slice()).unwrap();
+        assert_eq!(usage.end_user, "user-42");
+        assert_eq!(ledger.generation("r1").await.unwrap().end_user, "user-42");
+        let low = CreditEvent::decode(rows[4].payload.as_slice()).unwrap();
+        assert_eq!((low.used_nanos, low.request_id.as_str()), (950, "r3"));
+        assert_eq!(rows[4].dedupe_id, "credit.low:a:1000");
+        let exhausted = CreditEvent::decode(rows[5].payload.as_slice()).unwrap();
+        assert_eq!((exhausted.available_nanos, exhausted.request_id.as_str()), (50, "r4"));
+        // A top-up starts a new period: low can be announced again.
+        ledger.grant("a", 100, "topup:1", "top-up").await.unwrap();
+        ledger.reserve(&hold("r6", "a", "k", 100, None)).await.unwrap();
+        ledger.settle(&settlement("r6", 100)).await.unwrap();
+        let rows = ledger.outbox_batch(100).await.unwrap();
+        assert_eq!(subjects(&rows[6..]), ["credit.granted.v1", "usage.settled.v1", "credit.low.v1"]);
     }
 }

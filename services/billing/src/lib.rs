@@ -20,7 +20,7 @@ use infermesh_service::{BootstrapError, CancellationToken};
 use tokio::net::TcpListener;
 
 pub use error::BillingError;
-pub use ledger::Ledger;
+pub use ledger::{Ledger, LedgerOptions};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BillingConfig {
@@ -41,6 +41,11 @@ pub struct BillingConfig {
     /// the same file `infermesh up --config` reads.
     #[arg(long = "plans", env = "INFERMESH_PLANS")]
     pub plans: Option<std::path::PathBuf>,
+    /// `credit.low.v1` is announced when an account's balance falls below
+    /// this percentage of everything it was granted.
+    #[arg(long = "low-credit-percent", env = "INFERMESH_LOW_CREDIT_PERCENT", default_value_t = 10,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub low_credit_percent: u8,
 }
 
 impl BillingConfig {
@@ -74,8 +79,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
     let plans = config.load_plans()?;
-    let ledger =
-        Ledger::open(&config.database_url, plans, Duration::from_secs(config.hold_ttl_secs), bus.is_some()).await?;
+    let options = LedgerOptions {
+        plans,
+        hold_ttl: Duration::from_secs(config.hold_ttl_secs),
+        low_credit_percent: config.low_credit_percent,
+        publish_events: bus.is_some(),
+    };
+    let ledger = Ledger::open(&config.database_url, options).await?;
     let background = CancellationToken::new();
     if let Some(bus) = bus {
         tokio::spawn(outbox::publish_forever(ledger.clone(), bus, background.clone()));

@@ -10,7 +10,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use infermesh_proto::v1::UsageEvent;
+use infermesh_bus::subjects::{CREDIT_EXHAUSTED, CREDIT_GRANTED, CREDIT_LOW, USAGE_SETTLED};
+use infermesh_proto::v1::{CreditEvent, UsageEvent};
 use infermesh_service::now_unix_ms;
 use infermesh_sql::{Pool, on_pool};
 use prost::Message;
@@ -19,11 +20,10 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::book::{AccountBalance, Book, Changes, Entry, Hold, HoldRequest, HoldState, PlanUsage};
 use crate::error::BillingError;
-use crate::ledger::USAGE_SUBJECT;
 use crate::plans::{Plans, month_of};
 
 /// Commands taken into one transaction at most (bounded by the bind
-/// parameters a statement may carry, 32,766 in SQLite: 10 per usage row).
+/// parameters a statement may carry, 32,766 in SQLite: 11 per usage row).
 const MAX_BATCH: usize = 2048;
 
 type Reply<T> = oneshot::Sender<Result<T, BillingError>>;
@@ -36,6 +36,7 @@ pub struct OwnedSettlement {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub latency_ms: u32,
+    pub end_user: String,
 }
 
 pub enum Command {
@@ -96,6 +97,22 @@ struct GrantRow {
     reason: String,
 }
 
+/// An event written to the outbox in the same transaction as its fact.
+struct OutboxEvent {
+    subject: &'static str,
+    dedupe_id: String,
+    payload: Vec<u8>,
+}
+
+/// Which alerts an account was sent since its last grant: `granted` (its
+/// total granted) names the period, so a grant starts a new one.
+#[derive(Debug, Default, Clone, Copy)]
+struct Alerted {
+    granted: i64,
+    low: bool,
+    exhausted: bool,
+}
+
 struct UsageRow {
     settlement: OwnedSettlement,
     account_id: String,
@@ -109,8 +126,11 @@ pub struct Writer {
     book: Book,
     plans: Arc<Plans>,
     hold_ttl_ms: i64,
+    /// Below this percentage of everything granted, a balance is low.
+    low_credit_percent: i64,
     outbox_enabled: bool,
     outbox_ready: Arc<Notify>,
+    alerted: std::collections::HashMap<String, Alerted>,
 }
 
 impl Writer {
@@ -118,10 +138,20 @@ impl Writer {
         pool: Pool,
         plans: Arc<Plans>,
         hold_ttl_ms: i64,
+        low_credit_percent: u8,
         outbox_enabled: bool,
         outbox_ready: Arc<Notify>,
     ) -> Writer {
-        Writer { pool, book: Book::default(), plans, hold_ttl_ms, outbox_enabled, outbox_ready }
+        Writer {
+            pool,
+            book: Book::default(),
+            plans,
+            hold_ttl_ms,
+            low_credit_percent: i64::from(low_credit_percent),
+            outbox_enabled,
+            outbox_ready,
+            alerted: std::collections::HashMap::new(),
+        }
     }
 
     /// Every open hold, so expiry finds them all.
@@ -176,6 +206,7 @@ impl Writer {
         let now = now_unix_ms();
         let mut changes = Changes::default();
         let (mut grants, mut usage, mut answers) = (Vec::new(), Vec::new(), Vec::with_capacity(batch.len()));
+        let mut outbox = Vec::new();
         let mut granted_keys: HashSet<String> = HashSet::new();
         // Closed holds are forgotten on the expiry sweep's schedule, not on
         // every batch.
@@ -185,6 +216,12 @@ impl Writer {
                 Command::Grant { account_id, amount, idempotency_key, reason, reply } => {
                     if !existing_grants.contains(&idempotency_key) && granted_keys.insert(idempotency_key.clone()) {
                         self.book.grant(&mut changes, &account_id, amount, &idempotency_key);
+                        let event = self.credit_event(&account_id, amount, &reason, "", now);
+                        outbox.push(OutboxEvent {
+                            subject: CREDIT_GRANTED,
+                            dedupe_id: format!("credit.granted:{idempotency_key}"),
+                            payload: event.encode_to_vec(),
+                        });
                         grants.push(GrantRow { idempotency_key, account_id, amount, reason });
                     }
                     answer(reply, Ok(()))
@@ -204,7 +241,11 @@ impl Writer {
                                 key_limit,
                             };
                             let expires_at = now.saturating_add(self.hold_ttl_ms);
-                            self.book.reserve(&mut changes, &self.plans, &request, now, expires_at)
+                            let held = self.book.reserve(&mut changes, &self.plans, &request, now, expires_at);
+                            if let Err(BillingError::InsufficientCredit { .. }) = held {
+                                self.alert(&account_id, &request_id, true, now, &mut outbox);
+                            }
+                            held
                         }
                     };
                     answer(reply, result)
@@ -222,7 +263,14 @@ impl Writer {
                         Some((charged, first_time)) => {
                             if first_time && let Some(hold) = self.book.holds.get(&settlement.request_id) {
                                 let (account_id, key_id) = (hold.account_id.clone(), hold.key_id.clone());
-                                usage.push(UsageRow { settlement, account_id, key_id, cost: charged });
+                                let record = UsageRow { settlement, account_id, key_id, cost: charged };
+                                outbox.push(OutboxEvent {
+                                    subject: USAGE_SETTLED,
+                                    dedupe_id: record.settlement.request_id.clone(),
+                                    payload: usage_event(&record, now).encode_to_vec(),
+                                });
+                                self.alert(&record.account_id, &record.settlement.request_id, false, now, &mut outbox);
+                                usage.push(record);
                             }
                             Ok(charged)
                         }
@@ -242,9 +290,14 @@ impl Writer {
                 }
             });
         }
-        let failed = match self.write(&changes, &grants, &usage, now).await {
+        if !self.outbox_enabled {
+            outbox.clear();
+        }
+        let failed = match self.write(&changes, &grants, &usage, &outbox, now).await {
             Ok(()) => None,
             Err(err) => {
+                // Alerts decided in this batch were not written.
+                self.alerted.clear();
                 tracing::error!(error = %err, "ledger batch not written; reloading state from the database");
                 // The in-memory book ran ahead of the database: start again
                 // from what the database holds.
@@ -258,13 +311,58 @@ impl Writer {
             answer(failed.as_deref());
         }
         if failed.is_none() {
-            if self.outbox_enabled && !usage.is_empty() {
+            if !outbox.is_empty() {
                 self.outbox_ready.notify_one();
             }
             if expired_this_batch {
                 self.book.forget_closed(now.saturating_sub(self.hold_ttl_ms));
             }
         }
+    }
+
+    fn credit_event(&self, account_id: &str, amount: i64, reason: &str, request_id: &str, now: i64) -> CreditEvent {
+        let balance = self.book.account(account_id);
+        CreditEvent {
+            account_id: account_id.to_owned(),
+            amount_nanos: amount,
+            granted_nanos: balance.granted,
+            used_nanos: balance.used,
+            held_nanos: balance.held,
+            available_nanos: balance.available(),
+            reason: reason.to_owned(),
+            request_id: request_id.to_owned(),
+            at_unix_ms: now,
+        }
+    }
+
+    /// After a settlement (or a refusal for want of credit, `refused`):
+    /// tells billing consumers, once between grants, that the account's
+    /// balance is low, or exhausted (nothing left, or refused while low).
+    fn alert(&mut self, account_id: &str, request_id: &str, refused: bool, now: i64, outbox: &mut Vec<OutboxEvent>) {
+        let balance = self.book.account(account_id);
+        let remaining = balance.granted - balance.used;
+        let low = i128::from(remaining) * 100 < i128::from(balance.granted) * i128::from(self.low_credit_percent);
+        let exhausted = remaining <= 0 || (refused && low);
+        let alerted = self.alerted.entry(account_id.to_owned()).or_default();
+        if alerted.granted != balance.granted {
+            *alerted = Alerted { granted: balance.granted, ..Alerted::default() };
+        }
+        let subject = if exhausted && !alerted.exhausted {
+            (alerted.exhausted, alerted.low) = (true, true);
+            CREDIT_EXHAUSTED
+        } else if low && !alerted.low {
+            alerted.low = true;
+            CREDIT_LOW
+        } else {
+            return;
+        };
+        let kind = subject.trim_end_matches(".v1");
+        let event = self.credit_event(account_id, 0, "", request_id, now);
+        outbox.push(OutboxEvent {
+            subject,
+            dedupe_id: format!("{kind}:{account_id}:{}", balance.granted),
+            payload: event.encode_to_vec(),
+        });
     }
 
     /// Loads what the batch touches and memory lacks; returns which grant
@@ -427,9 +525,11 @@ impl Writer {
         changes: &Changes,
         grants: &[GrantRow],
         usage: &[UsageRow],
+        outbox: &[OutboxEvent],
         now: i64,
     ) -> Result<(), BillingError> {
-        if changes.entries.is_empty()
+        if outbox.is_empty()
+            && changes.entries.is_empty()
             && changes.changed_holds.is_empty()
             && changes.new_holds.is_empty()
             && changes.plan_accounts.is_empty()
@@ -437,7 +537,6 @@ impl Writer {
             return Ok(());
         }
         let book = &self.book;
-        let outbox_enabled = self.outbox_enabled;
         on_pool!(&self.pool, pool => {
             let mut tx = pool.begin().await?;
             if !grants.is_empty() {
@@ -487,7 +586,7 @@ impl Writer {
             if !usage.is_empty() {
                 let mut query = sqlx::QueryBuilder::new(
                     "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, prompt_tokens, \
-                     completion_tokens, cost_nanos, latency_ms, created_at) ",
+                     completion_tokens, cost_nanos, latency_ms, created_at, end_user) ",
                 );
                 query.push_values(usage, |mut row, record| {
                     let s = &record.settlement;
@@ -500,20 +599,20 @@ impl Writer {
                         .push_bind(i64::from(s.completion_tokens))
                         .push_bind(record.cost)
                         .push_bind(i64::from(s.latency_ms))
+                        .push_bind(now)
+                        .push_bind(s.end_user.clone());
+                });
+                query.build().execute(&mut *tx).await?;
+            }
+            if !outbox.is_empty() {
+                let mut query = sqlx::QueryBuilder::new("INSERT INTO outbox (subject, dedupe_id, payload, created_at) ");
+                query.push_values(outbox, |mut row, event| {
+                    row.push_bind(event.subject)
+                        .push_bind(event.dedupe_id.clone())
+                        .push_bind(event.payload.clone())
                         .push_bind(now);
                 });
                 query.build().execute(&mut *tx).await?;
-                if outbox_enabled {
-                    let mut query =
-                        sqlx::QueryBuilder::new("INSERT INTO outbox (subject, dedupe_id, payload, created_at) ");
-                    query.push_values(usage, |mut row, record| {
-                        row.push_bind(USAGE_SUBJECT)
-                            .push_bind(record.settlement.request_id.clone())
-                            .push_bind(usage_event(record, now).encode_to_vec())
-                            .push_bind(now);
-                    });
-                    query.build().execute(&mut *tx).await?;
-                }
             }
             let journal = compound_entries(&changes.entries, now);
             if !journal.is_empty() {
@@ -623,6 +722,7 @@ fn usage_event(record: &UsageRow, now: i64) -> UsageEvent {
         cost_nanos: record.cost,
         settled_at_unix_ms: now,
         latency_ms: s.latency_ms,
+        end_user: s.end_user.clone(),
     }
 }
 
