@@ -58,6 +58,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/admin/v1/accounts/{id}/credits", post(admin::top_up))
         .route("/admin/v1/accounts/{id}/plan", get(admin::account_plan).put(admin::set_account_plan))
         .route("/admin/v1/plans", get(admin::list_plans))
+        .route("/admin/v1/ledger", get(admin::check_books))
         .route("/health", get(health::health))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -1,14 +1,23 @@
 //! End-to-end: the credit ledger over HTTP against the real binary. Plans
 //! gate models (403 naming the plan that has it) and include tokens; 100
 //! concurrent requests never spend credit the account lacks; a key's own
-//! credit limit holds.
+//! credit limit holds; a billing crash and a NATS outage under load lose
+//! and double-count nothing, and `infermesh usage tail` resumes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a failed step should fail the test loudly")]
 
 #[path = "harness.rs"]
 mod harness;
 
-use harness::{http, start_up};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use harness::{BIN, Peers, free_port, http, spawn, spawn_gateway_to, spawn_nats_on, start_up};
+use infermesh_proto::v1::UsageEvent;
+use prost::Message;
 use serde_json::{Value, json};
 
 const ADMIN: &str = "operator-secret";
@@ -183,4 +192,179 @@ async fn a_key_spends_no_more_than_its_own_credit_limit() {
     assert!(body["error"]["message"].as_str().unwrap().contains("this key's credit limit is $0.000002625"), "{body}");
     // The account's other key is not capped.
     assert_eq!(completion(&base, &key).send().await.unwrap().status(), 200);
+}
+
+/// What the clients of the load saw: request id → `usage.cost` (nanos) of
+/// every 200, and how many requests failed otherwise.
+#[derive(Default)]
+struct Seen {
+    charged: HashMap<String, i64>,
+    failed: u64,
+}
+
+/// Clients sending small completions until `stop`.
+fn load(base: &str, key: &str, clients: usize, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Seen>> {
+    (0..clients)
+        .map(|_| {
+            let (base, key, stop) = (base.to_owned(), key.to_owned(), stop.clone());
+            tokio::spawn(async move {
+                let mut seen = Seen::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let response = http()
+                        .post(format!("{base}/v1/completions"))
+                        .bearer_auth(&key)
+                        .json(&json!({"model": "infermesh/gemma-3-270m", "prompt": [2, 100, 200], "max_tokens": 4, "ignore_eos": true}))
+                        .send()
+                        .await;
+                    let Ok(response) = response else {
+                        seen.failed += 1;
+                        continue;
+                    };
+                    if response.status() != 200 {
+                        seen.failed += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    let body: Value = response.json().await.unwrap();
+                    let cost = nanos(body["usage"]["cost"].as_f64().unwrap()) as i64;
+                    seen.charged.insert(body["id"].as_str().unwrap().to_owned(), cost);
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+/// Every event in `stream` as (Nats-Msg-Id, payload), read by a fresh
+/// ephemeral consumer.
+async fn stream_events(nats: &str, stream: &str) -> Vec<(String, bytes::Bytes)> {
+    let jetstream = async_nats::jetstream::new(async_nats::connect(nats).await.unwrap());
+    let mut stream = jetstream.get_stream(stream).await.unwrap();
+    let stored = stream.info().await.unwrap().state.messages;
+    let consumer = stream.create_consumer(async_nats::jetstream::consumer::pull::Config::default()).await.unwrap();
+    let mut events = Vec::new();
+    let mut messages = consumer.messages().await.unwrap();
+    while (events.len() as u64) < stored {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.unwrap().unwrap().unwrap();
+        let id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).unwrap().as_str().to_owned();
+        events.push((id, message.payload.clone()));
+    }
+    events
+}
+
+/// `infermesh usage tail --count n`: the request ids it printed.
+async fn tail(nats: &str, n: usize) -> Vec<String> {
+    let output = tokio::process::Command::new(BIN)
+        .args(["usage", "--nats-url", nats, "tail", "--events", "usage", "--count", &n.to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let line: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(line["subject"], "usage.settled.v1");
+            line["event"]["request_id"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_billing_crash_and_a_nats_outage_under_load_lose_and_double_count_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path();
+    let sqlite = |name: &str| format!("sqlite://{}", dir.join(name).display());
+    let nats_port = free_port();
+    let mut nats = spawn_nats_on(&dir.join("nats"), nats_port).await;
+    let nats_url = nats.address.clone();
+    let billing_addr = format!("127.0.0.1:{}", free_port());
+    let billing_args = [
+        "billing",
+        "--listen",
+        &billing_addr,
+        "--billing-database-url",
+        &sqlite("billing.db"),
+        "--nats-url",
+        &nats_url,
+    ];
+    let registry = spawn("registry", &["registry", "--listen", "127.0.0.1:0"]).await;
+    let auth = spawn("auth", &["auth", "--listen", "127.0.0.1:0", "--auth-database-url", &sqlite("auth.db")]).await;
+    let mut billing = spawn("billing", &billing_args).await;
+    let ratelimit = spawn("ratelimit", &["ratelimit", "--listen", "127.0.0.1:0"]).await;
+    let _worker = spawn("worker", &["worker", "--listen", "127.0.0.1:0", "--registry-addr", &registry.address]).await;
+    let peers = Peers {
+        auth: &auth.address,
+        billing: &billing_addr,
+        registry: &registry.address,
+        ratelimit: Some(&ratelimit.address),
+    };
+    let (_gateway, base) = spawn_gateway_to(&peers, &["--admin-token", ADMIN]).await;
+    let (key, account) = signup(&base, "durable@example.com").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = load(&base, &key, 4, stop.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // kill -9 mid-load, restart on the same address and database.
+    billing.child.start_kill().unwrap();
+    billing.child.wait().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    billing = spawn("billing", &billing_args).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // NATS goes away mid-load; settlements go on, their events wait.
+    nats.child.start_kill().unwrap();
+    nats.child.wait().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    nats = spawn_nats_on(&dir.join("nats"), nats_port).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut seen = Seen::default();
+    for client in clients {
+        let client = client.await.unwrap();
+        seen.failed += client.failed;
+        seen.charged.extend(client.charged);
+    }
+    assert!(seen.charged.len() > 20, "too little load to prove anything: {} served", seen.charged.len());
+    let client_total: i64 = seen.charged.values().sum();
+
+    // The ledger charged exactly what the clients were told, and balances.
+    let (_, used) = credits(&base, &key).await;
+    assert_eq!(nanos(used) as i64, client_total, "ledger vs usage.cost ({} failed requests)", seen.failed);
+    let books: Value =
+        http().get(format!("{base}/admin/v1/ledger")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(books["data"]["balanced"], true, "{books}");
+    assert_eq!(books["data"]["revenue_nanos"], client_total, "{books}");
+
+    // Every charge reached the USAGE stream once, with its cost; nothing
+    // else did.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let events = loop {
+        let events = stream_events(&nats_url, "USAGE").await;
+        if events.len() >= seen.charged.len() || Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let ids: HashSet<&str> = events.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), events.len(), "a duplicate event");
+    assert_eq!(ids, seen.charged.keys().map(String::as_str).collect(), "events vs responses");
+    let mut event_total = 0;
+    for (id, payload) in &events {
+        let event = UsageEvent::decode(payload.clone()).unwrap();
+        assert_eq!(event.cost_nanos, seen.charged[id], "{id}");
+        assert_eq!(event.account_id, account);
+        event_total += event.cost_nanos;
+    }
+    assert_eq!(event_total, client_total);
+    let credit_events = stream_events(&nats_url, "CREDIT").await;
+    assert!(credit_events.iter().any(|(id, _)| id.starts_with("credit.granted:")), "the sign-up grant is announced");
+
+    // A durable consumer reads some, stops, and resumes after them.
+    let half = events.len() / 2;
+    let first = tail(&nats_url, half).await;
+    let rest = tail(&nats_url, events.len() - half).await;
+    let tailed: HashSet<&str> = first.iter().chain(&rest).map(String::as_str).collect();
+    assert_eq!((first.len() + rest.len(), tailed), (events.len(), ids));
+    drop((billing, nats));
 }

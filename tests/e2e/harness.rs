@@ -145,7 +145,16 @@ pub fn service_address(up: &Proc, name: &str) -> String {
 
 /// A real nats-server with JetStream on a free port.
 pub async fn spawn_nats(store: &Path) -> Proc {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    spawn_nats_on(store, free_port()).await
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real nats-server with JetStream on `port`, storing in `store` (so a
+/// restart on the same port and store is the same server to its clients).
+pub async fn spawn_nats_on(store: &Path, port: u16) -> Proc {
     let mut command = Command::new(venv_bin("nats-server"));
     command.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"]).arg(store);
     let child = quiet(&mut command).spawn().expect("spawn nats-server");

@@ -10,7 +10,9 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use harness::{Peers, http, run_openai_client, signup, spawn, spawn_gateway, spawn_gateway_to, spawn_nats, start_up};
+use harness::{
+    Peers, free_port, http, run_openai_client, signup, spawn, spawn_gateway, spawn_gateway_to, spawn_nats, start_up,
+};
 use infermesh_proto::v1::UsageEvent;
 use prost::Message;
 use serde_json::Value;
@@ -425,7 +427,7 @@ async fn a_billing_crash_mid_stream_loses_no_charge() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path();
     let sqlite = |name: &str| format!("sqlite://{}", dir.join(name).display());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let billing_addr = format!("127.0.0.1:{port}");
     let billing_args = ["billing", "--listen", &billing_addr, "--billing-database-url", &sqlite("billing.db")];
     let registry = spawn("registry", &["registry", "--listen", "127.0.0.1:0"]).await;

@@ -6,8 +6,8 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use infermesh_proto::v1::{
-    AccountPlan, GetAccountPlanRequest, GetKeyDailyUsageRequest, GrantRequest, KeyInfo, KeyUsage, ListPlansRequest,
-    Plan, SetAccountPlanRequest, UpdateKeyRequest,
+    AccountPlan, CheckBooksRequest, GetAccountPlanRequest, GetKeyDailyUsageRequest, GrantRequest, KeyInfo, KeyUsage,
+    ListPlansRequest, Plan, SetAccountPlanRequest, UpdateKeyRequest,
 };
 use infermesh_service::ErrorKind;
 use infermesh_service::money::{dollars_to_nanos, nanos_to_dollars};
@@ -206,6 +206,26 @@ fn account_plan_json(account: &AccountPlan) -> Value {
         "month": format!("{}-{:02}", account.month / 100, account.month % 100),
         "included_tokens_used": account.included_tokens_used,
     }})
+}
+
+/// `GET /admin/v1/ledger`: proves the books (every movement balances, each
+/// cached balance equals its entries) and gives the revenue booked.
+pub async fn check_books(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    require_admin(&state, &headers)?;
+    let report =
+        state.mesh.billing.clone().check_books(CheckBooksRequest {}).await.map_err(peer_error("billing"))?.into_inner();
+    let mismatches: Vec<Value> = report
+        .mismatches
+        .iter()
+        .map(|m| json!({"book": m.book, "from_entries_nanos": m.from_entries_nanos, "cached_nanos": m.cached_nanos}))
+        .collect();
+    Ok(Json(json!({"data": {
+        "balanced": report.balanced,
+        "total_nanos": report.total_nanos,
+        "revenue_nanos": report.revenue_nanos,
+        "revenue": nanos_to_dollars(report.revenue_nanos),
+        "mismatches": mismatches,
+    }})))
 }
 
 /// `GET /admin/v1/plans`: the plans on sale and which one new accounts get.

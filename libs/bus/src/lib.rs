@@ -32,7 +32,8 @@ pub mod subjects {
     /// Usage and credit events are billing records: a month and more, for
     /// any number of consumers, each reading at its own pace (limits
     /// retention, not a work queue). Key events only evict caches.
-    pub const STREAMS: [(&str, &str, u64); 3] = [("USAGE", "usage.>", 90), ("CREDIT", "credit.>", 90), ("KEYS", "keys.>", 1)];
+    pub const STREAMS: [(&str, &str, u64); 3] =
+        [("USAGE", "usage.>", 90), ("CREDIT", "credit.>", 90), ("KEYS", "keys.>", 1)];
 }
 
 /// How long JetStream remembers a `Nats-Msg-Id`: a republish within it (an

@@ -2,10 +2,10 @@
 
 use infermesh_proto::v1::billing_service_server::BillingService;
 use infermesh_proto::v1::{
-    AccountPlan, Balance, GetAccountPlanRequest, GetBalanceRequest, GetGenerationRequest, GetKeyDailyUsageRequest,
-    GetKeyUsageRequest, GrantRequest, KeyDailyUsage, KeyUsage, ListPlansRequest, ListPlansResponse, Plan,
-    ReleaseRequest, ReleaseResponse, ReserveRequest, ReserveResponse, SetAccountPlanRequest, SettleRequest,
-    SettleResponse, Usage, UsageEvent,
+    AccountPlan, Balance, BookMismatch, BooksReport, CheckBooksRequest, GetAccountPlanRequest, GetBalanceRequest,
+    GetGenerationRequest, GetKeyDailyUsageRequest, GetKeyUsageRequest, GrantRequest, KeyDailyUsage, KeyUsage,
+    ListPlansRequest, ListPlansResponse, Plan, ReleaseRequest, ReleaseResponse, ReserveRequest, ReserveResponse,
+    SetAccountPlanRequest, SettleRequest, SettleResponse, Usage, UsageEvent,
 };
 use tonic::{Request, Response, Status};
 
@@ -138,5 +138,19 @@ impl BillingService for BillingGrpc {
         let SetAccountPlanRequest { account_id, plan_id } = request.into_inner();
         let plan = self.ledger.set_plan(&account_id, &plan_id).await?;
         Ok(Response::new(account_plan_message(account_id, &plan)))
+    }
+
+    async fn check_books(&self, _request: Request<CheckBooksRequest>) -> Result<Response<BooksReport>, Status> {
+        let check = self.ledger.check_books().await?;
+        Ok(Response::new(BooksReport {
+            balanced: check.balanced(),
+            total_nanos: check.total_nanos,
+            mismatches: check
+                .mismatches
+                .into_iter()
+                .map(|(book, from_entries_nanos, cached_nanos)| BookMismatch { book, from_entries_nanos, cached_nanos })
+                .collect(),
+            revenue_nanos: check.revenue_nanos,
+        }))
     }
 }

@@ -85,6 +85,8 @@ pub struct BooksCheck {
     /// Books whose entries disagree with the cached balances, as
     /// `(book, from entries, from credit_accounts)`.
     pub mismatches: Vec<(String, i64, i64)>,
+    /// Everything charged, over all accounts.
+    pub revenue_nanos: i64,
 }
 
 impl BooksCheck {
@@ -301,7 +303,11 @@ impl Ledger {
                 mismatches.push((book.to_owned(), entry(book), expected));
             }
         }
-        Ok(BooksCheck { total_nanos: books.iter().map(|(_, amount)| amount).sum(), mismatches })
+        Ok(BooksCheck {
+            total_nanos: books.iter().map(|(_, amount)| amount).sum(),
+            mismatches,
+            revenue_nanos: entry(crate::book::REVENUE),
+        })
     }
 
     /// Lifetime spend of one key: (cost, prompt tokens, completion tokens, calls).
