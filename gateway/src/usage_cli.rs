@@ -20,7 +20,7 @@ use crate::cli::CliError;
 
 #[derive(Debug, Args)]
 pub struct UsageArgs {
-    #[arg(long = "nats-url", env = "INFERMESH_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(long = "nats-url", env = "INFERMESH_NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
     nats_url: String,
     #[command(subcommand)]
     command: UsageCommand,

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use harness::{BIN, Peers, free_port, http, spawn, spawn_gateway_to, spawn_nats_on, start_up};
+use harness::{BIN, free_port, http, json_of, spawn, spawn_gateway_to, spawn_nats_on, spawn_services, start_up};
 use infermesh_proto::v1::UsageEvent;
 use prost::Message;
 use serde_json::{Value, json};
@@ -45,8 +45,7 @@ async fn signup(base: &str, email: &str) -> (String, String) {
 }
 
 async fn credits(base: &str, key: &str) -> (f64, f64) {
-    let body: Value =
-        http().get(format!("{base}/v1/credits")).bearer_auth(key).send().await.unwrap().json().await.unwrap();
+    let body: Value = json_of(http().get(format!("{base}/v1/credits")).bearer_auth(key)).await;
     (body["data"]["total_credits"].as_f64().unwrap(), body["data"]["total_usage"].as_f64().unwrap())
 }
 
@@ -97,8 +96,7 @@ included_tokens_per_month = 1000
     assert_eq!(embedded.status(), 200);
     let (_, used_before) = credits(&base, &key).await;
 
-    let plans: Value =
-        http().get(format!("{base}/admin/v1/plans")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let plans: Value = json_of(http().get(format!("{base}/admin/v1/plans")).bearer_auth(ADMIN)).await;
     assert_eq!(plans["default_plan"], "basic", "{plans}");
     assert_eq!(plans["data"][1]["included_tokens_per_month"], 1000, "{plans}");
     let set_plan = |plan: &str| {
@@ -114,18 +112,10 @@ included_tokens_per_month = 1000
     assert_eq!(moved["data"]["plan"]["name"], "Pro", "{moved}");
 
     // The plan includes 1,000 tokens a month: these 19 cost nothing.
-    let served: Value = completion(&base, &key).send().await.unwrap().json().await.unwrap();
+    let served: Value = json_of(completion(&base, &key)).await;
     assert_eq!(served["usage"]["total_tokens"], 19, "{served}");
     assert_eq!(served["usage"]["cost"], 0.0, "{served}");
-    let plan: Value = http()
-        .get(format!("{base}/admin/v1/accounts/{account}/plan"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let plan: Value = json_of(http().get(format!("{base}/admin/v1/accounts/{account}/plan")).bearer_auth(ADMIN)).await;
     assert_eq!(plan["data"]["included_tokens_used"], 19, "{plan}");
     assert_eq!(credits(&base, &key).await.1, used_before, "included tokens are not charged");
 }
@@ -171,16 +161,10 @@ async fn a_key_spends_no_more_than_its_own_credit_limit() {
     let (key, _) = signup(&base, "capped@example.com").await;
     // Room for two and a half requests on a key of an account with plenty.
     let limit = 2.5 * REQUEST_NANOS / 1e9;
-    let created: Value = http()
-        .post(format!("{base}/v1/keys"))
-        .bearer_auth(&key)
-        .json(&json!({"name": "capped", "limit": limit}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let created: Value = json_of(
+        http().post(format!("{base}/v1/keys")).bearer_auth(&key).json(&json!({"name": "capped", "limit": limit})),
+    )
+    .await;
     let capped = created["key"].as_str().unwrap();
     for _ in 0..2 {
         assert_eq!(completion(&base, capped).send().await.unwrap().status(), 200);
@@ -289,18 +273,9 @@ async fn a_billing_crash_and_a_nats_outage_under_load_lose_and_double_count_noth
         "--nats-url",
         &nats_url,
     ];
-    let registry = spawn("registry", &["registry", "--listen", "127.0.0.1:0"]).await;
-    let auth = spawn("auth", &["auth", "--listen", "127.0.0.1:0", "--auth-database-url", &sqlite("auth.db")]).await;
+    let services = spawn_services(dir).await;
     let mut billing = spawn("billing", &billing_args).await;
-    let ratelimit = spawn("ratelimit", &["ratelimit", "--listen", "127.0.0.1:0"]).await;
-    let _worker = spawn("worker", &["worker", "--listen", "127.0.0.1:0", "--registry-addr", &registry.address]).await;
-    let peers = Peers {
-        auth: &auth.address,
-        billing: &billing_addr,
-        registry: &registry.address,
-        ratelimit: Some(&ratelimit.address),
-    };
-    let (_gateway, base) = spawn_gateway_to(&peers, &["--admin-token", ADMIN]).await;
+    let (_gateway, base) = spawn_gateway_to(&services.peers(&billing_addr), &["--admin-token", ADMIN]).await;
     let (key, account) = signup(&base, "durable@example.com").await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -331,8 +306,7 @@ async fn a_billing_crash_and_a_nats_outage_under_load_lose_and_double_count_noth
     // The ledger charged exactly what the clients were told, and balances.
     let (_, used) = credits(&base, &key).await;
     assert_eq!(nanos(used) as i64, client_total, "ledger vs usage.cost ({} failed requests)", seen.failed);
-    let books: Value =
-        http().get(format!("{base}/admin/v1/ledger")).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+    let books: Value = json_of(http().get(format!("{base}/admin/v1/ledger")).bearer_auth(ADMIN)).await;
     assert_eq!(books["data"]["balanced"], true, "{books}");
     assert_eq!(books["data"]["revenue_nanos"], client_total, "{books}");
 

@@ -128,6 +128,37 @@ pub async fn spawn_gateway_to(peers: &Peers<'_>, extra: &[&str]) -> (Proc, Strin
     (gateway, base)
 }
 
+/// Registry, auth, ratelimit and a worker, each its own process, with
+/// auth's database in `dir`: the mesh around a billing process a test
+/// controls itself.
+pub struct Services {
+    pub registry: Proc,
+    pub auth: Proc,
+    pub ratelimit: Proc,
+    pub worker: Proc,
+}
+
+pub async fn spawn_services(dir: &Path) -> Services {
+    let auth_url = format!("sqlite://{}", dir.join("auth.db").display());
+    let registry = spawn("registry", &["registry", "--listen", "127.0.0.1:0"]).await;
+    let auth = spawn("auth", &["auth", "--listen", "127.0.0.1:0", "--auth-database-url", &auth_url]).await;
+    let ratelimit = spawn("ratelimit", &["ratelimit", "--listen", "127.0.0.1:0"]).await;
+    let worker = spawn("worker", &["worker", "--listen", "127.0.0.1:0", "--registry-addr", &registry.address]).await;
+    Services { registry, auth, ratelimit, worker }
+}
+
+impl Services {
+    /// Where a gateway finds these services and billing at `billing`.
+    pub fn peers<'a>(&'a self, billing: &'a str) -> Peers<'a> {
+        Peers {
+            auth: &self.auth.address,
+            billing,
+            registry: &self.registry.address,
+            ratelimit: Some(&self.ratelimit.address),
+        }
+    }
+}
+
 /// The address of service `name` (auth, billing, registry, ratelimit)
 /// inside an `infermesh up`, from the line it prints at start.
 pub fn service_address(up: &Proc, name: &str) -> String {
@@ -168,6 +199,11 @@ pub async fn spawn_nats_on(store: &Path, port: u16) -> Proc {
 
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
+}
+
+/// Sends `request` and parses the JSON answer, whatever its status.
+pub async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
 }
 
 /// Waits until `/readyz` says every service is up and a worker registered.

@@ -11,7 +11,7 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::{Proc, http, service_address, signup, spawn, spawn_gateway, start_up};
+use harness::{Proc, http, json_of, service_address, signup, spawn, spawn_gateway, start_up};
 use serde_json::Value;
 
 const ADMIN: &str = "operator-secret";
@@ -154,15 +154,7 @@ async fn the_key_reports_its_own_usage_and_limits() {
 
     // The operator's per-day view of the same key.
     let id = key_id(&base, &key).await;
-    let daily: Value = http()
-        .get(format!("{base}/admin/v1/keys/{id}/usage?days=7"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let daily: Value = json_of(http().get(format!("{base}/admin/v1/keys/{id}/usage?days=7")).bearer_auth(ADMIN)).await;
     let today = time::OffsetDateTime::now_utc().date().to_string();
     assert_eq!(daily["data"].as_array().map(Vec::len), Some(1), "{daily}");
     let day = &daily["data"][0];

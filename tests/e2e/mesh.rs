@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use harness::{
-    Peers, free_port, http, run_openai_client, signup, spawn, spawn_gateway, spawn_gateway_to, spawn_nats, start_up,
+    free_port, http, json_of, run_openai_client, signup, spawn, spawn_gateway, spawn_gateway_to, spawn_nats,
+    spawn_services, start_up,
 };
 use infermesh_proto::v1::UsageEvent;
 use prost::Message;
@@ -65,30 +66,12 @@ async fn separate_processes_publish_a_usage_event_per_request_on_nats() {
     let dir = data.path();
     let sqlite = |name: &str| format!("sqlite://{}", dir.join(name).display());
     let nats = spawn_nats(&dir.join("nats")).await;
-    let registry = spawn("registry", &["registry", "--listen", "127.0.0.1:0"]).await;
-    let auth = spawn("auth", &["auth", "--listen", "127.0.0.1:0", "--auth-database-url", &sqlite("auth.db")]).await;
-    let billing = spawn(
-        "billing",
-        &[
-            "billing",
-            "--listen",
-            "127.0.0.1:0",
-            "--billing-database-url",
-            &sqlite("billing.db"),
-            "--nats-url",
-            &nats.address,
-        ],
-    )
-    .await;
-    let ratelimit = spawn("ratelimit", &["ratelimit", "--listen", "127.0.0.1:0"]).await;
-    let _worker = spawn("worker", &["worker", "--listen", "127.0.0.1:0", "--registry-addr", &registry.address]).await;
-    let peers = Peers {
-        auth: &auth.address,
-        billing: &billing.address,
-        registry: &registry.address,
-        ratelimit: Some(&ratelimit.address),
-    };
-    let (_gateway, base) = spawn_gateway_to(&peers, &[]).await;
+    let services = spawn_services(dir).await;
+    let billing_url = sqlite("billing.db");
+    let billing_args =
+        ["billing", "--listen", "127.0.0.1:0", "--billing-database-url", &billing_url, "--nats-url", &nats.address];
+    let billing = spawn("billing", &billing_args).await;
+    let (_gateway, base) = spawn_gateway_to(&services.peers(&billing.address), &[]).await;
     let key = signup(&base, "procs@example.com").await;
     let result = run_openai_client(&base, &key).await;
 
@@ -430,18 +413,9 @@ async fn a_billing_crash_mid_stream_loses_no_charge() {
     let port = free_port();
     let billing_addr = format!("127.0.0.1:{port}");
     let billing_args = ["billing", "--listen", &billing_addr, "--billing-database-url", &sqlite("billing.db")];
-    let registry = spawn("registry", &["registry", "--listen", "127.0.0.1:0"]).await;
-    let auth = spawn("auth", &["auth", "--listen", "127.0.0.1:0", "--auth-database-url", &sqlite("auth.db")]).await;
+    let services = spawn_services(dir).await;
     let mut billing = spawn("billing", &billing_args).await;
-    let ratelimit = spawn("ratelimit", &["ratelimit", "--listen", "127.0.0.1:0"]).await;
-    let _worker = spawn("worker", &["worker", "--listen", "127.0.0.1:0", "--registry-addr", &registry.address]).await;
-    let peers = Peers {
-        auth: &auth.address,
-        billing: &billing_addr,
-        registry: &registry.address,
-        ratelimit: Some(&ratelimit.address),
-    };
-    let (_gateway, base) = spawn_gateway_to(&peers, &[]).await;
+    let (_gateway, base) = spawn_gateway_to(&services.peers(&billing_addr), &[]).await;
     let key = signup(&base, "crash@example.com").await;
 
     let response = http()
@@ -494,15 +468,7 @@ async fn a_billing_crash_mid_stream_loses_no_charge() {
     assert_eq!(last["usage"]["completion_tokens"], 120, "{last}");
     let id = last["id"].as_str().unwrap();
 
-    let generation: Value = http()
-        .get(format!("{base}/v1/generation?id={id}"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let generation: Value = json_of(http().get(format!("{base}/v1/generation?id={id}")).bearer_auth(&key)).await;
     assert_eq!(generation["data"]["total_cost"].as_f64(), Some(cost), "{generation}");
     let credits: Value =
         http().get(format!("{base}/v1/credits")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
