@@ -45,13 +45,20 @@ pub struct Options {
     /// SQLite's `synchronous`: FULL syncs every commit; NORMAL (in WAL mode)
     /// survives a process crash but may lose the last commits to a power cut.
     pub sqlite_synchronous: SqliteSynchronous,
+    /// Checkpoint SQLite's write-ahead log from a background task instead
+    /// of inside whichever commit crosses the threshold, so a writer that
+    /// commits back to back never stalls on copying pages.
+    pub sqlite_background_checkpoint: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { max_connections: 4, sqlite_synchronous: SqliteSynchronous::Full }
+        Options { max_connections: 4, sqlite_synchronous: SqliteSynchronous::Full, sqlite_background_checkpoint: false }
     }
 }
+
+/// How often the background checkpoint runs.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 impl Pool {
     /// Connects to `postgres://…` / `postgresql://…`, or else opens (creating
@@ -75,8 +82,13 @@ impl Pool {
                 // page once a table outgrows SQLite's own small cache.
                 .pragma("mmap_size", "268435456")
                 .pragma("cache_size", "-16384");
+            let connect =
+                if options.sqlite_background_checkpoint { connect.pragma("wal_autocheckpoint", "0") } else { connect };
             let pool = SqlitePoolOptions::new().max_connections(options.max_connections).connect_with(connect).await?;
             migrations.sqlite.run(&pool).await?;
+            if options.sqlite_background_checkpoint {
+                tokio::spawn(checkpoint_forever(pool.clone()));
+            }
             Ok(Pool::Sqlite(pool))
         }
     }
@@ -85,6 +97,19 @@ impl Pool {
         match self {
             Pool::Sqlite(_) => "sqlite",
             Pool::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// PASSIVE checkpoints never block a writer; the log is reused once one
+/// has copied every frame.
+async fn checkpoint_forever(pool: SqlitePool) {
+    while !pool.is_closed() {
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
+        if let Err(err) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await
+            && !pool.is_closed()
+        {
+            tracing::warn!(error = %err, "SQLite checkpoint failed; the write-ahead log grows until one succeeds");
         }
     }
 }

@@ -104,7 +104,11 @@ impl Ledger {
         };
         // Each batch is synced before anyone hears of it: group commit
         // makes that one sync per batch, not per request.
-        let options = Options { max_connections: 4, sqlite_synchronous: SqliteSynchronous::Full };
+        let options = Options {
+            max_connections: 4,
+            sqlite_synchronous: SqliteSynchronous::Full,
+            sqlite_background_checkpoint: true,
+        };
         let pool = Pool::open(database_url, &migrations, options).await?;
         let outbox_ready = Arc::new(Notify::new());
         let ttl_ms = i64::try_from(hold_ttl.as_millis()).unwrap_or(i64::MAX);
