@@ -11,6 +11,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
 cargo build --release -p infermesh-gateway
 bin="$CARGO_TARGET_DIR/release/infermesh"
 seconds="${SECONDS_PER_RUN:-10}"
+export RUST_LOG="${RUST_LOG:-warn}"
 pg_bin=/usr/lib/postgresql/15/bin
 pg_dir=""
 as_postgres() {
