@@ -89,18 +89,34 @@ impl Bus {
     /// Publishes and waits for JetStream's ack, so a returned `Ok` means the
     /// event is stored.
     pub async fn publish(&self, subject: &str, dedupe_id: &str, payload: Bytes) -> Result<(), BusError> {
-        let publish_error = |reason: String| BusError::Publish { subject: subject.to_owned(), reason };
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", dedupe_id);
-        for (name, value) in infermesh_telemetry::context_headers() {
-            headers.insert(name.as_str(), value.as_str());
+        self.publish_all([(subject, dedupe_id, payload)]).await
+    }
+
+    /// Publishes every `(subject, dedupe id, payload)` in order, then waits
+    /// for all the acks: one round trip for the lot, not one per event. An
+    /// `Ok` means every event is stored; after an error some may be, and a
+    /// retry with the same dedupe ids stores none twice.
+    pub async fn publish_all<'a>(
+        &self,
+        events: impl IntoIterator<Item = (&'a str, &'a str, Bytes)>,
+    ) -> Result<(), BusError> {
+        let publish_error = |subject: &str, reason: String| BusError::Publish { subject: subject.to_owned(), reason };
+        let trace_headers = infermesh_telemetry::context_headers();
+        let mut acks = Vec::new();
+        for (subject, dedupe_id, payload) in events {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", dedupe_id);
+            for (name, value) in &trace_headers {
+                headers.insert(name.as_str(), value.as_str());
+            }
+            let ack = self
+                .jetstream
+                .publish_with_headers(subject.to_owned(), headers, payload)
+                .await
+                .map_err(|err| publish_error(subject, err.to_string()))?;
+            acks.push(async move { ack.await.map_err(|err| publish_error(subject, err.to_string())) });
         }
-        let ack = self
-            .jetstream
-            .publish_with_headers(subject.to_owned(), headers, payload)
-            .await
-            .map_err(|err| publish_error(err.to_string()))?;
-        ack.await.map_err(|err| publish_error(err.to_string()))?;
+        futures::future::try_join_all(acks).await?;
         Ok(())
     }
 

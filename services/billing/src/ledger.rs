@@ -397,8 +397,10 @@ impl Ledger {
         })
     }
 
-    pub async fn outbox_delete(&self, seq: i64) -> Result<(), BillingError> {
-        on_pool!(&self.pool, pool => sqlx::query("DELETE FROM outbox WHERE seq = $1").bind(seq).execute(pool).await.map(drop)?);
+    /// Forgets every outbox row up to `seq`, once they were published: rows
+    /// are numbered in commit order by the one writer.
+    pub async fn outbox_delete_through(&self, seq: i64) -> Result<(), BillingError> {
+        on_pool!(&self.pool, pool => sqlx::query("DELETE FROM outbox WHERE seq <= $1").bind(seq).execute(pool).await.map(drop)?);
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
-//! Drains the outbox to NATS. A row is deleted only after JetStream acked
-//! it; a crash in between re-publishes it, and the `Nats-Msg-Id` (the
-//! request id) makes JetStream drop the duplicate.
+//! Drains the outbox to NATS, a batch at a time: every row of a batch is
+//! published, then deleted once JetStream acked them all; a crash in
+//! between re-publishes them, and each `Nats-Msg-Id` makes JetStream drop
+//! the duplicate.
 
 use std::time::Duration;
 
@@ -32,9 +33,12 @@ async fn drain(ledger: &Ledger, bus: &Bus) -> Result<(), Box<dyn std::error::Err
         if batch.is_empty() {
             return Ok(());
         }
-        for row in batch {
-            bus.publish(&row.subject, &row.dedupe_id, Bytes::from(row.payload)).await?;
-            ledger.outbox_delete(row.seq).await?;
+        let last = batch.last().map_or(0, |row| row.seq);
+        let mut events: Vec<(&str, &str, Bytes)> = Vec::with_capacity(batch.len());
+        for row in &batch {
+            events.push((&row.subject, &row.dedupe_id, Bytes::from(row.payload.clone())));
         }
+        bus.publish_all(events).await?;
+        ledger.outbox_delete_through(last).await?;
     }
 }
