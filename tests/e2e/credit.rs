@@ -1,7 +1,8 @@
 //! End-to-end: the credit ledger over HTTP against the real binary. Plans
 //! gate models (403 naming the plan that has it) and include tokens; 100
 //! concurrent requests never spend credit the account lacks; a key's own
-//! credit limit holds; a billing crash and a NATS outage under load lose
+//! credit limit holds; a client that leaves mid-stream pays for what was
+//! generated; a billing crash and a NATS outage under load lose
 //! and double-count nothing, and `infermesh usage tail` resumes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a failed step should fail the test loudly")]
@@ -176,6 +177,53 @@ async fn a_key_spends_no_more_than_its_own_credit_limit() {
     assert!(body["error"]["message"].as_str().unwrap().contains("this key's credit limit is $0.000002625"), "{body}");
     // The account's other key is not capped.
     assert_eq!(completion(&base, &key).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_mid_stream_pays_for_the_tokens_generated_only() {
+    let data = tempfile::tempdir().unwrap();
+    let (_up, base) = start_up(data.path(), &[]).await;
+    let (key, _) = signup(&base, "leaver@example.com").await;
+    let response = http()
+        .post(format!("{base}/v1/completions"))
+        .bearer_auth(&key)
+        .json(&json!({
+            "model": "infermesh/gemma-3-270m",
+            "prompt": [2, 100, 200],
+            "max_tokens": 4000,
+            "ignore_eos": true,
+            "stream": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    while text.matches("data: ").count() < 6 {
+        text.push_str(&String::from_utf8_lossy(&body.next().await.unwrap().unwrap()));
+    }
+    drop(body);
+    let first: Value = serde_json::from_str(text.lines().next().unwrap().strip_prefix("data: ").unwrap()).unwrap();
+    let id = first["id"].as_str().unwrap();
+
+    // Settled once the worker stopped: poll for the record.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let record = loop {
+        let response = http().get(format!("{base}/v1/generation?id={id}")).bearer_auth(&key).send().await.unwrap();
+        if response.status() == 200 {
+            break response.json::<Value>().await.unwrap()["data"].clone();
+        }
+        assert!(Instant::now() < deadline, "no settlement for the abandoned stream");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let completion_tokens = record["tokens_completion"].as_f64().unwrap();
+    assert_eq!(record["tokens_prompt"], 3, "{record}");
+    assert!((6.0..500.0).contains(&completion_tokens), "charged for {completion_tokens} tokens: {record}");
+    let cost = nanos(record["total_cost"].as_f64().unwrap());
+    assert_eq!(cost, 3.0 * 30.0 + completion_tokens * 60.0, "the price of the tokens generated: {record}");
+    // The rest of the 4,000-token hold went back.
+    assert_eq!(nanos(credits(&base, &key).await.1), cost);
 }
 
 /// What the clients of the load saw: request id → `usage.cost` (nanos) of
