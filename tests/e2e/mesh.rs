@@ -33,11 +33,12 @@ async fn up_serves_the_openai_sdk_and_stops_generating_when_the_client_leaves() 
     assert!(result["chat"]["cost"].as_f64().unwrap() > 0.0);
 
     // A stream the client abandons must stop at the worker, long before
-    // its 4,000 tokens would be done.
+    // its 4,000 tokens would be done (ignore_eos: an early end of text
+    // would finish it before the worker reports it active).
     let response = http()
         .post(format!("{base}/v1/chat/completions"))
         .bearer_auth(&key)
-        .body(r#"{"model":"infermesh/gemma-3-270m","messages":[{"role":"user","content":"Tell a long story."}],"max_tokens":4000,"stream":true}"#)
+        .body(r#"{"model":"infermesh/gemma-3-270m","messages":[{"role":"user","content":"Tell a long story."}],"max_tokens":4000,"ignore_eos":true,"stream":true}"#)
         .send()
         .await
         .unwrap();
