@@ -216,11 +216,9 @@ impl Writer {
                 Command::Grant { account_id, amount, idempotency_key, reason, reply } => {
                     if !existing_grants.contains(&idempotency_key) && granted_keys.insert(idempotency_key.clone()) {
                         self.book.grant(&mut changes, &account_id, amount, &idempotency_key);
-                        let event = self.credit_event(&account_id, amount, &reason, "", now);
-                        outbox.push(OutboxEvent {
-                            subject: CREDIT_GRANTED,
-                            dedupe_id: format!("credit.granted:{idempotency_key}"),
-                            payload: event.encode_to_vec(),
+                        self.announce(&mut outbox, CREDIT_GRANTED, || {
+                            let event = self.credit_event(&account_id, amount, &reason, "", now);
+                            (format!("credit.granted:{idempotency_key}"), event.encode_to_vec())
                         });
                         grants.push(GrantRow { idempotency_key, account_id, amount, reason });
                     }
@@ -264,10 +262,8 @@ impl Writer {
                             if first_time && let Some(hold) = self.book.holds.get(&settlement.request_id) {
                                 let (account_id, key_id) = (hold.account_id.clone(), hold.key_id.clone());
                                 let record = UsageRow { settlement, account_id, key_id, cost: charged };
-                                outbox.push(OutboxEvent {
-                                    subject: USAGE_SETTLED,
-                                    dedupe_id: record.settlement.request_id.clone(),
-                                    payload: usage_event(&record, now).encode_to_vec(),
+                                self.announce(&mut outbox, USAGE_SETTLED, || {
+                                    (record.settlement.request_id.clone(), usage_event(&record, now).encode_to_vec())
                                 });
                                 self.alert(&record.account_id, &record.settlement.request_id, false, now, &mut outbox);
                                 usage.push(record);
@@ -289,9 +285,6 @@ impl Writer {
                     answer(reply, Ok(lapsed.len() as u64))
                 }
             });
-        }
-        if !self.outbox_enabled {
-            outbox.clear();
         }
         let failed = match self.write(&changes, &grants, &usage, &outbox, now).await {
             Ok(()) => None,
@@ -343,6 +336,10 @@ impl Writer {
         let remaining = balance.granted - balance.used;
         let low = i128::from(remaining) * 100 < i128::from(balance.granted) * i128::from(self.low_credit_percent);
         let exhausted = remaining <= 0 || (refused && low);
+        // Most settlements leave a healthy balance: nothing to look up.
+        if !self.outbox_enabled || !(low || exhausted) {
+            return;
+        }
         let alerted = self.alerted.entry(account_id.to_owned()).or_default();
         if alerted.granted != balance.granted {
             *alerted = Alerted { granted: balance.granted, ..Alerted::default() };
@@ -357,12 +354,24 @@ impl Writer {
             return;
         };
         let kind = subject.trim_end_matches(".v1");
-        let event = self.credit_event(account_id, 0, "", request_id, now);
-        outbox.push(OutboxEvent {
-            subject,
-            dedupe_id: format!("{kind}:{account_id}:{}", balance.granted),
-            payload: event.encode_to_vec(),
+        self.announce(outbox, subject, || {
+            let event = self.credit_event(account_id, 0, "", request_id, now);
+            (format!("{kind}:{account_id}:{}", balance.granted), event.encode_to_vec())
         });
+    }
+
+    /// Adds an event to the batch's outbox; `event` (dedupe id, payload) is
+    /// only built when events are published at all.
+    fn announce(
+        &self,
+        outbox: &mut Vec<OutboxEvent>,
+        subject: &'static str,
+        event: impl FnOnce() -> (String, Vec<u8>),
+    ) {
+        if self.outbox_enabled {
+            let (dedupe_id, payload) = event();
+            outbox.push(OutboxEvent { subject, dedupe_id, payload });
+        }
     }
 
     /// Loads what the batch touches and memory lacks; returns which grant
