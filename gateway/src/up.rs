@@ -142,9 +142,9 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     });
     let billing_config = BillingConfig {
         database_url: sqlite_url(&data_dir, "billing.db"),
-        hold_ttl_secs: 900,
+        hold_ttl_secs: infermesh_billing::ledger::DEFAULT_HOLD_TTL_SECS,
         plans: args.config.clone(),
-        low_credit_percent: 10,
+        low_credit_percent: infermesh_billing::ledger::DEFAULT_LOW_CREDIT_PERCENT,
     };
     let s = stop.clone();
     services.spawn(async move {

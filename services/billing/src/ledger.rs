@@ -26,6 +26,11 @@ pub struct Ledger {
     plans: Arc<Plans>,
 }
 
+/// How long a hold lives by default before it is released on its own.
+pub const DEFAULT_HOLD_TTL_SECS: u64 = 900;
+/// By default a balance below this share of everything granted is low.
+pub const DEFAULT_LOW_CREDIT_PERCENT: u8 = 10;
+
 /// How a ledger behaves.
 #[derive(Debug, Clone)]
 pub struct LedgerOptions {
@@ -42,8 +47,8 @@ impl Default for LedgerOptions {
     fn default() -> LedgerOptions {
         LedgerOptions {
             plans: Plans::default(),
-            hold_ttl: Duration::from_secs(900),
-            low_credit_percent: 10,
+            hold_ttl: Duration::from_secs(DEFAULT_HOLD_TTL_SECS),
+            low_credit_percent: DEFAULT_LOW_CREDIT_PERCENT,
             publish_events: false,
         }
     }

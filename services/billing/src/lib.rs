@@ -34,7 +34,7 @@ pub struct BillingConfig {
     pub database_url: String,
     /// How long a hold lives before it is released on its own (a gateway
     /// that died mid-request must not keep credit stuck).
-    #[arg(long = "hold-ttl-secs", env = "INFERMESH_HOLD_TTL_SECS", default_value_t = 900)]
+    #[arg(long = "hold-ttl-secs", env = "INFERMESH_HOLD_TTL_SECS", default_value_t = ledger::DEFAULT_HOLD_TTL_SECS)]
     pub hold_ttl_secs: u64,
     /// A TOML file whose `[[plans]]` (id, name, models, included_tokens_per_month)
     /// and `default_plan` replace the built-in Free / Starter / Pro / Ultimate;
@@ -43,7 +43,7 @@ pub struct BillingConfig {
     pub plans: Option<std::path::PathBuf>,
     /// `credit.low.v1` is announced when an account's balance falls below
     /// this percentage of everything it was granted.
-    #[arg(long = "low-credit-percent", env = "INFERMESH_LOW_CREDIT_PERCENT", default_value_t = 10,
+    #[arg(long = "low-credit-percent", env = "INFERMESH_LOW_CREDIT_PERCENT", default_value_t = ledger::DEFAULT_LOW_CREDIT_PERCENT,
           value_parser = clap::value_parser!(u8).range(0..=100))]
     pub low_credit_percent: u8,
 }
