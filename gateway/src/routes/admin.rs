@@ -21,23 +21,30 @@ use crate::mesh::peer_error;
 use crate::routes::RawBody;
 use crate::routes::account::{key_json, key_usage};
 
-/// Admits the caller when it sends the admin token as a bearer token.
-fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &state.admin_token else {
-        return Err(ApiError::new(
-            ErrorKind::PermissionDenied,
-            "admin routes are off: start the gateway with --admin-token (INFERMESH_ADMIN_TOKEN)",
-        ));
-    };
-    let given = crate::admission::api_key(headers).map_err(|_| {
-        ApiError::new(ErrorKind::Authentication, "admin routes need `Authorization: Bearer <admin token>`")
-    })?;
-    // Digests first, so the comparison is constant-time over equal lengths.
-    let (given, expected) = (Sha256::digest(given.as_bytes()), Sha256::digest(expected.as_bytes()));
-    if !infermesh_auth::keys::constant_time_eq(&given, &expected) {
-        return Err(ApiError::new(ErrorKind::Authentication, "invalid admin token"));
+/// An operator: the request carried the admin token as a bearer token.
+/// Every `/admin/v1/` handler takes one, so none can skip the check.
+pub struct Admin;
+
+impl axum::extract::FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Admin, ApiError> {
+        let Some(expected) = &state.admin_token else {
+            return Err(ApiError::new(
+                ErrorKind::PermissionDenied,
+                "admin routes are off: start the gateway with --admin-token (INFERMESH_ADMIN_TOKEN)",
+            ));
+        };
+        let given = crate::admission::api_key(&parts.headers).map_err(|_| {
+            ApiError::new(ErrorKind::Authentication, "admin routes need `Authorization: Bearer <admin token>`")
+        })?;
+        // Digests first, so the comparison is constant-time over equal lengths.
+        let (given, expected) = (Sha256::digest(given.as_bytes()), Sha256::digest(expected.as_bytes()));
+        if !infermesh_auth::keys::constant_time_eq(&given, &expected) {
+            return Err(ApiError::new(ErrorKind::Authentication, "invalid admin token"));
+        }
+        Ok(Admin)
     }
-    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,12 +77,11 @@ fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Option<f
 /// max_concurrent}`. Every gateway
 /// sees the change at once through `keys.updated`.
 pub async fn update_key(
+    _admin: Admin,
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(key_id): Path<String>,
     RawBody(body): RawBody,
 ) -> Result<Json<Value>, ApiError> {
-    require_admin(&state, &headers)?;
     let KeyPatch { disabled, limit, rate_limit } = parse_json(&body)?;
     let limit_nanos = match limit {
         Some(Some(dollars)) => Some(
@@ -117,12 +123,12 @@ struct TopUp {
 /// `POST /admin/v1/accounts/{id}/credits {amount, idempotency_key, reason?}`:
 /// adds prepaid credit once per idempotency key; answers the balance.
 pub async fn top_up(
+    _admin: Admin,
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(account_id): Path<String>,
     RawBody(body): RawBody,
 ) -> Result<Json<Value>, ApiError> {
-    require_admin(&state, &headers)?;
     let TopUp { amount, idempotency_key, reason } = parse_json(&body)?;
     let amount_nanos = dollars_to_nanos(amount)
         .filter(|n| *n > 0)
@@ -157,12 +163,11 @@ pub struct DaysQuery {
 /// `GET /admin/v1/keys/{id}/usage?days=N` (default 30, at most 366): what
 /// the key spent each UTC day with any use, oldest first.
 pub async fn key_daily_usage(
+    _admin: Admin,
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(key_id): Path<String>,
     query: Result<Query<DaysQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    require_admin(&state, &headers)?;
     let Query(query) = query.map_err(|err| ApiError::invalid("days", format!("invalid query string: {err}")))?;
     let days = query.days.unwrap_or(30);
     if !(1..=366).contains(&days) {
@@ -210,8 +215,7 @@ fn account_plan_json(account: &AccountPlan) -> Value {
 
 /// `GET /admin/v1/ledger`: proves the books (every movement balances, each
 /// cached balance equals its entries) and gives the revenue booked.
-pub async fn check_books(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    require_admin(&state, &headers)?;
+pub async fn check_books(_admin: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let report =
         state.mesh.billing.clone().check_books(CheckBooksRequest {}).await.map_err(peer_error("billing"))?.into_inner();
     let mismatches: Vec<Value> = report
@@ -229,8 +233,7 @@ pub async fn check_books(State(state): State<AppState>, headers: HeaderMap) -> R
 }
 
 /// `GET /admin/v1/plans`: the plans on sale and which one new accounts get.
-pub async fn list_plans(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
-    require_admin(&state, &headers)?;
+pub async fn list_plans(_admin: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let plans = state.mesh.billing.clone().list_plans(ListPlansRequest {}).await.map_err(peer_error("billing"))?;
     let plans = plans.into_inner();
     Ok(Json(
@@ -241,11 +244,10 @@ pub async fn list_plans(State(state): State<AppState>, headers: HeaderMap) -> Re
 /// `GET /admin/v1/accounts/{id}/plan`: the account's plan and the tokens
 /// it included this month that were used.
 pub async fn account_plan(
+    _admin: Admin,
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(account_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    require_admin(&state, &headers)?;
     let request = GetAccountPlanRequest { account_id };
     let plan = state.mesh.billing.clone().get_account_plan(request).await.map_err(peer_error("billing"))?;
     Ok(Json(account_plan_json(&plan.into_inner())))
@@ -259,12 +261,11 @@ struct PlanChange {
 
 /// `PUT /admin/v1/accounts/{id}/plan {"plan": "<plan id>"}`.
 pub async fn set_account_plan(
+    _admin: Admin,
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(account_id): Path<String>,
     RawBody(body): RawBody,
 ) -> Result<Json<Value>, ApiError> {
-    require_admin(&state, &headers)?;
     let PlanChange { plan } = parse_json(&body)?;
     let request = SetAccountPlanRequest { account_id, plan_id: plan };
     let plan = state.mesh.billing.clone().set_account_plan(request).await.map_err(peer_error("billing"))?;
