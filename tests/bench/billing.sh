@@ -5,11 +5,7 @@
 # production server runs) when its binaries are installed. Writes
 # tests/bench/results/billing.md.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-cache="${XDG_CACHE_HOME:-$HOME/.cache}/infermesh"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
-cargo build --release -p infermesh-gateway
-bin="$CARGO_TARGET_DIR/release/infermesh"
+source "$(dirname "$0")/release.sh"
 seconds="${SECONDS_PER_RUN:-10}"
 export RUST_LOG="${RUST_LOG:-warn}"
 pg_bin=/usr/lib/postgresql/15/bin

@@ -3,13 +3,8 @@
 # llama-cpp-python from source (~20 minutes on 2 cores) into a venv under
 # the cache dir; later runs reuse it.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-cache="${XDG_CACHE_HOME:-$HOME/.cache}/infermesh"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+source "$(dirname "$0")/release.sh"
 threads="${BENCH_THREADS:-2}"
-
-cargo build --release -p infermesh-gateway
-bin="$CARGO_TARGET_DIR/release/infermesh"
 gguf="$("$bin" fetch-models | sed -n 's/^chat model: //p')"
 
 venv="$cache/llama-venv"

@@ -4,11 +4,7 @@
 # overhead of rate limits through `infermesh up` (ratelimit.py, limits on vs
 # off). Writes tests/bench/results/ratelimit.md.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-cache="${XDG_CACHE_HOME:-$HOME/.cache}/infermesh"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
-cargo build --release -p infermesh-gateway
-bin="$CARGO_TARGET_DIR/release/infermesh"
+source "$(dirname "$0")/release.sh"
 "$bin" fetch-models >/dev/null
 out=tests/bench/results/ratelimit.md
 {
