@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use infermesh_billing::ledger::{HoldRequest, Settlement};
+use infermesh_billing::ledger::{HoldRequest, OutboxRow, Settlement};
 use infermesh_billing::{Ledger, LedgerOptions};
 
 use crate::cli::CliError;
@@ -39,12 +39,19 @@ pub async fn run(args: BillingBenchArgs) -> Result<(), CliError> {
             .await
             .map_err(failed)?;
     }
+    // The outbox drains as it does in service, minus the network: the
+    // publisher only counts what it was handed.
+    let published = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop_draining = infermesh_service::CancellationToken::new();
+    let drainer = tokio::spawn(infermesh_billing::outbox::publish_forever(
+        ledger.clone(),
+        Counter(published.clone()),
+        stop_draining.clone(),
+    ));
     let warm_until = Instant::now() + Duration::from_secs(1);
     let end = warm_until + Duration::from_secs(args.seconds);
-    let run_id = uuid::Uuid::new_v4().simple().to_string();
     let callers = (0..args.concurrency.max(1)).map(|caller| {
         let ledger = ledger.clone();
-        let run_id = run_id.clone();
         tokio::spawn(async move {
             let mut pairs = Vec::new();
             for call in 0usize.. {
@@ -53,7 +60,8 @@ pub async fn run(args: BillingBenchArgs) -> Result<(), CliError> {
                     break;
                 }
                 let account = format!("acct_{}", (caller * 7919 + call) % accounts);
-                let request_id = format!("{run_id}-{caller}-{call}");
+                // Ids as the gateway makes them.
+                let request_id = infermesh_service::new_request_id("chatcmpl");
                 ledger
                     .reserve(&HoldRequest {
                         request_id: &request_id,
@@ -87,6 +95,8 @@ pub async fn run(args: BillingBenchArgs) -> Result<(), CliError> {
     for caller in futures::future::join_all(callers).await {
         pairs.extend(caller.map_err(|err| CliError::Service(err.to_string()))?.map_err(failed)?);
     }
+    stop_draining.cancel();
+    let _ = drainer.await;
     pairs.sort_unstable();
     let at =
         |p: f64| pairs.get(((pairs.len() as f64 - 1.0) * p).round() as usize).map_or(0.0, |us| f64::from(*us) / 1000.0);
@@ -95,6 +105,7 @@ pub async fn run(args: BillingBenchArgs) -> Result<(), CliError> {
         "billing bench: {backend}, {} requests in flight, {accounts} accounts, {} s",
         args.concurrency, args.seconds
     );
+    println!("usage events drained from the outbox: {}", published.load(std::sync::atomic::Ordering::Relaxed));
     println!(
         "reserve+settle: {:.0} pairs/s, pair latency p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         pairs.len() as f64 / args.seconds as f64,
@@ -103,4 +114,14 @@ pub async fn run(args: BillingBenchArgs) -> Result<(), CliError> {
         at(1.0)
     );
     Ok(())
+}
+
+/// A publisher that only counts the events it was handed.
+struct Counter(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl infermesh_billing::outbox::Publisher for Counter {
+    async fn publish(&self, rows: &[OutboxRow]) -> Result<(), infermesh_billing::outbox::BoxError> {
+        self.0.fetch_add(rows.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
 }

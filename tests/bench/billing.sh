@@ -24,7 +24,8 @@ out=tests/bench/results/billing.md
   echo "$(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)); $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   echo "Each pair is a Reserve then a Settle of one request, each answered only once its batch is durable"
-  echo "(SQLite: WAL, synchronous FULL; PostgreSQL: fsync on). Usage events go to the outbox as with NATS."
+  echo "(SQLite: WAL, synchronous FULL; PostgreSQL: fsync on). Usage events go to the outbox and are drained from it as by the NATS publisher (minus the network)."
+  echo "Request ids are the gateway's (time-ordered UUIDv7)."
   echo
   echo "## SQLite"
   echo

@@ -88,7 +88,7 @@ async fn admit_signup(state: &AppState, ip: std::net::IpAddr) -> Result<(), ApiE
     if per_minute == 0 {
         return Ok(());
     }
-    let (key_id, request_id) = (format!("signup-ip:{ip}"), format!("signup-{}", uuid::Uuid::new_v4().simple()));
+    let (key_id, request_id) = (format!("signup-ip:{ip}"), infermesh_service::new_request_id("signup"));
     let ratelimit = &state.mesh.ratelimit;
     let acquired = ratelimit
         .acquire(AcquireRequest {

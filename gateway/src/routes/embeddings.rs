@@ -32,7 +32,7 @@ pub async fn embeddings(
     let (_, mut worker) = state.mesh.pick_worker(&model.id)?;
     // Each token covers at least one byte (plus [CLS]/[SEP]).
     let bound: usize = request.inputs.iter().map(|s| s.len() + 2).sum();
-    let request_id = format!("embd-{}", uuid::Uuid::new_v4().simple());
+    let request_id = infermesh_service::new_request_id("embd");
     let prompt_bound = u32::try_from(bound).unwrap_or(u32::MAX);
     let admission =
         match Admission::admit(state.mesh.clone(), key, model, request_id, prompt_bound, 0, request.end_user.clone())

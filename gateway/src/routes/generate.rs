@@ -251,7 +251,7 @@ pub fn usage_json(settled: &Settled) -> Value {
 pub async fn serve(state: &AppState, key: KeyInfo, model: Model, generation: Generation) -> Result<Response, ApiError> {
     let (_, mut worker) = state.mesh.pick_worker(&model.id)?;
     let flavor = generation.flavor;
-    let request_id = format!("{}-{}", flavor.id_prefix(), uuid::Uuid::new_v4().simple());
+    let request_id = infermesh_service::new_request_id(flavor.id_prefix());
     let prompt_bound = generation.prompt_bound.min(model.context_length);
     // Every choice may use the whole budget.
     let output_bound = generation.max_tokens.saturating_mul(generation.sampling.n.max(1));

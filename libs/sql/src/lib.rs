@@ -81,7 +81,8 @@ impl Pool {
                 // Pages through the OS page cache rather than a read() per
                 // page once a table outgrows SQLite's own small cache.
                 .pragma("mmap_size", "268435456")
-                .pragma("cache_size", "-16384");
+                .pragma("cache_size", "-16384")
+                .pragma("temp_store", "memory");
             let connect =
                 if options.sqlite_background_checkpoint { connect.pragma("wal_autocheckpoint", "0") } else { connect };
             let pool = SqlitePoolOptions::new().max_connections(options.max_connections).connect_with(connect).await?;
@@ -91,6 +92,33 @@ impl Pool {
             }
             Ok(Pool::Sqlite(pool))
         }
+    }
+
+    /// A pool of one long-lived connection to the same database, for a task
+    /// that does all of a store's writing. SQLite drops a connection's page
+    /// cache whenever another connection wrote since it last read, so a
+    /// writer that moves between connections reads every page back from the
+    /// log; on its own connection the pages it keeps touching stay cached.
+    pub async fn single_connection(&self) -> Result<Pool, SqlError> {
+        Ok(match self {
+            Pool::Sqlite(pool) => Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    .connect_with((*pool.connect_options()).clone())
+                    .await?,
+            ),
+            Pool::Postgres(pool) => Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with((*pool.connect_options()).clone())
+                    .await?,
+            ),
+        })
     }
 
     pub fn backend(&self) -> &'static str {

@@ -356,10 +356,14 @@ impl Book {
             .collect()
     }
 
-    /// Forgets closed holds older than `before` (the database still has
-    /// them for a late repeat).
-    pub fn forget_closed(&mut self, before: i64) {
-        self.holds.retain(|_, hold| hold.state == HoldState::Held || hold.created_at >= before);
+    /// Forgets those of `request_ids` that are closed, once written: memory
+    /// keeps the open holds, and the database answers a late repeat.
+    pub fn forget_closed(&mut self, request_ids: &[String]) {
+        for id in request_ids {
+            if self.holds.get(id).is_some_and(|hold| hold.state != HoldState::Held) {
+                self.holds.remove(id);
+            }
+        }
     }
 }
 

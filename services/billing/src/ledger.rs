@@ -118,8 +118,14 @@ impl Ledger {
         let outbox_ready = Arc::new(Notify::new());
         let ttl_ms = i64::try_from(hold_ttl.as_millis()).unwrap_or(i64::MAX);
         let plans = Arc::new(plans);
-        let mut writer =
-            Writer::new(pool.clone(), plans.clone(), ttl_ms, low_credit_percent, publish_events, outbox_ready.clone());
+        let mut writer = Writer::new(
+            pool.single_connection().await?,
+            plans.clone(),
+            ttl_ms,
+            low_credit_percent,
+            publish_events,
+            outbox_ready.clone(),
+        );
         writer.load_open_holds().await?;
         let (commands, queue) = mpsc::channel(4096);
         tokio::spawn(writer.run(queue));
@@ -403,10 +409,10 @@ impl Ledger {
     }
 
     /// Forgets every outbox row up to `seq`, once they were published: rows
-    /// are numbered in commit order by the one writer.
+    /// are numbered in commit order by the one writer, which also deletes
+    /// them (a second writer would empty its page cache).
     pub async fn outbox_delete_through(&self, seq: i64) -> Result<(), BillingError> {
-        on_pool!(&self.pool, pool => sqlx::query("DELETE FROM outbox WHERE seq <= $1").bind(seq).execute(pool).await.map(drop)?);
-        Ok(())
+        self.ask(|reply| Command::ForgetOutbox { through_seq: seq, reply }).await
     }
 }
 

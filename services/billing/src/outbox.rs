@@ -9,14 +9,36 @@ use bytes::Bytes;
 use infermesh_bus::Bus;
 use infermesh_service::CancellationToken;
 
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, OutboxRow};
 
-pub async fn publish_forever(ledger: Ledger, bus: Bus, stop: CancellationToken) {
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Rows taken from the outbox at a time.
+const BATCH: i64 = 256;
+
+/// Where the outbox's rows go: NATS JetStream in service.
+pub trait Publisher: Send + Sync {
+    /// Returns once every row is safely delivered.
+    fn publish(&self, rows: &[OutboxRow]) -> impl Future<Output = Result<(), BoxError>> + Send;
+}
+
+impl Publisher for Bus {
+    async fn publish(&self, rows: &[OutboxRow]) -> Result<(), BoxError> {
+        let events: Vec<(&str, &str, Bytes)> = rows
+            .iter()
+            .map(|row| (row.subject.as_str(), row.dedupe_id.as_str(), Bytes::from(row.payload.clone())))
+            .collect();
+        Ok(self.publish_all(events).await?)
+    }
+}
+
+/// Hands every outbox row to `publisher`, in commit order, and forgets the
+/// ones it delivered, until `stop`.
+pub async fn publish_forever(ledger: Ledger, publisher: impl Publisher, stop: CancellationToken) {
     let ready = ledger.outbox_ready();
     loop {
-        match drain(&ledger, &bus).await {
-            Ok(()) => {}
-            Err(err) => tracing::warn!(error = %err, "outbox publish failed; retrying"),
+        if let Err(err) = drain(&ledger, &publisher).await {
+            tracing::warn!(error = %err, "outbox publish failed; retrying");
         }
         tokio::select! {
             () = stop.cancelled() => return,
@@ -27,18 +49,13 @@ pub async fn publish_forever(ledger: Ledger, bus: Bus, stop: CancellationToken) 
     }
 }
 
-async fn drain(ledger: &Ledger, bus: &Bus) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn drain(ledger: &Ledger, publisher: &impl Publisher) -> Result<(), BoxError> {
     loop {
-        let batch = ledger.outbox_batch(256).await?;
-        if batch.is_empty() {
+        let batch = ledger.outbox_batch(BATCH).await?;
+        let Some(last) = batch.last().map(|row| row.seq) else {
             return Ok(());
-        }
-        let last = batch.last().map_or(0, |row| row.seq);
-        let mut events: Vec<(&str, &str, Bytes)> = Vec::with_capacity(batch.len());
-        for row in &batch {
-            events.push((&row.subject, &row.dedupe_id, Bytes::from(row.payload.clone())));
-        }
-        bus.publish_all(events).await?;
+        };
+        publisher.publish(&batch).await?;
         ledger.outbox_delete_through(last).await?;
     }
 }

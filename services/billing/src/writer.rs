@@ -73,6 +73,11 @@ pub enum Command {
     Expire {
         reply: Reply<u64>,
     },
+    /// The outbox rows up to this one were published.
+    ForgetOutbox {
+        through_seq: i64,
+        reply: Reply<()>,
+    },
 }
 
 /// An answer computed while applying a batch, sent once it committed.
@@ -154,7 +159,7 @@ impl Writer {
         }
     }
 
-    /// Every open hold, so expiry finds them all.
+    /// Every open hold (and its account), so expiry finds them all.
     pub async fn load_open_holds(&mut self) -> Result<(), BillingError> {
         self.book = Book::default();
         const SQL: &str = "SELECT request_id, account_id, key_id, amount_nanos, created_at, expires_at, covered_tokens \
@@ -175,7 +180,13 @@ impl Writer {
                 })
                 .collect::<Result<_, _>>()?
         });
+        let mut accounts: Vec<String> = holds.iter().map(|(_, hold)| hold.account_id.clone()).collect();
         self.book.holds.extend(holds);
+        accounts.sort_unstable();
+        accounts.dedup();
+        if !accounts.is_empty() {
+            self.load_accounts(&accounts).await?;
+        }
         Ok(())
     }
 
@@ -208,9 +219,7 @@ impl Writer {
         let (mut grants, mut usage, mut answers) = (Vec::new(), Vec::new(), Vec::with_capacity(batch.len()));
         let mut outbox = Vec::new();
         let mut granted_keys: HashSet<String> = HashSet::new();
-        // Closed holds are forgotten on the expiry sweep's schedule, not on
-        // every batch.
-        let expired_this_batch = batch.iter().any(|command| matches!(command, Command::Expire { .. }));
+        let mut published_through: Option<i64> = None;
         for command in batch {
             answers.push(match command {
                 Command::Grant { account_id, amount, idempotency_key, reason, reply } => {
@@ -284,9 +293,13 @@ impl Writer {
                     }
                     answer(reply, Ok(lapsed.len() as u64))
                 }
+                Command::ForgetOutbox { through_seq, reply } => {
+                    published_through = published_through.max(Some(through_seq));
+                    answer(reply, Ok(()))
+                }
             });
         }
-        let failed = match self.write(&changes, &grants, &usage, &outbox, now).await {
+        let failed = match self.write(&changes, &grants, &usage, &outbox, published_through, now).await {
             Ok(()) => None,
             Err(err) => {
                 // Alerts decided in this batch were not written.
@@ -307,9 +320,7 @@ impl Writer {
             if !outbox.is_empty() {
                 self.outbox_ready.notify_one();
             }
-            if expired_this_batch {
-                self.book.forget_closed(now.saturating_sub(self.hold_ttl_ms));
-            }
+            self.book.forget_closed(&changes.changed_holds);
         }
     }
 
@@ -391,7 +402,7 @@ impl Writer {
                 Command::Settle { settlement, .. } => hold_ids.push(settlement.request_id.clone()),
                 Command::Release { request_id, .. } => hold_ids.push(request_id.clone()),
                 Command::Grant { idempotency_key, .. } => grant_keys.push(idempotency_key.clone()),
-                Command::Expire { .. } | Command::SetPlan { .. } => {}
+                Command::Expire { .. } | Command::SetPlan { .. } | Command::ForgetOutbox { .. } => {}
             }
         }
         hold_ids.retain(|id| !self.book.holds.contains_key(id));
@@ -406,7 +417,6 @@ impl Writer {
                 | Command::SetPlan { account_id, .. } => Some(account_id.clone()),
                 _ => None,
             })
-            .chain(self.book.holds.values().filter(|h| h.state == HoldState::Held).map(|h| h.account_id.clone()))
             .filter(|account| !self.book.accounts.contains_key(account))
             .collect();
         accounts.sort_unstable();
@@ -535,9 +545,11 @@ impl Writer {
         grants: &[GrantRow],
         usage: &[UsageRow],
         outbox: &[OutboxEvent],
+        published_through: Option<i64>,
         now: i64,
     ) -> Result<(), BillingError> {
         if outbox.is_empty()
+            && published_through.is_none()
             && changes.entries.is_empty()
             && changes.changed_holds.is_empty()
             && changes.new_holds.is_empty()
@@ -622,6 +634,9 @@ impl Writer {
                         .push_bind(now);
                 });
                 query.build().execute(&mut *tx).await?;
+            }
+            if let Some(seq) = published_through {
+                sqlx::query("DELETE FROM outbox WHERE seq <= $1").bind(seq).execute(&mut *tx).await?;
             }
             let journal = compound_entries(&changes.entries, now);
             if !journal.is_empty() {
@@ -747,5 +762,6 @@ fn refuse(command: Command) -> Answer {
         Command::Settle { reply, .. } => answer(reply, unstarted()),
         Command::Release { reply, .. } => answer(reply, unstarted()),
         Command::Expire { reply } => answer(reply, unstarted()),
+        Command::ForgetOutbox { reply, .. } => answer(reply, unstarted()),
     }
 }
