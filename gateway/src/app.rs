@@ -13,7 +13,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::error::ApiError;
 use crate::mesh::Mesh;
-use crate::routes::{MaxBodyBytes, account, admin, chat, completions, embeddings, health, models, tokenize};
+use crate::routes::{MaxBodyBytes, account, admin, catalog, chat, completions, embeddings, health, models, tokenize};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -59,6 +59,9 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/admin/v1/accounts/{id}/plan", get(admin::account_plan).put(admin::set_account_plan))
         .route("/admin/v1/plans", get(admin::list_plans))
         .route("/admin/v1/ledger", get(admin::check_books))
+        .route("/admin/v1/models", get(catalog::list_models))
+        .route("/admin/v1/models/{*id}", axum::routing::put(catalog::put_model).delete(catalog::delete_model))
+        .route("/admin/v1/workers", get(catalog::list_workers))
         .route("/health", get(health::health))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

@@ -128,21 +128,7 @@ impl Mesh {
     }
 
     pub fn resolve_model(&self, name: &str) -> Result<Model, MeshError> {
-        self.with_catalog(|snapshot| {
-            snapshot
-                .models
-                .iter()
-                .find(|m| m.id.eq_ignore_ascii_case(name) || m.aliases.iter().any(|a| a.eq_ignore_ascii_case(name)))
-                .cloned()
-                .ok_or_else(|| {
-                    let known: Vec<&str> = snapshot.models.iter().map(|m| m.id.as_str()).collect();
-                    MeshError::new(
-                        ErrorKind::ModelNotFound,
-                        format!("the model `{name}` does not exist; available models: {}", known.join(", ")),
-                    )
-                    .with_param("model")
-                })
-        })
+        self.with_catalog(|snapshot| infermesh_service::models::find_model(&snapshot.models, name).cloned())
     }
 
     /// The least-loaded worker serving `model_id`.

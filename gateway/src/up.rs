@@ -126,7 +126,11 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
 
     let stop = CancellationToken::new();
     let mut services: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
-    let registry_config = RegistryConfig { catalog: args.config.clone(), worker_lease_ms: 10_000 };
+    let registry_config = RegistryConfig {
+        catalog: args.config.clone(),
+        worker_lease_ms: 10_000,
+        database_url: Some(sqlite_url(&data_dir, "registry.db")),
+    };
     let s = stop.clone();
     services.spawn(async move {
         (

@@ -2,6 +2,7 @@
 
 pub mod account;
 pub mod admin;
+pub mod catalog;
 pub mod chat;
 pub mod completions;
 pub mod embeddings;

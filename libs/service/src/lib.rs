@@ -6,6 +6,7 @@
 //! the listener and `infermesh up` composes several `run`s in one process.
 
 pub mod error;
+pub mod models;
 pub mod money;
 
 use std::future::Future;

@@ -6,8 +6,10 @@ pub enum RegistryError {
     Config(String),
     #[error("cannot read the catalogue file {path}: {source}")]
     ConfigFile { path: String, source: std::io::Error },
-    #[error("the model {name:?} does not exist; available models: {}", known.join(", "))]
-    UnknownModel { name: String, known: Vec<String> },
+    #[error("no model has the id {0:?}")]
+    NoSuchModel(String),
+    #[error("catalogue store: {0}")]
+    Store(String),
     #[error("worker_id and address are required to register a worker")]
     IncompleteWorker,
 }
@@ -18,10 +20,10 @@ impl From<RegistryError> for MeshError {
             RegistryError::Config(_) | RegistryError::ConfigFile { .. } | RegistryError::IncompleteWorker => {
                 ErrorKind::InvalidRequest
             }
-            RegistryError::UnknownModel { .. } => ErrorKind::ModelNotFound,
+            RegistryError::NoSuchModel(_) => ErrorKind::ModelNotFound,
+            RegistryError::Store(_) => ErrorKind::Internal,
         };
-        let mesh = MeshError::new(kind, err.to_string());
-        if matches!(err, RegistryError::UnknownModel { .. }) { mesh.with_param("model") } else { mesh }
+        MeshError::new(kind, err.to_string())
     }
 }
 

@@ -5,8 +5,9 @@ use std::pin::Pin;
 use futures::Stream;
 use infermesh_proto::v1::registry_service_server::RegistryService;
 use infermesh_proto::v1::{
-    CatalogSnapshot, HeartbeatRequest, HeartbeatResponse, ListModelsRequest, ListModelsResponse, Model,
-    RegisterWorkerRequest, RegisterWorkerResponse, ResolveModelRequest, WatchCatalogRequest,
+    CatalogSnapshot, DeleteModelRequest, DeleteModelResponse, HeartbeatRequest, HeartbeatResponse, ListModelsRequest,
+    ListModelsResponse, Model, PutModelRequest, RegisterWorkerRequest, RegisterWorkerResponse, ResolveModelRequest,
+    WatchCatalogRequest,
 };
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::WatchStream;
@@ -40,6 +41,23 @@ impl RegistryService for RegistryGrpc {
         let ResolveModelRequest { name } = request.into_inner();
         let model = self.registry.catalog(|c| c.resolve(&name).cloned())?;
         Ok(Response::new(model))
+    }
+
+    async fn put_model(&self, request: Request<PutModelRequest>) -> Result<Response<Model>, Status> {
+        let PutModelRequest { id, spec_json } = request.into_inner();
+        let model = self.registry.put_model(&id, &spec_json).await?;
+        tracing::info!(model = %id, "catalogue entry put");
+        Ok(Response::new(model))
+    }
+
+    async fn delete_model(
+        &self,
+        request: Request<DeleteModelRequest>,
+    ) -> Result<Response<DeleteModelResponse>, Status> {
+        let DeleteModelRequest { id } = request.into_inner();
+        self.registry.delete_model(&id).await?;
+        tracing::info!(model = %id, "catalogue entry deleted");
+        Ok(Response::new(DeleteModelResponse {}))
     }
 
     async fn register_worker(

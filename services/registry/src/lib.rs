@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod error;
 pub mod grpc;
 pub mod pool;
+pub mod store;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -29,6 +30,10 @@ pub struct RegistryConfig {
     /// How long a worker stays in the pool without a heartbeat.
     #[arg(long = "worker-lease-ms", env = "INFERMESH_WORKER_LEASE_MS", default_value_t = 10_000)]
     pub worker_lease_ms: u64,
+    /// Where catalogue edits made at run time are kept (`sqlite://…` or
+    /// `postgres://…`); unset, they last until the registry restarts.
+    #[arg(long = "registry-database-url", env = "INFERMESH_REGISTRY_DATABASE_URL")]
+    pub database_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +61,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
-    let registry = Registry::new(config.load_catalog()?, Duration::from_millis(config.worker_lease_ms));
+    let mut registry = Registry::new(config.load_catalog()?, Duration::from_millis(config.worker_lease_ms));
+    if let Some(url) = &config.database_url {
+        registry = registry.with_store(store::EditStore::open(url).await?).await?;
+    }
     let stop = CancellationToken::new();
     let sweeper = registry.clone();
     let sweeper_stop = stop.clone();

@@ -5,10 +5,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use infermesh_proto::v1::{CatalogSnapshot, Worker, WorkerLoad};
+use infermesh_proto::v1::{CatalogSnapshot, Model, Worker, WorkerLoad};
+use infermesh_service::now_unix_ms;
 use tokio::sync::watch;
 
 use crate::catalog::Catalog;
+use crate::error::RegistryError;
+use crate::store::EditStore;
 
 #[derive(Debug)]
 struct Lease {
@@ -28,13 +31,73 @@ pub struct Registry {
     inner: Arc<Mutex<Inner>>,
     lease: Duration,
     snapshots: watch::Sender<CatalogSnapshot>,
+    /// Where run-time edits are kept; without one they last until restart.
+    store: Option<EditStore>,
+    /// One edit at a time: stored, then applied, in the same order.
+    edits: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Registry {
     pub fn new(catalog: Catalog, lease: Duration) -> Registry {
         let inner = Inner { catalog, workers: BTreeMap::new(), version: 1 };
         let (snapshots, _) = watch::channel(snapshot_of(&inner));
-        Registry { inner: Arc::new(Mutex::new(inner)), lease, snapshots }
+        Registry {
+            inner: Arc::new(Mutex::new(inner)),
+            lease,
+            snapshots,
+            store: None,
+            edits: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// Keeps run-time edits in `store`, after replaying those it holds
+    /// over the catalogue file (an edit that no longer validates is skipped
+    /// with a warning).
+    pub async fn with_store(mut self, store: EditStore) -> Result<Registry, RegistryError> {
+        for edit in store.load().await? {
+            let applied = self.update(|inner| {
+                let result = match &edit.spec_json {
+                    Some(spec) => Catalog::model_from_json(&edit.model_id, spec, now_unix_ms() / 1000)
+                        .and_then(|model| inner.catalog.put(model)),
+                    None => {
+                        inner.catalog.remove(&edit.model_id);
+                        Ok(())
+                    }
+                };
+                let changed = result.is_ok();
+                (result, changed)
+            });
+            if let Err(err) = applied {
+                tracing::warn!(model = %edit.model_id, error = %err, "stored catalogue edit skipped");
+            }
+        }
+        self.store = Some(store);
+        Ok(self)
+    }
+
+    /// Adds or replaces a model from its JSON spec; stored before watchers
+    /// hear of it.
+    pub async fn put_model(&self, id: &str, spec_json: &str) -> Result<Model, RegistryError> {
+        let _one_at_a_time = self.edits.lock().await;
+        let model = Catalog::model_from_json(id, spec_json, now_unix_ms() / 1000)?;
+        self.catalog(|catalog| catalog.clone().put(model.clone()))?;
+        if let Some(store) = &self.store {
+            store.record(id, Some(spec_json), now_unix_ms()).await?;
+        }
+        self.update(|inner| (inner.catalog.put(model.clone()), true))?;
+        Ok(model)
+    }
+
+    pub async fn delete_model(&self, id: &str) -> Result<(), RegistryError> {
+        let _one_at_a_time = self.edits.lock().await;
+        if !self.catalog(|catalog| catalog.models().iter().any(|m| m.id == id)) {
+            return Err(RegistryError::NoSuchModel(id.to_owned()));
+        }
+        if let Some(store) = &self.store {
+            store.record(id, None, now_unix_ms()).await?;
+        }
+        self.update(|inner| ((), inner.catalog.remove(id)));
+        Ok(())
     }
 
     pub fn lease(&self) -> Duration {
@@ -127,5 +190,27 @@ mod tests {
         assert_eq!(registry.expire(), 1);
         assert!(watcher.borrow_and_update().workers.is_empty());
         assert!(!registry.heartbeat("w1", WorkerLoad::default()));
+    }
+
+    #[tokio::test]
+    async fn edits_reach_watchers_at_once_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("registry.db").display());
+        let fresh = || Registry::new(Catalog::from_toml(DEFAULT_CATALOG, 0).unwrap(), Duration::from_secs(10));
+        let registry = fresh().with_store(EditStore::open(&url).await.unwrap()).await.unwrap();
+        let mut watcher = registry.subscribe();
+        watcher.borrow_and_update();
+        let spec = r#"{"context_length": 4096, "pricing": {"prompt": 1, "completion": 2}}"#;
+        registry.put_model("acme/small", spec).await.unwrap();
+        assert!(watcher.has_changed().unwrap());
+        assert!(watcher.borrow_and_update().models.iter().any(|m| m.id == "acme/small"));
+        registry.delete_model("infermesh/all-minilm-l6-v2").await.unwrap();
+        assert!(matches!(registry.delete_model("acme/nothing").await, Err(RegistryError::NoSuchModel(_))));
+        let bad = registry.put_model("acme/bad", r#"{"pricing": {}}"#).await.unwrap_err();
+        assert!(bad.to_string().contains("acme/bad"), "{bad}");
+
+        let restarted = fresh().with_store(EditStore::open(&url).await.unwrap()).await.unwrap();
+        let ids: Vec<String> = restarted.catalog(|c| c.models().iter().map(|m| m.id.clone()).collect());
+        assert_eq!(ids, ["infermesh/gemma-3-270m", "acme/small"]);
     }
 }
