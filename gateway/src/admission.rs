@@ -55,6 +55,20 @@ pub fn cost_nanos(model: &Model, prompt_tokens: u64, completion_tokens: u64) -> 
         .saturating_add(token_cost_nanos(completion_tokens, pricing.completion_nanos_per_mtok))
 }
 
+/// What a request is charged: its cost at the model's prices, or with the
+/// caller's own provider key (BYOK) only the platform's fee, that share of
+/// the cost rounded up to the nano-dollar.
+pub fn charge_nanos(model: &Model, prompt_tokens: u64, completion_tokens: u64, byok_fee_percent: Option<u32>) -> i64 {
+    let cost = cost_nanos(model, prompt_tokens, completion_tokens);
+    match byok_fee_percent {
+        None => cost,
+        Some(percent) => {
+            let fee = (u128::try_from(cost).unwrap_or(0) * u128::from(percent)).div_ceil(100);
+            i64::try_from(fee).unwrap_or(i64::MAX)
+        }
+    }
+}
+
 /// `X-RateLimit-*` headers for the key's current window.
 pub fn rate_limit_headers(state: &LimitState) -> Vec<(HeaderName, HeaderValue)> {
     let reset = |ms: u64| format!("{}s", ms.div_ceil(1000));
@@ -95,7 +109,10 @@ pub struct Admission {
     pub model: Model,
     /// The key's limits after admission; none when rate limits are off.
     pub limits: Option<LimitState>,
-    pub provider: String,
+    /// The backend serving the request, once one does.
+    provider: std::sync::Mutex<String>,
+    /// Billed as bring-your-own-key: this share (percent) of the cost.
+    byok_fee_percent: Option<u32>,
     /// The caller's end user (OpenAI's `user`), for the usage event.
     end_user: String,
     started: Instant,
@@ -113,20 +130,33 @@ pub struct Settled {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub cost_nanos: i64,
+    pub is_byok: bool,
+}
+
+/// What one request asks of the checks.
+pub struct Ask {
+    pub request_id: String,
+    /// An upper bound on its prompt's tokens.
+    pub prompt_tokens: u32,
+    /// The most it may generate.
+    pub output_tokens: u32,
+    /// OpenAI's `user`.
+    pub end_user: String,
+    /// Set when the caller brings its own provider key.
+    pub byok_fee_percent: Option<u32>,
 }
 
 impl Admission {
     /// Admits a request that may use up to `estimated_prompt_tokens` +
     /// `max_output_tokens`; refusals carry the rate-limit headers.
-    pub async fn admit(
-        mesh: Arc<Mesh>,
-        key: KeyInfo,
-        model: Model,
-        request_id: String,
-        estimated_prompt_tokens: u32,
-        max_output_tokens: u32,
-        end_user: String,
-    ) -> Result<Admission, Refused> {
+    pub async fn admit(mesh: Arc<Mesh>, key: KeyInfo, model: Model, ask: Ask) -> Result<Admission, Refused> {
+        let Ask {
+            request_id,
+            prompt_tokens: estimated_prompt_tokens,
+            output_tokens: max_output_tokens,
+            end_user,
+            byok_fee_percent,
+        } = ask;
         let estimate = estimated_prompt_tokens.saturating_add(max_output_tokens);
         let asked = Instant::now();
         let acquired = mesh
@@ -158,7 +188,8 @@ impl Admission {
             .with_retry_after_ms(acquired.retry_after_ms);
             return Err(Refused { error: ApiError(err), limits: Some(limits) });
         }
-        let hold = cost_nanos(&model, u64::from(estimated_prompt_tokens), u64::from(max_output_tokens));
+        let hold =
+            charge_nanos(&model, u64::from(estimated_prompt_tokens), u64::from(max_output_tokens), byok_fee_percent);
         let reserved = mesh
             .billing
             .clone()
@@ -185,7 +216,8 @@ impl Admission {
             key,
             model,
             limits,
-            provider: "infermesh".to_owned(),
+            provider: std::sync::Mutex::new(String::new()),
+            byok_fee_percent,
             end_user,
             started: Instant::now(),
             prompt_tokens: AtomicU32::new(estimated_prompt_tokens),
@@ -199,6 +231,14 @@ impl Admission {
     pub fn work_started(&self, prompt_tokens: u32) {
         self.prompt_tokens.store(prompt_tokens, Ordering::Relaxed);
         self.started_work.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_provider(&self, name: &str) {
+        *self.provider.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = name.to_owned();
+    }
+
+    pub fn provider(&self) -> String {
+        self.provider.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     pub fn add_completion_tokens(&self, n: u32) {
@@ -229,9 +269,10 @@ impl Admission {
             request_id: self.request_id.clone(),
             key_id: self.key.key_id.clone(),
             model: self.model.clone(),
-            provider: self.provider.clone(),
+            provider: self.provider(),
             end_user: self.end_user.clone(),
             started: self.started,
+            byok_fee_percent: self.byok_fee_percent,
         }
     }
 }
@@ -245,11 +286,13 @@ struct Bill {
     provider: String,
     end_user: String,
     started: Instant,
+    byok_fee_percent: Option<u32>,
 }
 
 async fn settle_task(bill: Bill, usage: Usage) -> Result<Settled, ApiError> {
-    let Bill { mesh, request_id, key_id, model, provider, end_user, started } = bill;
-    let cost = cost_nanos(&model, u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
+    let Bill { mesh, request_id, key_id, model, provider, end_user, started, byok_fee_percent } = bill;
+    let cost =
+        charge_nanos(&model, u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens), byok_fee_percent);
     let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
     let commit = mesh.ratelimit.commit(CommitRequest {
         key_id,
@@ -277,7 +320,12 @@ async fn settle_task(bill: Bill, usage: Usage) -> Result<Settled, ApiError> {
         .increment(u64::from(usage.prompt_tokens));
     metrics::counter!("infermesh_tokens_total", "model" => model.id, "direction" => "completion")
         .increment(u64::from(usage.completion_tokens));
-    Ok(Settled { prompt_tokens: usage.prompt_tokens, completion_tokens: usage.completion_tokens, cost_nanos: charged })
+    Ok(Settled {
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        cost_nanos: charged,
+        is_byok: byok_fee_percent.is_some(),
+    })
 }
 
 /// How long a settlement keeps retrying while billing is unreachable.

@@ -24,6 +24,10 @@ pub struct AppState {
     /// The operator token for `/admin/v1/`; none turns those routes off.
     pub admin_token: Option<Arc<str>>,
     pub metrics: Option<PrometheusHandle>,
+    /// Calls upstream providers (`openai_compatible` backends).
+    pub upstream: reqwest::Client,
+    /// With the caller's own provider key, the share of the cost charged.
+    pub byok_fee_percent: u32,
 }
 
 /// Builds the gateway's router.

@@ -92,6 +92,9 @@ pub enum Command {
     BenchRatelimit(crate::bench_ratelimit::RateLimitBenchArgs),
     /// Measure the ledger: durable reserve + settle pairs per second.
     BenchBilling(crate::bench_billing::BillingBenchArgs),
+    /// Latency the upstream-provider path adds: the same streamed request
+    /// straight to an upstream and through a gateway in front of it.
+    BenchProxy(crate::bench_proxy::ProxyBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -195,6 +198,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Bench(args) => crate::up::bench(args).await,
         Command::BenchRatelimit(args) => crate::bench_ratelimit::run(args).await,
         Command::BenchBilling(args) => crate::bench_billing::run(args).await,
+        Command::BenchProxy(args) => crate::bench_proxy::run(args).await,
     }
 }
 

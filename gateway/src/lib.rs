@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod app;
 pub mod bench_billing;
+pub mod bench_proxy;
 pub mod bench_ratelimit;
 pub mod cli;
 pub mod error;
@@ -20,6 +21,7 @@ pub mod openai;
 pub mod ratelimit_shards;
 pub mod routes;
 pub mod up;
+pub mod upstream;
 pub mod usage_cli;
 
 use std::future::Future;
@@ -53,10 +55,27 @@ pub struct GatewayConfig {
     /// Token for the operator routes under `/admin/v1/`; unset turns them off.
     #[arg(long = "admin-token", env = "INFERMESH_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// With the caller's own upstream key (`X-Provider-Key`), the share of
+    /// the model's price charged as the platform's fee, in percent.
+    #[arg(long = "byok-fee-percent", env = "INFERMESH_BYOK_FEE_PERCENT", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub byok_fee_percent: u32,
+}
+
+/// One pooled HTTP client for every upstream provider; time limits are
+/// per backend, per call.
+fn upstream_client() -> Result<reqwest::Client, RunError> {
+    reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .build()
+        .map_err(|err| RunError::Upstream(err.to_string()))
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("cannot build the upstream HTTP client: {0}")]
+    Upstream(String),
     #[error(transparent)]
     Bootstrap(#[from] BootstrapError),
     #[error("invalid --signup-credit {0}: must be a non-negative dollar amount")]
@@ -96,6 +115,8 @@ pub async fn run(
         signups_per_minute_per_ip: config.signups_per_minute_per_ip,
         admin_token: config.admin_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from),
         metrics: infermesh_telemetry::metrics_handle(),
+        upstream: upstream_client()?,
+        byok_fee_percent: config.byok_fee_percent,
     };
     let router = app::router(state, config.max_body_bytes);
     // Streams write one small SSE event per token: without TCP_NODELAY,

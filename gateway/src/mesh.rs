@@ -36,6 +36,28 @@ pub struct Mesh {
     key_ttl: Duration,
     catalog: RwLock<Option<CatalogSnapshot>>,
     workers: Mutex<HashMap<String, WorkerServiceClient<TracedChannel>>>,
+    /// Requests this gateway has open on each worker (by worker id).
+    in_flight: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// A worker chosen for one request; it counts toward the worker's load
+/// until dropped.
+pub struct Picked {
+    pub worker: Worker,
+    pub client: WorkerServiceClient<TracedChannel>,
+    in_flight: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = in_flight.get_mut(&self.worker.worker_id) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                in_flight.remove(&self.worker.worker_id);
+            }
+        }
+    }
 }
 
 impl Mesh {
@@ -54,6 +76,7 @@ impl Mesh {
             key_ttl,
             catalog: RwLock::new(None),
             workers: Mutex::new(HashMap::new()),
+            in_flight: Arc::new(Mutex::new(HashMap::new())),
         }))
     }
 
@@ -131,14 +154,21 @@ impl Mesh {
         self.with_catalog(|snapshot| infermesh_service::models::find_model(&snapshot.models, name).cloned())
     }
 
-    /// The least-loaded worker serving `model_id`.
-    pub fn pick_worker(&self, model_id: &str) -> Result<(Worker, WorkerServiceClient<TracedChannel>), MeshError> {
+    /// The least-loaded worker serving `model_id`, other than those `tried`.
+    /// Load is what the worker last reported plus the requests this gateway
+    /// sent it since, so a burst between heartbeats still spreads out; the
+    /// returned [`Picked`] counts as one until dropped.
+    pub fn pick_worker(&self, model_id: &str, tried: &[String]) -> Result<Picked, MeshError> {
         let worker = self.with_catalog(|snapshot| {
+            let in_flight = self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             snapshot
                 .workers
                 .iter()
-                .filter(|w| w.models.iter().any(|m| m == model_id))
-                .min_by_key(|w| w.load.map_or(0, |l| l.active_sequences + l.queued))
+                .filter(|w| w.models.iter().any(|m| m == model_id) && !tried.contains(&w.worker_id))
+                .min_by_key(|w| {
+                    let reported = w.load.map_or(0, |l| l.active_sequences + l.queued);
+                    reported + in_flight.get(&w.worker_id).copied().unwrap_or(0)
+                })
                 .cloned()
                 .ok_or_else(|| {
                     MeshError::new(
@@ -148,18 +178,31 @@ impl Mesh {
                     .with_retry_after_ms(2000)
                 })
         })?;
-        let mut clients = self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let client = match clients.get(&worker.address) {
-            Some(client) => client.clone(),
-            None => {
-                let channel =
-                    infermesh_service::channel(&worker.address).map_err(|err| MeshError::internal(err.to_string()))?;
-                let client = WorkerServiceClient::new(channel).max_decoding_message_size(64 << 20);
-                clients.insert(worker.address.clone(), client.clone());
-                client
+        let client = {
+            let mut clients = self.workers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match clients.get(&worker.address) {
+                Some(client) => client.clone(),
+                None => {
+                    let channel = infermesh_service::channel(&worker.address)
+                        .map_err(|err| MeshError::internal(err.to_string()))?;
+                    let client = WorkerServiceClient::new(channel).max_decoding_message_size(64 << 20);
+                    clients.insert(worker.address.clone(), client.clone());
+                    client
+                }
             }
         };
-        Ok((worker, client))
+        *self
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(worker.worker_id.clone())
+            .or_default() += 1;
+        Ok(Picked { worker, client, in_flight: self.in_flight.clone() })
+    }
+
+    /// Requests this gateway has open on `worker_id`.
+    pub fn in_flight_on(&self, worker_id: &str) -> u32 {
+        self.in_flight.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(worker_id).copied().unwrap_or(0)
     }
 
     /// Follows the registry's catalogue stream for as long as `stop` lets

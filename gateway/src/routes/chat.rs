@@ -10,7 +10,7 @@ use crate::app::AppState;
 use crate::error::{ApiError, parse_json};
 use crate::openai::ChatRequest;
 use crate::routes::RawBody;
-use crate::routes::generate::{Flavor, Generation, chat_model, serve};
+use crate::routes::generate::{Flavor, Generation, chat_model, provider_key, serve};
 
 /// An upper bound on prompt tokens from its bytes: every token covers at
 /// least one byte, plus room for the chat template's own tokens.
@@ -36,6 +36,8 @@ pub async fn chat_completions(
             messages: chat.messages.into_iter().map(|(role, content)| ChatMessage { role, content }).collect(),
         }),
         sampling: chat.sampling,
+        provider_key: provider_key(&headers)?,
+        body,
     };
     serve(&state, key, model, generation).await
 }

@@ -11,7 +11,7 @@ use crate::app::AppState;
 use crate::error::{ApiError, parse_json};
 use crate::openai::{CompletionRequest, ValidPrompt};
 use crate::routes::RawBody;
-use crate::routes::generate::{Flavor, Generation, chat_model, serve};
+use crate::routes::generate::{Flavor, Generation, chat_model, provider_key, serve};
 
 pub async fn completions(
     State(state): State<AppState>,
@@ -39,6 +39,8 @@ pub async fn completions(
         max_tokens: request.max_tokens,
         fit_to_context: false,
         sampling: request.sampling,
+        provider_key: provider_key(&headers)?,
+        body,
     };
     serve(&state, key, model, generation).await
 }

@@ -8,12 +8,13 @@ use infermesh_proto::v1::{EmbedRequest, ModelKind, Usage};
 use infermesh_service::money::nanos_to_dollars;
 use serde_json::{Value, json};
 
-use crate::admission::{Admission, authenticate};
+use crate::admission::{Admission, Ask, authenticate};
 use crate::app::AppState;
 use crate::error::{ApiError, parse_json};
 use crate::mesh::peer_error;
 use crate::openai::{EmbeddingRequest, EncodingFormat};
 use crate::routes::{RawBody, with_headers};
+use infermesh_registry::catalog::WORKERS_PROVIDER;
 
 pub async fn embeddings(
     State(state): State<AppState>,
@@ -29,18 +30,24 @@ pub async fn embeddings(
             format!("`{}` is not an embedding model; try infermesh/all-minilm-l6-v2", model.id),
         ));
     }
-    let (_, mut worker) = state.mesh.pick_worker(&model.id)?;
+    let picked = state.mesh.pick_worker(&model.id, &[])?;
+    let mut worker = picked.client.clone();
     // Each token covers at least one byte (plus [CLS]/[SEP]).
     let bound: usize = request.inputs.iter().map(|s| s.len() + 2).sum();
     let request_id = infermesh_service::new_request_id("embd");
     let prompt_bound = u32::try_from(bound).unwrap_or(u32::MAX);
-    let admission =
-        match Admission::admit(state.mesh.clone(), key, model, request_id, prompt_bound, 0, request.end_user.clone())
-            .await
-        {
-            Ok(admission) => admission,
-            Err(refused) => return Ok(refused.into_response()),
-        };
+    let ask = Ask {
+        request_id,
+        prompt_tokens: prompt_bound,
+        output_tokens: 0,
+        end_user: request.end_user.clone(),
+        byok_fee_percent: None,
+    };
+    let admission = match Admission::admit(state.mesh.clone(), key, model, ask).await {
+        Ok(admission) => admission,
+        Err(refused) => return Ok(refused.into_response()),
+    };
+    admission.set_provider(WORKERS_PROVIDER);
     let response = worker
         .embed(EmbedRequest { model: admission.model.id.clone(), inputs: request.inputs })
         .await
@@ -76,7 +83,7 @@ pub async fn embeddings(
         "object": "list",
         "data": data,
         "model": admission.model.id,
-        "provider": admission.provider,
+        "provider": admission.provider(),
         "usage": {
             "prompt_tokens": settled.prompt_tokens,
             "total_tokens": settled.prompt_tokens,

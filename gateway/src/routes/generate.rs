@@ -7,19 +7,22 @@ use std::sync::Arc;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use infermesh_proto::v1::worker_service_client::WorkerServiceClient;
 use infermesh_proto::v1::{
     Delta, FinishReason, Finished, GenerateEvent, GenerateRequest, KeyInfo, Model, ModelKind, SamplingParams,
     TokenLogprob, TopLogprob, Usage, generate_event, generate_request,
 };
+use infermesh_registry::catalog::{OPENAI_COMPATIBLE, WORKERS, WORKERS_PROVIDER};
+use infermesh_service::TracedChannel;
 use infermesh_service::money::nanos_to_dollars;
 use infermesh_service::{ErrorKind, MeshError};
 use serde_json::{Value, json};
 
-use crate::admission::{Admission, Settled};
+use crate::admission::{Admission, Ask, Settled};
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::mesh::peer_error;
+use crate::mesh::{Mesh, Picked, peer_error};
 use crate::openai::ValidSampling;
 use crate::routes::{unix_now, with_headers};
 
@@ -30,14 +33,14 @@ pub enum Flavor {
 }
 
 impl Flavor {
-    fn id_prefix(self) -> &'static str {
+    pub fn id_prefix(self) -> &'static str {
         match self {
             Flavor::Chat => "chatcmpl",
             Flavor::Completion => "cmpl",
         }
     }
 
-    fn object(self, streaming: bool) -> &'static str {
+    pub fn object(self, streaming: bool) -> &'static str {
         match (self, streaming) {
             (Flavor::Chat, false) => "chat.completion",
             (Flavor::Chat, true) => "chat.completion.chunk",
@@ -137,6 +140,21 @@ pub struct Generation {
     /// The caller left max_tokens unset: shrink it to the context window.
     pub fit_to_context: bool,
     pub sampling: ValidSampling,
+    /// The request body as the client sent it, for upstream providers.
+    pub body: bytes::Bytes,
+    /// The caller's own key for upstream providers (`X-Provider-Key`).
+    pub provider_key: Option<String>,
+}
+
+/// The caller's own upstream key (BYOK), from `X-Provider-Key`.
+pub fn provider_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, ApiError> {
+    match headers.get("x-provider-key") {
+        None => Ok(None),
+        Some(value) => match value.to_str().map(str::trim) {
+            Ok(key) if !key.is_empty() => Ok(Some(key.to_owned())),
+            _ => Err(ApiError::invalid("X-Provider-Key", "the X-Provider-Key header must be a non-empty key")),
+        },
+    }
 }
 
 fn finish_reason(reason: i32) -> &'static str {
@@ -243,37 +261,116 @@ pub fn usage_json(settled: &Settled) -> Value {
         "prompt_tokens_details": {"cached_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0},
         "cost": nanos_to_dollars(settled.cost_nanos),
-        "is_byok": false,
+        "is_byok": settled.is_byok,
     })
 }
 
-/// Admits, runs and bills one generation, answering in `flavor`'s shape.
+/// What ended one backend's attempt before anything reached the client.
+pub enum Failed {
+    /// Try the model's next backend (nothing served, nothing delivered).
+    Next(MeshError),
+    /// Answer with this error: the request itself was refused.
+    Final(MeshError),
+}
+
+/// Admits and bills one generation, serving it from the first of the
+/// model's backends that can: a backend that fails before the first token
+/// hands the request to the next one. Answers in `flavor`'s shape.
 pub async fn serve(state: &AppState, key: KeyInfo, model: Model, generation: Generation) -> Result<Response, ApiError> {
-    let (_, mut worker) = state.mesh.pick_worker(&model.id)?;
     let flavor = generation.flavor;
     let request_id = infermesh_service::new_request_id(flavor.id_prefix());
     let prompt_bound = generation.prompt_bound.min(model.context_length);
     // Every choice may use the whole budget.
     let output_bound = generation.max_tokens.saturating_mul(generation.sampling.n.max(1));
-    let admission = match Admission::admit(
-        state.mesh.clone(),
-        key,
-        model,
-        request_id.clone(),
-        prompt_bound,
-        output_bound,
-        generation.sampling.end_user.clone(),
-    )
-    .await
-    {
+    let byok = generation.provider_key.is_some() && model.backends.iter().any(|b| b.kind == OPENAI_COMPATIBLE);
+    let backends = model.backends.clone();
+    let ask = Ask {
+        request_id,
+        prompt_tokens: prompt_bound,
+        output_tokens: output_bound,
+        end_user: generation.sampling.end_user.clone(),
+        byok_fee_percent: byok.then_some(state.byok_fee_percent),
+    };
+    let admission = match Admission::admit(state.mesh.clone(), key, model, ask).await {
         Ok(admission) => Arc::new(admission),
         Err(refused) => return Ok(refused.into_response()),
     };
+    let mut failures = Vec::new();
+    for backend in &backends {
+        let attempt = match backend.kind.as_str() {
+            WORKERS => on_workers(state, &admission, &generation).await,
+            OPENAI_COMPATIBLE => crate::upstream::serve(state, &admission, backend, &generation).await,
+            other => Err(Failed::Next(MeshError::internal(format!("unknown backend kind `{other}`")))),
+        };
+        match attempt {
+            Ok(response) => return Ok(response),
+            Err(Failed::Final(err)) => return Err(ApiError(err)),
+            Err(Failed::Next(err)) => {
+                tracing::warn!(provider = %backend.name, error = %err.message, "backend failed before the first token; trying the next");
+                failures.push(err);
+            }
+        }
+    }
+    // The last failure says most: the backends are tried in order of preference.
+    Err(ApiError(failures.pop().unwrap_or_else(|| {
+        MeshError::new(ErrorKind::ModelUnavailable, format!("`{}` has no backend to serve it", admission.model.id))
+            .with_retry_after_ms(2000)
+    })))
+}
+
+pub type Events = std::pin::Pin<Box<dyn Stream<Item = Result<GenerateEvent, tonic::Status>> + Send>>;
+
+/// Serves the generation on this mesh's workers, least loaded first. A
+/// worker that fails before its first token passes the request to the
+/// next, here or (once the response has begun) inside the stream, so the
+/// client never sees the difference.
+async fn on_workers(state: &AppState, admission: &Arc<Admission>, generation: &Generation) -> Result<Response, Failed> {
+    let request = worker_request(admission, generation);
+    let mut tried = Vec::new();
+    let (events, prompt_tokens, picked) = start_on_workers(&state.mesh, &request, &mut tried).await?;
+    admission.set_provider(WORKERS_PROVIDER);
+    admission.work_started(prompt_tokens);
+    let failover = Failover { mesh: state.mesh.clone(), request, tried, current: events, picked, delivered: false };
+    Ok(respond(admission.clone(), generation, failover.into_events()).await)
+}
+
+/// Starts `request` on the least-loaded worker not yet `tried` that
+/// accepts it; returns its stream once started, and the prompt's tokens.
+async fn start_on_workers(
+    mesh: &Mesh,
+    request: &GenerateRequest,
+    tried: &mut Vec<String>,
+) -> Result<(tonic::Streaming<GenerateEvent>, u32, Picked), Failed> {
+    let mut last_failure = None;
+    loop {
+        let picked = match mesh.pick_worker(&request.model, tried) {
+            Ok(picked) => picked,
+            Err(none) => return Err(Failed::Next(last_failure.unwrap_or(none))),
+        };
+        tried.push(picked.worker.worker_id.clone());
+        match start_on_worker(picked.client.clone(), request.clone()).await {
+            Ok((events, prompt_tokens)) => return Ok((events, prompt_tokens, picked)),
+            Err(Failed::Next(err)) => {
+                tracing::warn!(worker = %picked.worker.worker_id, error = %err.message, "worker failed before starting; trying another");
+                last_failure = Some(err);
+            }
+            Err(Failed::Final(err)) => return Err(Failed::Final(err)),
+        }
+    }
+}
+
+/// Whether a worker's failure is one to route around: it could not answer
+/// at all, rather than explaining a refusal (bad prompt, context, busy).
+fn unexplained(status: &tonic::Status) -> bool {
+    status.metadata().get("x-infermesh-error").is_none()
+}
+
+fn worker_request(admission: &Admission, generation: &Generation) -> GenerateRequest {
     let sampling = &generation.sampling;
-    let request = GenerateRequest {
-        request_id,
+    GenerateRequest {
+        request_id: admission.request_id.clone(),
         model: admission.model.id.clone(),
-        prompt: Some(generation.prompt),
+        prompt: Some(generation.prompt.clone()),
         max_tokens: generation.max_tokens,
         sampling: Some(SamplingParams {
             temperature: sampling.temperature,
@@ -292,54 +389,122 @@ pub async fn serve(state: &AppState, key: KeyInfo, model: Model, generation: Gen
         logprobs: sampling.logprobs.is_some(),
         top_logprobs: sampling.logprobs.unwrap_or(0),
         ignore_eos: sampling.ignore_eos,
-    };
-    let mut events = worker.generate(request).await.map_err(peer_error("worker"))?.into_inner();
-    // The worker validates the prompt (template, context window) before
-    // its first event, so errors up to here are clean HTTP errors.
-    match events.message().await.map_err(peer_error("worker"))? {
-        Some(GenerateEvent { event: Some(generate_event::Event::Started(started)) }) => {
-            admission.work_started(started.prompt_tokens);
-        }
-        Some(_) => return Err(ApiError::new(ErrorKind::Internal, "the worker sent no start event")),
-        None => return Err(ApiError::new(ErrorKind::ModelUnavailable, "the worker closed the stream before starting")),
     }
+}
+
+/// Opens the worker's stream and reads its start: the worker validates
+/// the prompt (template, context window) first, so a refusal here is a
+/// clean HTTP error.
+async fn start_on_worker(
+    mut worker: WorkerServiceClient<TracedChannel>,
+    request: GenerateRequest,
+) -> Result<(tonic::Streaming<GenerateEvent>, u32), Failed> {
+    let failed = |status: tonic::Status| {
+        let next = unexplained(&status);
+        let err = peer_error("worker")(status);
+        if next { Failed::Next(err) } else { Failed::Final(err) }
+    };
+    let mut events = worker.generate(request).await.map_err(failed)?.into_inner();
+    match events.message().await.map_err(failed)? {
+        Some(GenerateEvent { event: Some(generate_event::Event::Started(started)) }) => {
+            Ok((events, started.prompt_tokens))
+        }
+        Some(_) => Err(Failed::Next(MeshError::internal("the worker sent no start event"))),
+        None => Err(Failed::Next(MeshError::new(
+            ErrorKind::ModelUnavailable,
+            "the worker closed the stream before starting",
+        ))),
+    }
+}
+
+/// A worker's event stream that, if the worker fails before delivering
+/// anything, starts the request again on another worker.
+struct Failover {
+    mesh: Arc<Mesh>,
+    request: GenerateRequest,
+    tried: Vec<String>,
+    current: tonic::Streaming<GenerateEvent>,
+    /// The worker serving it, counted in its load while the stream lives.
+    picked: Picked,
+    /// A token or an end reached the client: from here a failure is final.
+    delivered: bool,
+}
+
+impl Failover {
+    fn into_events(self) -> Events {
+        Box::pin(futures::stream::unfold(Some(self), |state| async move {
+            let mut state = state?;
+            loop {
+                let failure = match state.current.message().await {
+                    Ok(Some(event)) => {
+                        if matches!(
+                            event.event,
+                            Some(generate_event::Event::Delta(_) | generate_event::Event::Finished(_))
+                        ) {
+                            state.delivered = true;
+                        }
+                        return Some((Ok(event), Some(state)));
+                    }
+                    Ok(None) if state.delivered => return None,
+                    Ok(None) => tonic::Status::unavailable("the worker ended the stream before its first token"),
+                    Err(status) if state.delivered || !unexplained(&status) => return Some((Err(status), None)),
+                    Err(status) => status,
+                };
+                tracing::warn!(error = %failure.message(), "worker failed before its first token; starting again on another");
+                match start_on_workers(&state.mesh, &state.request, &mut state.tried).await {
+                    Ok((events, _, picked)) => (state.current, state.picked) = (events, picked),
+                    Err(_) => return Some((Err(failure), None)),
+                }
+            }
+        }))
+    }
+}
+
+/// The client's answer from a started worker stream: SSE, or one JSON body.
+async fn respond(admission: Arc<Admission>, generation: &Generation, mut events: Events) -> Response {
+    let flavor = generation.flavor;
+    let sampling = &generation.sampling;
     let headers = admission.rate_limit_headers();
     let created = unix_now();
     let choices = Choices::new(flavor, sampling.n, sampling.logprobs.is_some());
     if sampling.stream {
         let sse = Sse::new(sse_stream(choices, admission, events, created, sampling.include_usage));
-        return Ok(with_headers(sse.keep_alive(KeepAlive::default()).into_response(), headers));
+        return with_headers(sse.keep_alive(KeepAlive::default()).into_response(), headers);
     }
-
-    let mut choices = choices;
-    while !choices.all_finished() {
-        let Some(event) = events.message().await.map_err(peer_error("worker"))? else { break };
-        match event.event {
-            Some(generate_event::Event::Delta(delta)) => {
-                admission.add_completion_tokens(u32::try_from(delta.token_ids.len()).unwrap_or(0));
-                choices.absorb(delta);
+    let whole = async {
+        let mut choices = choices;
+        while !choices.all_finished() {
+            let Some(event) = events.next().await else { break };
+            match event.map_err(peer_error("worker"))?.event {
+                Some(generate_event::Event::Delta(delta)) => {
+                    admission.add_completion_tokens(u32::try_from(delta.token_ids.len()).unwrap_or(0));
+                    choices.absorb(delta);
+                }
+                Some(generate_event::Event::Finished(done)) => choices.finish(done),
+                Some(generate_event::Event::Started(_)) | None => {}
             }
-            Some(generate_event::Event::Finished(done)) => choices.finish(done),
-            Some(generate_event::Event::Started(_)) | None => {}
         }
+        if !choices.all_finished() {
+            return Err(ApiError::new(
+                ErrorKind::UpstreamError,
+                "the worker stopped before finishing; you were charged only for tokens generated",
+            ));
+        }
+        let settled = admission.settle(choices.usage()).await?;
+        Ok(json!({
+            "id": admission.request_id,
+            "object": flavor.object(false),
+            "created": created,
+            "model": admission.model.id,
+            "provider": admission.provider(),
+            "choices": choices.whole(),
+            "usage": usage_json(&settled),
+        }))
+    };
+    match whole.await {
+        Ok(body) => with_headers(axum::Json(body).into_response(), headers),
+        Err(err) => with_headers(err.into_response(), headers),
     }
-    if !choices.all_finished() {
-        return Err(ApiError::new(
-            ErrorKind::UpstreamError,
-            "the worker stopped before finishing; you were charged only for tokens generated",
-        ));
-    }
-    let settled = admission.settle(choices.usage()).await?;
-    let body = json!({
-        "id": admission.request_id,
-        "object": flavor.object(false),
-        "created": created,
-        "model": admission.model.id,
-        "provider": admission.provider,
-        "choices": choices.whole(),
-        "usage": usage_json(&settled),
-    });
-    Ok(with_headers(axum::Json(body).into_response(), headers))
 }
 
 fn chunk(
@@ -355,7 +520,7 @@ fn chunk(
         "object": flavor.object(true),
         "created": created,
         "model": admission.model.id,
-        "provider": admission.provider,
+        "provider": admission.provider(),
         "choices": choices,
     });
     if include_usage {
@@ -375,7 +540,7 @@ fn error_event(err: &MeshError) -> SseEvent {
 fn sse_stream(
     mut choices: Choices,
     admission: Arc<Admission>,
-    mut events: tonic::Streaming<GenerateEvent>,
+    mut events: Events,
     created: u64,
     include_usage: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
@@ -388,7 +553,7 @@ fn sse_stream(
             }
         }
         loop {
-            match events.message().await {
+            match events.next().await.transpose() {
                 Ok(Some(event)) => match event.event {
                     Some(generate_event::Event::Delta(delta)) => {
                         admission.add_completion_tokens(u32::try_from(delta.token_ids.len()).unwrap_or(0));
@@ -420,7 +585,12 @@ fn sse_stream(
                     break;
                 }
                 Err(status) => {
-                    yield Ok(error_event(&peer_error("worker")(status)));
+                    let cause = peer_error("worker")(status);
+                    let err = MeshError::new(
+                        ErrorKind::UpstreamError,
+                        format!("the worker failed mid-stream ({}); you were charged only for tokens delivered", cause.message),
+                    );
+                    yield Ok(error_event(&err));
                     break;
                 }
             }

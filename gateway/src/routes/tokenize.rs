@@ -33,7 +33,8 @@ pub async fn tokenize(
         }),
         _ => return Err(ApiError::invalid("prompt", "send exactly one of `prompt` or `messages`")),
     };
-    let (_, mut worker) = state.mesh.pick_worker(&model.id)?;
+    let picked = state.mesh.pick_worker(&model.id, &[])?;
+    let mut worker = picked.client.clone();
     let response = worker
         .tokenize(TokenizeRequest {
             model: model.id,
@@ -57,7 +58,8 @@ pub async fn detokenize(
     authenticate(&state.mesh, &headers).await?;
     let body: DetokenizeBody = parse_json(&body)?;
     let model = chat_model(&state, &body.model)?;
-    let (_, mut worker) = state.mesh.pick_worker(&model.id)?;
+    let picked = state.mesh.pick_worker(&model.id, &[])?;
+    let mut worker = picked.client.clone();
     let response = worker
         .detokenize(DetokenizeRequest { model: model.id, tokens: body.tokens })
         .await
