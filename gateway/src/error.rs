@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 /// An error on its way to an HTTP client.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ApiError(pub MeshError);
 
 impl<E: Into<MeshError>> From<E> for ApiError {

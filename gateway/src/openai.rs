@@ -124,6 +124,9 @@ pub struct ValidChat {
     pub messages: Vec<(String, String)>,
     pub max_tokens: Option<u32>,
     pub sampling: ValidSampling,
+    /// Why this mesh's own workers cannot serve it (a content part other
+    /// than text, e.g. an image): an upstream provider still may.
+    pub beyond_text: Option<ApiError>,
 }
 
 /// The most choices one request may ask for.
@@ -142,7 +145,9 @@ fn in_range(param: &str, value: Option<f32>, low: f32, high: f32) -> Result<(), 
     }
 }
 
-fn text_of(index: usize, content: Option<Content>) -> Result<String, ApiError> {
+/// A message's text; a part of another kind (image, audio) is noted in
+/// `beyond_text`, first one only, for the backends that take text alone.
+fn text_of(index: usize, content: Option<Content>, beyond_text: &mut Option<ApiError>) -> Result<String, ApiError> {
     let param = format!("messages[{index}].content");
     match content {
         None => Ok(String::new()),
@@ -156,10 +161,12 @@ fn text_of(index: usize, content: Option<Content>) -> Result<String, ApiError> {
                         return Err(ApiError::invalid(&format!("{param}[{i}].text"), "a text part needs `text`"));
                     }
                     (other, _) => {
-                        return Err(ApiError::invalid(
-                            &format!("{param}[{i}].type"),
-                            format!("content part type {other:?} is not supported by this model; send text"),
-                        ));
+                        beyond_text.get_or_insert_with(|| {
+                            ApiError::invalid(
+                                &format!("{param}[{i}].type"),
+                                format!("content part type {other:?} is not supported by this model; send text"),
+                            )
+                        });
                     }
                 }
             }
@@ -254,6 +261,7 @@ impl ChatRequest {
             return Err(ApiError::invalid("messages", "`messages` must hold at least one message"));
         }
         let mut messages = Vec::with_capacity(self.messages.len());
+        let mut beyond_text = None;
         for (index, message) in self.messages.into_iter().enumerate() {
             if !ROLES.contains(&message.role.as_str()) {
                 return Err(ApiError::invalid(
@@ -262,7 +270,7 @@ impl ChatRequest {
                 ));
             }
             let role = if message.role == "developer" { "system".to_owned() } else { message.role };
-            messages.push((role, text_of(index, message.content)?));
+            messages.push((role, text_of(index, message.content, &mut beyond_text)?));
         }
         positive("max_completion_tokens", self.max_completion_tokens)?;
         positive("max_tokens", self.max_tokens)?;
@@ -284,6 +292,7 @@ impl ChatRequest {
             messages,
             max_tokens: self.max_completion_tokens.or(self.max_tokens),
             sampling,
+            beyond_text,
         })
     }
 }
@@ -543,11 +552,9 @@ mod tests {
             ),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, "max_tokens"),
             (r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-5}"#, "max_tokens"),
-            (
-                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
-                "messages[0].content[0].type",
-            ),
         ];
+        let image = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#).unwrap();
+        assert_eq!(image.beyond_text.unwrap().0.param.as_deref(), Some("messages[0].content[0].type"));
         for (body, param) in cases {
             let err = chat(body).unwrap_err();
             assert_eq!(err.0.param.as_deref(), Some(param), "{body}: {}", err.0.message);

@@ -328,6 +328,35 @@ async fn upstream_providers_proxy_fall_back_and_bill() {
     let error: Value = response.json().await.unwrap();
     assert!(error["error"]["message"].as_str().unwrap().contains("`reject`"), "{error}");
 
+    // Content beyond text (an image) is for upstream providers: our workers
+    // refuse it naming the part; an upstream model passes it on, and the
+    // upstream's own refusal (this one takes text alone) names it.
+    let image = |model: &str| {
+        json!({"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]})
+    };
+    let response = http()
+        .post(format!("{front}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&image("gemma-3-270m"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "messages[0].content[1].type", "{error}");
+    let response = http()
+        .post(format!("{front}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&image("acme/relay"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert!(error["error"]["message"].as_str().unwrap().contains("`second-infermesh`"), "{error}");
+
     // A stream cut after its first tokens: what arrived, one error event,
     // [DONE]; billed for the two tokens delivered.
     let response = http()

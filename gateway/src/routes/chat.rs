@@ -11,6 +11,7 @@ use crate::error::{ApiError, parse_json};
 use crate::openai::ChatRequest;
 use crate::routes::RawBody;
 use crate::routes::generate::{Flavor, Generation, chat_model, provider_key, serve};
+use infermesh_registry::catalog::OPENAI_COMPATIBLE;
 
 /// An upper bound on prompt tokens from its bytes: every token covers at
 /// least one byte, plus room for the chat template's own tokens.
@@ -27,6 +28,11 @@ pub async fn chat_completions(
     let key = authenticate(&state.mesh, &headers).await?;
     let chat = parse_json::<ChatRequest>(&body)?.validate()?;
     let model = chat_model(&state, &chat.model)?;
+    let upstream = model.backends.iter().any(|b| b.kind == OPENAI_COMPATIBLE);
+    let text_only = chat.beyond_text.map(|err| err.0);
+    if let (false, Some(err)) = (upstream, &text_only) {
+        return Err(ApiError(err.clone()));
+    }
     let generation = Generation {
         flavor: Flavor::Chat,
         prompt_bound: prompt_token_bound(&chat.messages),
@@ -36,6 +42,7 @@ pub async fn chat_completions(
             messages: chat.messages.into_iter().map(|(role, content)| ChatMessage { role, content }).collect(),
         }),
         sampling: chat.sampling,
+        text_only,
         provider_key: provider_key(&headers)?,
         body,
     };

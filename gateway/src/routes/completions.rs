@@ -39,6 +39,7 @@ pub async fn completions(
         max_tokens: request.max_tokens,
         fit_to_context: false,
         sampling: request.sampling,
+        text_only: None,
         provider_key: provider_key(&headers)?,
         body,
     };

@@ -144,6 +144,9 @@ pub struct Generation {
     pub body: bytes::Bytes,
     /// The caller's own key for upstream providers (`X-Provider-Key`).
     pub provider_key: Option<String>,
+    /// Set when the request holds more than text, which only upstream
+    /// providers take: why the workers cannot serve it.
+    pub text_only: Option<MeshError>,
 }
 
 /// The caller's own upstream key (BYOK), from `X-Provider-Key`.
@@ -325,6 +328,9 @@ pub type Events = std::pin::Pin<Box<dyn Stream<Item = Result<GenerateEvent, toni
 /// next, here or (once the response has begun) inside the stream, so the
 /// client never sees the difference.
 async fn on_workers(state: &AppState, admission: &Arc<Admission>, generation: &Generation) -> Result<Response, Failed> {
+    if let Some(err) = &generation.text_only {
+        return Err(Failed::Next(err.clone()));
+    }
     let request = worker_request(admission, generation);
     let mut tried = Vec::new();
     let (events, prompt_tokens, picked) = start_on_workers(&state.mesh, &request, &mut tried).await?;
