@@ -166,8 +166,10 @@ impl Mesh {
                 .iter()
                 .filter(|w| w.models.iter().any(|m| m == model_id) && !tried.contains(&w.worker_id))
                 .min_by_key(|w| {
-                    let reported = w.load.map_or(0, |l| l.active_sequences + l.queued);
-                    reported + in_flight.get(&w.worker_id).copied().unwrap_or(0)
+                    let load = w.load.unwrap_or_default();
+                    let busy = load.active_sequences + load.queued + in_flight.get(&w.worker_id).copied().unwrap_or(0);
+                    // Equally busy: the one with more KV room.
+                    (busy, std::cmp::Reverse(load.kv_tokens_free))
                 })
                 .cloned()
                 .ok_or_else(|| {

@@ -458,8 +458,13 @@ async fn two_workers_share_load_and_a_killed_one_costs_clients_only_clean_errors
         spawn_gateway_to(&services.peers(&billing_addr), &["--admin-token", ADMIN, "--no-rate-limits"]).await;
     let workers = || async { json_of(http().get(format!("{base}/admin/v1/workers")).bearer_auth(ADMIN)).await };
     let started = Instant::now();
-    while workers().await["data"].as_array().unwrap().len() < 2 {
-        assert!(started.elapsed() < Duration::from_secs(60), "both workers register");
+    // Both registered, and heartbeating their KV room.
+    let heartbeating = |listed: &Value| {
+        let listed = listed["data"].as_array().unwrap();
+        listed.len() == 2 && listed.iter().all(|w| w["kv_tokens_free"].as_u64().unwrap() > 0)
+    };
+    while !heartbeating(&workers().await) {
+        assert!(started.elapsed() < Duration::from_secs(60), "both workers register and report their load");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let key = signup(&base, "pool@example.com").await;

@@ -83,6 +83,7 @@ pub async fn list_workers(_admin: Admin, State(state): State<AppState>) -> Resul
                 "models": worker.models,
                 "active_sequences": load.active_sequences,
                 "queued": load.queued,
+                "kv_tokens_free": load.kv_tokens_free,
                 "in_flight_from_this_gateway": state.mesh.in_flight_on(&worker.worker_id),
             })
         })

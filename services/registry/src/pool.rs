@@ -185,7 +185,7 @@ mod tests {
         registry.register("w1", "http://127.0.0.1:1", vec!["infermesh/gemma-3-270m".into()]);
         assert!(watcher.has_changed().unwrap());
         assert_eq!(watcher.borrow_and_update().workers.len(), 1);
-        assert!(registry.heartbeat("w1", WorkerLoad { active_sequences: 1, queued: 0 }));
+        assert!(registry.heartbeat("w1", WorkerLoad { active_sequences: 1, queued: 0, kv_tokens_free: 1024 }));
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(registry.expire(), 1);
         assert!(watcher.borrow_and_update().workers.is_empty());

@@ -271,6 +271,14 @@ impl Group {
         }
     }
 
+    /// Tokens this group holds in KV caches.
+    fn kv_tokens(&self) -> usize {
+        match &self.phase {
+            Phase::Prefill { cache, .. } => cache.position,
+            Phase::Decode(choices) => choices.iter().filter(|c| !c.done).map(|c| c.cache.position).sum(),
+        }
+    }
+
     fn finished(&self) -> bool {
         self.job.events.is_closed() || matches!(&self.phase, Phase::Decode(choices) if choices.iter().all(|c| c.done))
     }
@@ -289,6 +297,17 @@ impl Group {
 pub struct Load {
     pub active: AtomicU32,
     pub queued: AtomicU32,
+    /// Tokens held in the running sequences' KV caches.
+    pub kv_tokens: std::sync::atomic::AtomicU64,
+    /// What the batch may hold: every place filled to the context window.
+    pub kv_capacity_tokens: std::sync::atomic::AtomicU64,
+}
+
+impl Load {
+    /// KV room left, in tokens.
+    pub fn kv_tokens_free(&self) -> u64 {
+        self.kv_capacity_tokens.load(Ordering::Relaxed).saturating_sub(self.kv_tokens.load(Ordering::Relaxed))
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -311,6 +330,8 @@ impl Batcher {
     pub fn start(model: Arc<ChatModel>, limits: BatchLimits, load: Arc<Load>) -> Batcher {
         let (queue, jobs) = std::sync::mpsc::sync_channel(limits.max_queued.max(1));
         let thread_load = load.clone();
+        let capacity = limits.max_batch.max(1).saturating_mul(model.context_length());
+        load.kv_capacity_tokens.store(capacity as u64, Ordering::Relaxed);
         let name = format!("batch-{}", model.id);
         let spawned = std::thread::Builder::new()
             .name(name)
@@ -362,6 +383,7 @@ fn schedule(model: &ChatModel, jobs: &Receiver<Job>, max_batch: usize, load: &Lo
             groups.retain(|group| !group.finished());
         }
         load.active.store(groups.iter().map(Group::sequences).sum::<usize>() as u32, Ordering::Relaxed);
+        load.kv_tokens.store(groups.iter().map(Group::kv_tokens).sum::<usize>() as u64, Ordering::Relaxed);
     }
 }
 

@@ -231,6 +231,7 @@ async fn stay_registered(
             let current = WorkerLoad {
                 active_sequences: loads.iter().map(|l| l.active.load(Ordering::Relaxed)).sum(),
                 queued: loads.iter().map(|l| l.queued.load(Ordering::Relaxed)).sum(),
+                kv_tokens_free: loads.iter().map(|l| l.kv_tokens_free()).sum(),
             };
             match client.heartbeat(HeartbeatRequest { worker_id: worker_id.clone(), load: Some(current) }).await {
                 Ok(response) => registered = response.into_inner().known,
