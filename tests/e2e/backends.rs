@@ -66,6 +66,10 @@ async fn catalogue_edits_reach_every_gateway_within_a_second_and_survive_a_resta
     assert_eq!(model["context_length"], 2048);
     assert_eq!(model["pricing"]["prompt"], "0.0000005");
     assert!(model.get("backends").is_none(), "clients do not see backends: {model}");
+    // The built-in plans: Free and Starter have infermesh/* alone.
+    assert_eq!(model["plans"], json!(["pro", "ultimate"]), "{model}");
+    let gemma = json_of(http().get(format!("{second_base}/v1/models/gemma-3-270m")).bearer_auth(&key)).await;
+    assert_eq!(gemma["plans"], json!(["free", "starter", "pro", "ultimate"]), "{gemma}");
 
     // A change to a model, then its removal, travel the same way.
     let mut cheaper = spec.clone();

@@ -1,11 +1,12 @@
 //! `GET /v1/models` and `GET /v1/models/{id}` (ids contain `/`): OpenAI's
 //! model object plus OpenRouter's `pricing` (dollars per token, as strings),
-//! `context_length` and our `capabilities`.
+//! `context_length`, our `capabilities`, and the `plans` that include it.
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Json;
-use infermesh_proto::v1::{Model, ModelKind};
+use infermesh_billing::plans::patterns_include;
+use infermesh_proto::v1::{ListPlansRequest, Model, ModelKind, Plan};
 use serde_json::{Value, json};
 
 use crate::admission::authenticate;
@@ -43,12 +44,33 @@ pub fn model_json(model: &Model) -> Value {
     })
 }
 
+/// Billing's plans, to say which include each model; without billing the
+/// listing still answers, without `plans`.
+async fn plans(state: &AppState) -> Option<Vec<Plan>> {
+    match state.mesh.billing.clone().list_plans(ListPlansRequest {}).await {
+        Ok(plans) => Some(plans.into_inner().plans),
+        Err(status) => {
+            tracing::warn!(error = %status.message(), "cannot list plans; models listed without them");
+            None
+        }
+    }
+}
+
+fn listing_json(model: &Model, plans: Option<&[Plan]>) -> Value {
+    let mut value = model_json(model);
+    if let Some(plans) = plans {
+        value["plans"] = plans.iter().filter(|p| patterns_include(&p.models, &model.id)).map(|p| p.id.clone()).collect();
+    }
+    value
+}
+
 pub async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     authenticate(&state.mesh, &headers).await?;
     let snapshot = state.mesh.snapshot().ok_or_else(|| {
         ApiError::new(infermesh_service::ErrorKind::ModelUnavailable, "the model catalogue is not loaded yet")
     })?;
-    let data: Vec<Value> = snapshot.models.iter().map(model_json).collect();
+    let plans = plans(&state).await;
+    let data: Vec<Value> = snapshot.models.iter().map(|m| listing_json(m, plans.as_deref())).collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
@@ -59,7 +81,7 @@ pub async fn get_model(
 ) -> Result<Json<Value>, ApiError> {
     authenticate(&state.mesh, &headers).await?;
     let model = state.mesh.resolve_model(&id)?;
-    Ok(Json(model_json(&model)))
+    Ok(Json(listing_json(&model, plans(&state).await.as_deref())))
 }
 
 #[cfg(test)]

@@ -18,11 +18,16 @@ pub struct Plan {
 
 impl Plan {
     pub fn includes(&self, model: &str) -> bool {
-        self.models.iter().any(|pattern| match pattern.strip_suffix('*') {
-            Some(prefix) => model.starts_with(prefix),
-            None => pattern == model,
-        })
+        patterns_include(&self.models, model)
     }
+}
+
+/// Whether a plan's model list (ids, `owner/*`, `*`) names `model`.
+pub fn patterns_include(patterns: &[String], model: &str) -> bool {
+    patterns.iter().any(|pattern| match pattern.strip_suffix('*') {
+        Some(prefix) => model.starts_with(prefix),
+        None => pattern == model,
+    })
 }
 
 #[derive(Debug, Clone)]
