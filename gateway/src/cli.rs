@@ -58,6 +58,10 @@ pub enum Command {
     Registry {
         #[arg(long, env = "INFERMESH_REGISTRY_LISTEN", default_value = "127.0.0.1:50053")]
         listen: String,
+        /// NATS server where catalogue edits are announced
+        /// (`catalog.changed.v1`); gateways follow the registry's stream.
+        #[arg(long = "nats-url", env = "INFERMESH_NATS_URL")]
+        nats_url: Option<String>,
         #[command(flatten)]
         config: RegistryConfig,
     },
@@ -169,11 +173,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             infermesh_service::announce("billing", &listener).map_err(service_error)?;
             infermesh_billing::run(config, bus, listener, shutdown_signal()).await.map_err(service_error)
         }
-        Command::Registry { listen, config } => {
+        Command::Registry { listen, nats_url, config } => {
             config.load_catalog().map_err(service_error)?;
+            let bus = connect_bus(nats_url.as_deref()).await?;
             let listener = bind(&listen).await?;
             infermesh_service::announce("registry", &listener).map_err(service_error)?;
-            infermesh_registry::run(config, listener, shutdown_signal()).await.map_err(service_error)
+            infermesh_registry::run(config, bus, listener, shutdown_signal()).await.map_err(service_error)
         }
         Command::Ratelimit { listen } => {
             let listener = bind(&listen).await?;

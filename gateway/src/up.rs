@@ -126,6 +126,7 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
 
     let stop = CancellationToken::new();
     let mut services: JoinSet<(&'static str, Result<(), String>)> = JoinSet::new();
+    let registry_bus = bus.clone();
     let registry_config = RegistryConfig {
         catalog: args.config.clone(),
         worker_lease_ms: 10_000,
@@ -135,7 +136,9 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     services.spawn(async move {
         (
             "registry",
-            infermesh_registry::run(registry_config, registry, s.cancelled_owned()).await.map_err(|e| e.to_string()),
+            infermesh_registry::run(registry_config, registry_bus, registry, s.cancelled_owned())
+                .await
+                .map_err(|e| e.to_string()),
         )
     });
     let auth_config = AuthConfig { database_url: sqlite_url(&data_dir, "auth.db"), limits: args.limits };

@@ -14,7 +14,12 @@ mod misbehaving;
 
 use std::time::{Duration, Instant};
 
-use harness::{free_port, http, json_of, signup, spawn, spawn_gateway, spawn_gateway_to, spawn_services, start_up};
+use futures::StreamExt;
+use harness::{
+    free_port, http, json_of, signup, spawn, spawn_gateway, spawn_gateway_to, spawn_nats_on, spawn_services, start_up,
+};
+use infermesh_proto::v1::CatalogChange;
+use prost::Message;
 use serde_json::{Value, json};
 
 const ADMIN: &str = "operator-secret";
@@ -38,7 +43,11 @@ async fn until_model(base: &str, key: &str, id: &str, done: impl Fn(u16, &Value)
 #[tokio::test]
 async fn catalogue_edits_reach_every_gateway_within_a_second_and_survive_a_restart() {
     let data = tempfile::tempdir().unwrap();
-    let (up, base) = start_up(data.path(), &["--admin-token", ADMIN]).await;
+    let nats_dir = tempfile::tempdir().unwrap();
+    let nats = spawn_nats_on(nats_dir.path(), free_port()).await;
+    let mut announced =
+        async_nats::connect(&nats.address).await.unwrap().subscribe("catalog.changed.v1").await.unwrap();
+    let (up, base) = start_up(data.path(), &["--admin-token", ADMIN, "--nats-url", &nats.address]).await;
     let (_second, second_base) = spawn_gateway(&up, &["--admin-token", ADMIN]).await;
     let key = signup(&base, "catalogue@example.com").await;
 
@@ -62,6 +71,10 @@ async fn catalogue_edits_reach_every_gateway_within_a_second_and_survive_a_resta
     assert_eq!(put["backends"][0]["api_key"], "(set)", "the key itself is never shown: {put}");
     let seen = until_model(&second_base, &key, "tiny", |status, _| status == 200).await;
     assert!(seen < Duration::from_secs(1), "the second gateway saw the new model after {seen:?}");
+    // Everyone else hears of it on NATS.
+    let change = tokio::time::timeout(Duration::from_secs(5), announced.next()).await.unwrap().unwrap();
+    let change = CatalogChange::decode(change.payload).unwrap();
+    assert_eq!((change.model_id.as_str(), change.deleted), ("acme/tiny", false));
     let model = json_of(http().get(format!("{second_base}/v1/models/acme/tiny")).bearer_auth(&key)).await;
     assert_eq!(model["context_length"], 2048);
     assert_eq!(model["pricing"]["prompt"], "0.0000005");
@@ -92,6 +105,15 @@ async fn catalogue_edits_reach_every_gateway_within_a_second_and_survive_a_resta
     assert_eq!(deleted.status(), 200);
     let seen = until_model(&second_base, &key, "acme/tiny", |status, _| status == 404).await;
     assert!(seen < Duration::from_secs(1), "the deletion reached the second gateway after {seen:?}");
+    let mut changes = Vec::new();
+    while changes.len() < 3 {
+        let change = tokio::time::timeout(Duration::from_secs(5), announced.next()).await.unwrap().unwrap();
+        let change = CatalogChange::decode(change.payload).unwrap();
+        changes.push((change.model_id, change.deleted));
+    }
+    let expected =
+        [("acme/tiny", false), ("acme/kept", false), ("acme/tiny", true)].map(|(id, deleted)| (id.to_owned(), deleted));
+    assert_eq!(changes, expected);
     let again = http().delete(format!("{base}/admin/v1/models/acme/tiny")).bearer_auth(ADMIN).send().await.unwrap();
     assert_eq!(again.status(), 404);
 

@@ -56,12 +56,15 @@ impl RegistryConfig {
     }
 }
 
+/// Serves the registry; catalogue edits are announced on `bus` when there is one.
 pub async fn run(
     config: RegistryConfig,
+    bus: Option<infermesh_bus::Bus>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
-    let mut registry = Registry::new(config.load_catalog()?, Duration::from_millis(config.worker_lease_ms));
+    let mut registry =
+        Registry::new(config.load_catalog()?, Duration::from_millis(config.worker_lease_ms)).with_bus(bus);
     if let Some(url) = &config.database_url {
         registry = registry.with_store(store::EditStore::open(url).await?).await?;
     }

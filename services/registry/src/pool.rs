@@ -5,8 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use infermesh_proto::v1::{CatalogSnapshot, Model, Worker, WorkerLoad};
+use infermesh_bus::Bus;
+use infermesh_bus::subjects::CATALOG_CHANGED;
+use infermesh_proto::v1::{CatalogChange, CatalogSnapshot, Model, Worker, WorkerLoad};
 use infermesh_service::now_unix_ms;
+use prost::Message;
 use tokio::sync::watch;
 
 use crate::catalog::Catalog;
@@ -35,6 +38,8 @@ pub struct Registry {
     store: Option<EditStore>,
     /// One edit at a time: stored, then applied, in the same order.
     edits: Arc<tokio::sync::Mutex<()>>,
+    /// Where edits are announced (`catalog.changed.v1`), when there is NATS.
+    bus: Option<Bus>,
 }
 
 impl Registry {
@@ -47,6 +52,29 @@ impl Registry {
             snapshots,
             store: None,
             edits: Arc::new(tokio::sync::Mutex::new(())),
+            bus: None,
+        }
+    }
+
+    /// Announces every run-time edit on `bus`.
+    pub fn with_bus(mut self, bus: Option<Bus>) -> Registry {
+        self.bus = bus;
+        self
+    }
+
+    fn version(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).version
+    }
+
+    /// Tells NATS of an applied edit. The edit stands if this fails:
+    /// gateways learn of it from their catalogue stream regardless.
+    async fn announce(&self, model_id: &str, deleted: bool) {
+        let Some(bus) = &self.bus else { return };
+        let version = self.version();
+        let change = CatalogChange { model_id: model_id.to_owned(), deleted, version, at_unix_ms: now_unix_ms() };
+        let dedupe_id = format!("catalog:{model_id}:{version}");
+        if let Err(err) = bus.publish(CATALOG_CHANGED, &dedupe_id, change.encode_to_vec().into()).await {
+            tracing::warn!(error = %err, model = %model_id, "catalogue change not announced on NATS");
         }
     }
 
@@ -85,6 +113,7 @@ impl Registry {
             store.record(id, Some(spec_json), now_unix_ms()).await?;
         }
         self.update(|inner| (inner.catalog.put(model.clone()), true))?;
+        self.announce(id, false).await;
         Ok(model)
     }
 
@@ -97,6 +126,7 @@ impl Registry {
             store.record(id, None, now_unix_ms()).await?;
         }
         self.update(|inner| ((), inner.catalog.remove(id)));
+        self.announce(id, true).await;
         Ok(())
     }
 
