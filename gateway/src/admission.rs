@@ -201,6 +201,7 @@ impl Admission {
                 key_limit_nanos: key.limit_nanos,
                 model: model.id.clone(),
                 max_tokens: u64::from(estimate),
+                catalog_plans: model.plans.clone(),
             })
             .await;
         if let Err(status) = reserved {

@@ -71,6 +71,7 @@ pub async fn run(args: BillingBenchArgs) -> Result<(), CliError> {
                         amount: 2_000,
                         max_tokens: 30,
                         key_limit: None,
+                        catalog_plans: &[],
                     })
                     .await?;
                 let settlement = Settlement {

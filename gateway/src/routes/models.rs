@@ -59,8 +59,11 @@ async fn plans(state: &AppState) -> Option<Vec<Plan>> {
 fn listing_json(model: &Model, plans: Option<&[Plan]>) -> Value {
     let mut value = model_json(model);
     if let Some(plans) = plans {
-        value["plans"] =
-            plans.iter().filter(|p| patterns_include(&p.models, &model.id)).map(|p| p.id.clone()).collect();
+        value["plans"] = plans
+            .iter()
+            .filter(|p| patterns_include(&p.models, &model.id) || model.plans.contains(&p.id))
+            .map(|p| p.id.clone())
+            .collect();
     }
     value
 }

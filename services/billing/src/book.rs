@@ -92,6 +92,8 @@ pub struct HoldRequest<'a> {
     /// The most tokens it may use (prompt plus `max_tokens`).
     pub max_tokens: i64,
     pub key_limit: Option<i64>,
+    /// Plan ids the catalogue lists for the model.
+    pub catalog_plans: &'a [String],
 }
 
 /// `amount × part / whole`, rounded down; zero for an empty whole.
@@ -233,14 +235,14 @@ impl Book {
         now: i64,
         expires_at: i64,
     ) -> Result<(i64, i64), BillingError> {
-        let HoldRequest { request_id, account_id, key_id, model, max_tokens, key_limit, .. } = *request;
+        let HoldRequest { request_id, account_id, key_id, model, max_tokens, key_limit, catalog_plans, .. } = *request;
         let usage = self.plan_usage_in(account_id, crate::plans::month_of(now));
         let plan = plans.of_account(&usage.plan_id);
-        if !plan.includes(model) {
+        if !plan.includes(model) && !catalog_plans.contains(&plan.id) {
             return Err(BillingError::NotInPlan {
                 model: model.to_owned(),
                 plan: plan.name.clone(),
-                including: plans.including(model),
+                including: plans.including(model, catalog_plans),
             });
         }
         let included = i64::try_from(plan.included_tokens_per_month).unwrap_or(i64::MAX);
@@ -381,6 +383,7 @@ mod tests {
             amount,
             max_tokens: 100,
             key_limit,
+            catalog_plans: &[],
         }
     }
 
@@ -447,7 +450,13 @@ mod tests {
             amount: 1000,
             max_tokens,
             key_limit: None,
+            catalog_plans: &[],
         };
+        // The catalogue may list a plan for a model its patterns leave out.
+        let listed = ["free".to_owned()];
+        let granted = HoldRequest { account_id: "b", catalog_plans: &listed, ..request("rc", "openai/gpt", 10) };
+        book.grant(&mut changes, "b", 1_000, "g0");
+        assert!(book.reserve(&mut changes, &plans, &granted, 0, 10).is_ok());
         let err = book.reserve(&mut changes, &plans, &request("r0", "openai/gpt", 10), 0, 10).unwrap_err();
         assert!(matches!(&err, BillingError::NotInPlan { including, .. } if including == &["Big"]), "{err}");
         assert_eq!(

@@ -49,8 +49,16 @@ impl BillingService for BillingGrpc {
     }
 
     async fn reserve(&self, request: Request<ReserveRequest>) -> Result<Response<ReserveResponse>, Status> {
-        let ReserveRequest { request_id, account_id, key_id, amount_nanos, key_limit_nanos, model, max_tokens } =
-            request.into_inner();
+        let ReserveRequest {
+            request_id,
+            account_id,
+            key_id,
+            amount_nanos,
+            key_limit_nanos,
+            model,
+            max_tokens,
+            catalog_plans,
+        } = request.into_inner();
         let (held_nanos, available_nanos) = self
             .ledger
             .reserve(&HoldRequest {
@@ -61,6 +69,7 @@ impl BillingService for BillingGrpc {
                 amount: amount_nanos,
                 max_tokens: i64::try_from(max_tokens).unwrap_or(i64::MAX),
                 key_limit: key_limit_nanos,
+                catalog_plans: &catalog_plans,
             })
             .await?;
         Ok(Response::new(ReserveResponse { held_nanos, available_nanos }))

@@ -209,6 +209,7 @@ impl Ledger {
             amount: request.amount,
             max_tokens: request.max_tokens,
             key_limit: request.key_limit,
+            catalog_plans: request.catalog_plans.to_vec(),
             reply,
         })
         .await
@@ -445,7 +446,16 @@ mod tests {
         amount: i64,
         key_limit: Option<i64>,
     ) -> HoldRequest<'a> {
-        HoldRequest { request_id, account_id, key_id, model: "infermesh/m", amount, max_tokens: 100, key_limit }
+        HoldRequest {
+            request_id,
+            account_id,
+            key_id,
+            model: "infermesh/m",
+            amount,
+            max_tokens: 100,
+            key_limit,
+            catalog_plans: &[],
+        }
     }
 
     async fn usage_rows(ledger: &Ledger) -> Vec<OutboxRow> {

@@ -142,8 +142,14 @@ impl Plans {
     }
 
     /// Names of the plans that include `model`, for a refusal to point at.
-    pub fn including(&self, model: &str) -> Vec<String> {
-        self.plans.iter().filter(|plan| plan.includes(model)).map(|plan| plan.name.clone()).collect()
+    /// Names of the plans that include `model`: by their patterns, or as
+    /// the catalogue lists (`catalog_plans`, plan ids).
+    pub fn including(&self, model: &str, catalog_plans: &[String]) -> Vec<String> {
+        self.plans
+            .iter()
+            .filter(|plan| plan.includes(model) || catalog_plans.contains(&plan.id))
+            .map(|plan| plan.name.clone())
+            .collect()
     }
 }
 
@@ -172,7 +178,8 @@ mod tests {
         assert_eq!(plans.default_plan().name, "Free");
         assert!(plans.default_plan().includes("infermesh/gemma-3-270m"));
         assert!(!plans.default_plan().includes("openai/gpt-4o"));
-        assert_eq!(plans.including("openai/gpt-4o"), ["Pro", "Ultimate"]);
+        assert_eq!(plans.including("openai/gpt-4o", &[]), ["Pro", "Ultimate"]);
+        assert_eq!(plans.including("openai/gpt-4o", &["starter".to_owned()]), ["Starter", "Pro", "Ultimate"]);
         assert_eq!(plans.get("pro").unwrap().included_tokens_per_month, 10_000_000);
         assert_eq!(plans.of_account("retired"), plans.default_plan());
         let example =
@@ -190,7 +197,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(plans.default_plan().name, "basic");
-        assert_eq!(plans.including("x/z"), ["Big"]);
+        assert_eq!(plans.including("x/z", &[]), ["Big"]);
         assert_eq!(Plans::from_toml("[[models]]\nid = \"x/y\"\n").unwrap().all().len(), 4);
         let err = Plans::from_toml("[[plans]]\nid = \"a\"\nmodels = []\n").unwrap_err();
         assert!(err.to_string().contains("plan \"a\""), "{err}");

@@ -55,6 +55,7 @@ pub enum Command {
         amount: i64,
         max_tokens: i64,
         key_limit: Option<i64>,
+        catalog_plans: Vec<String>,
         reply: Reply<(i64, i64)>,
     },
     SetPlan {
@@ -233,7 +234,17 @@ impl Writer {
                     }
                     answer(reply, Ok(()))
                 }
-                Command::Reserve { request_id, account_id, key_id, model, amount, max_tokens, key_limit, reply } => {
+                Command::Reserve {
+                    request_id,
+                    account_id,
+                    key_id,
+                    model,
+                    amount,
+                    max_tokens,
+                    key_limit,
+                    catalog_plans,
+                    reply,
+                } => {
                     let result = match self.book.holds.get(&request_id) {
                         // A repeat returns the first hold.
                         Some(hold) => Ok((hold.amount, self.book.account(&hold.account_id).available())),
@@ -246,6 +257,7 @@ impl Writer {
                                 amount,
                                 max_tokens,
                                 key_limit,
+                                catalog_plans: &catalog_plans,
                             };
                             let expires_at = now.saturating_add(self.hold_ttl_ms);
                             let held = self.book.reserve(&mut changes, &self.plans, &request, now, expires_at);

@@ -68,6 +68,9 @@ struct ModelEntry {
     /// Defaults to this mesh's workers alone.
     #[serde(default)]
     backends: Vec<BackendEntry>,
+    /// Plans that include the model, besides those whose patterns name it.
+    #[serde(default)]
+    plans: Vec<String>,
 }
 
 fn chat() -> String {
@@ -191,6 +194,7 @@ fn model_of(entry: ModelEntry, created_unix: i64) -> Result<Model, RegistryError
         created_unix,
         description: entry.description,
         backends,
+        plans: entry.plans,
         id,
     })
 }
