@@ -298,9 +298,12 @@ pub async fn serve(state: &AppState, key: KeyInfo, model: Model, generation: Gen
         Ok(admission) => Arc::new(admission),
         Err(refused) => return Ok(refused.into_response()),
     };
-    let mut failures = Vec::new();
+    let mut last_failure = None;
     for backend in &backends {
         let attempt = match backend.kind.as_str() {
+            // The caller's key is for upstream providers: our own workers
+            // are not what the BYOK fee pays for.
+            WORKERS if byok => continue,
             WORKERS => on_workers(state, &admission, &generation).await,
             OPENAI_COMPATIBLE => crate::upstream::serve(state, &admission, backend, &generation).await,
             other => Err(Failed::Next(MeshError::internal(format!("unknown backend kind `{other}`")))),
@@ -310,12 +313,11 @@ pub async fn serve(state: &AppState, key: KeyInfo, model: Model, generation: Gen
             Err(Failed::Final(err)) => return Err(ApiError(err)),
             Err(Failed::Next(err)) => {
                 tracing::warn!(provider = %backend.name, error = %err.message, "backend failed before the first token; trying the next");
-                failures.push(err);
+                last_failure = Some(err);
             }
         }
     }
-    // The last failure says most: the backends are tried in order of preference.
-    Err(ApiError(failures.pop().unwrap_or_else(|| {
+    Err(ApiError(last_failure.unwrap_or_else(|| {
         MeshError::new(ErrorKind::ModelUnavailable, format!("`{}` has no backend to serve it", admission.model.id))
             .with_retry_after_ms(2000)
     })))
