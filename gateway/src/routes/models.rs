@@ -23,8 +23,46 @@ fn per_token(nanos_per_mtok: i64) -> String {
     if text.is_empty() { "0".to_owned() } else { text.to_owned() }
 }
 
+/// Request parameters a chat model takes, in OpenRouter's
+/// `supported_parameters` terms; an upstream-served model takes what its
+/// provider does, so tools and structured output follow its capabilities.
+fn supported_parameters(model: &Model) -> Vec<&'static str> {
+    if model.kind() == ModelKind::Embedding {
+        return vec!["dimensions", "encoding_format", "user"];
+    }
+    let mut params = vec![
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "frequency_penalty",
+        "presence_penalty",
+        "repetition_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "n",
+        "user",
+    ];
+    let has = |capability: &str| model.capabilities.iter().any(|c| c == capability);
+    if has("tools") {
+        params.extend(["tools", "tool_choice"]);
+    }
+    if has("json") || has("structured_output") || has("structured_outputs") {
+        params.extend(["response_format", "structured_outputs"]);
+    }
+    params
+}
+
 pub fn model_json(model: &Model) -> Value {
     let pricing = model.pricing.unwrap_or_default();
+    let embedding = model.kind() == ModelKind::Embedding;
+    let vision = model.capabilities.iter().any(|c| c == "vision");
+    let inputs: &[&str] = if vision { &["text", "image"] } else { &["text"] };
+    let outputs: &[&str] = if embedding { &["embeddings"] } else { &["text"] };
     json!({
         "id": model.id,
         "object": "model",
@@ -41,6 +79,17 @@ pub fn model_json(model: &Model) -> Value {
             "prompt": per_token(pricing.prompt_nanos_per_mtok),
             "completion": per_token(pricing.completion_nanos_per_mtok),
         },
+        "architecture": {
+            "modality": format!("{}->{}", inputs.join("+"), outputs.join("+")),
+            "input_modalities": inputs,
+            "output_modalities": outputs,
+        },
+        "top_provider": {
+            "context_length": model.context_length,
+            "max_completion_tokens": model.max_output_tokens,
+            "is_moderated": false,
+        },
+        "supported_parameters": supported_parameters(model),
     })
 }
 
@@ -91,6 +140,24 @@ pub async fn get_model(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listings_carry_openrouter_fields() {
+        let model = Model {
+            id: "openai/gpt-4o-mini".into(),
+            context_length: 128_000,
+            max_output_tokens: 16_384,
+            capabilities: vec!["chat".into(), "tools".into(), "vision".into()],
+            ..Model::default()
+        };
+        let listed = model_json(&model);
+        assert_eq!(listed["architecture"]["modality"], "text+image->text");
+        assert_eq!(listed["top_provider"]["max_completion_tokens"], 16_384);
+        let params = listed["supported_parameters"].as_array().unwrap();
+        assert!(params.contains(&json!("tools")) && !params.contains(&json!("response_format")));
+        let embedding = Model { kind: ModelKind::Embedding.into(), ..Model::default() };
+        assert_eq!(model_json(&embedding)["architecture"]["output_modalities"], json!(["embeddings"]));
+    }
 
     #[test]
     fn prices_become_exact_dollars_per_token() {
