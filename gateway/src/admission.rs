@@ -116,6 +116,9 @@ pub struct Admission {
     /// The caller's end user (OpenAI's `user`), for the usage event.
     end_user: String,
     started: Instant,
+    arrived: Instant,
+    /// Time spent waiting on a backend (worker or upstream), in nanoseconds.
+    backend_wait_ns: std::sync::atomic::AtomicU64,
     prompt_tokens: AtomicU32,
     completion_tokens: AtomicU32,
     /// Set once the request has produced (or may have produced) billable
@@ -144,6 +147,8 @@ pub struct Ask {
     pub end_user: String,
     /// Set when the caller brings its own provider key.
     pub byok_fee_percent: Option<u32>,
+    /// When the request reached its handler, for the gateway's overhead.
+    pub arrived: Instant,
 }
 
 impl Admission {
@@ -156,6 +161,7 @@ impl Admission {
             output_tokens: max_output_tokens,
             end_user,
             byok_fee_percent,
+            arrived,
         } = ask;
         let estimate = estimated_prompt_tokens.saturating_add(max_output_tokens);
         let asked = Instant::now();
@@ -221,6 +227,8 @@ impl Admission {
             byok_fee_percent,
             end_user,
             started: Instant::now(),
+            arrived,
+            backend_wait_ns: std::sync::atomic::AtomicU64::new(0),
             prompt_tokens: AtomicU32::new(estimated_prompt_tokens),
             completion_tokens: AtomicU32::new(0),
             started_work: AtomicBool::new(false),
@@ -250,6 +258,32 @@ impl Admission {
         self.limits.as_ref().map(rate_limit_headers).unwrap_or_default()
     }
 
+    /// Awaits `backend` (a worker's or an upstream's answer), counting the
+    /// wait as the backend's time rather than the gateway's.
+    pub async fn on_backend<T>(&self, backend: impl std::future::Future<Output = T>) -> T {
+        let asked = Instant::now();
+        let answer = backend.await;
+        let waited = u64::try_from(asked.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.backend_wait_ns.fetch_add(waited, Ordering::Relaxed);
+        answer
+    }
+
+    /// The gateway's own time on this request so far: everything since it
+    /// arrived except waiting on backends.
+    pub fn overhead(&self) -> Duration {
+        self.arrived.elapsed().saturating_sub(Duration::from_nanos(self.backend_wait_ns.load(Ordering::Relaxed)))
+    }
+
+    /// `x-infermesh-overhead-ms`: the gateway's own time, for a response
+    /// sent whole (LiteLLM and TensorZero report theirs the same way).
+    pub fn overhead_header(&self) -> (HeaderName, HeaderValue) {
+        let ms = format!("{:.3}", self.overhead().as_secs_f64() * 1000.0);
+        (
+            HeaderName::from_static("x-infermesh-overhead-ms"),
+            HeaderValue::from_str(&ms).unwrap_or(HeaderValue::from_static("0")),
+        )
+    }
+
     /// Charges `usage` (defaulting to the counts seen so far) and commits
     /// the actual tokens to the rate limiter. Runs in its own task, so a
     /// client that goes away mid-settlement cannot cancel it.
@@ -259,9 +293,11 @@ impl Admission {
             prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
             completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
         });
-        tokio::spawn(settle_task(self.bill(), usage))
+        let settled = tokio::spawn(settle_task(self.bill(), usage))
             .await
-            .map_err(|err| ApiError(MeshError::internal(format!("settlement task failed: {err}"))))?
+            .map_err(|err| ApiError(MeshError::internal(format!("settlement task failed: {err}"))))?;
+        metrics::histogram!("infermesh_gateway_overhead_seconds").record(self.overhead().as_secs_f64());
+        settled
     }
 
     fn bill(&self) -> Bill {

@@ -124,7 +124,7 @@ pub async fn serve(
     if let Some(key) = key {
         request = request.bearer_auth(key);
     }
-    let response = match tokio::time::timeout(timeout, request.send()).await {
+    let response = match admission.on_backend(tokio::time::timeout(timeout, request.send())).await {
         Err(_) => return Err(Failed::Next(upstream_timeout(provider, timeout))),
         Ok(Err(err)) => return Err(Failed::Next(upstream_error(provider, format_args!("is unreachable: {err}")))),
         Ok(Ok(response)) => response,
@@ -152,7 +152,7 @@ pub async fn serve(
         let mut events = sse_data(response.bytes_stream());
         let mut opening = Vec::new();
         loop {
-            let data = match tokio::time::timeout(timeout, events.next()).await {
+            let data = match admission.on_backend(tokio::time::timeout(timeout, events.next())).await {
                 Err(_) => return Err(Failed::Next(upstream_timeout(provider, timeout))),
                 Ok(None) => {
                     return Err(Failed::Next(upstream_error(provider, "ended the stream before its first token")));
@@ -190,7 +190,7 @@ pub async fn serve(
         let sse = Sse::new(relay.stream(opening, events));
         return Ok(with_headers(sse.keep_alive(KeepAlive::default()).into_response(), headers));
     }
-    let bytes = match tokio::time::timeout(timeout, response.bytes()).await {
+    let bytes = match admission.on_backend(tokio::time::timeout(timeout, response.bytes())).await {
         Err(_) => return Err(Failed::Next(upstream_timeout(provider, timeout))),
         Ok(Err(err)) => {
             return Err(Failed::Next(upstream_error(provider, format_args!("broke off its answer: {err}"))));
@@ -223,6 +223,8 @@ pub async fn serve(
     answer["model"] = json!(admission.model.id);
     answer["provider"] = json!(provider);
     answer["usage"] = usage_json(&settled);
+    let mut headers = headers;
+    headers.push(admission.overhead_header());
     Ok(with_headers(axum::Json(answer).into_response(), headers))
 }
 
@@ -290,7 +292,7 @@ impl Relay {
                 let chunk = if let Some(chunk) = pending.next() {
                     chunk
                 } else {
-                    let data = match tokio::time::timeout(self.timeout, events.next()).await {
+                    let data = match self.admission.on_backend(tokio::time::timeout(self.timeout, events.next())).await {
                         Err(_) => {
                             cut = Some(upstream_timeout(&self.provider, self.timeout));
                             break;

@@ -269,7 +269,15 @@ async fn upstream_providers_proxy_fall_back_and_bill() {
     // upstream itself gives, our id and model, the upstream's usage, and
     // our price on it.
     let direct: Value = post_chat(&provider, &provider_key, &chat("gemma-3-270m", false)).await.json().await.unwrap();
-    let relayed: Value = post_chat(&front, &key, &chat("acme/relay", false)).await.json().await.unwrap();
+    let asked = Instant::now();
+    let response = post_chat(&front, &key, &chat("acme/relay", false)).await;
+    let took_ms = asked.elapsed().as_secs_f64() * 1000.0;
+    // The gateway's own time: everything but waiting on the upstream.
+    let overhead_ms: f64 = response.headers()["x-infermesh-overhead-ms"].to_str().unwrap().parse().unwrap();
+    assert!(overhead_ms > 0.0 && overhead_ms < took_ms, "overhead {overhead_ms} ms of {took_ms} ms");
+    let relayed: Value = response.json().await.unwrap();
+    let metrics = http().get(format!("{front}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("infermesh_gateway_overhead_seconds"), "the overhead is a Prometheus histogram too");
     assert_eq!(relayed["provider"], "second-infermesh", "{relayed}");
     assert_eq!(relayed["model"], "acme/relay");
     assert!(relayed["id"].as_str().unwrap().starts_with("chatcmpl-") && relayed["id"] != direct["id"]);

@@ -25,6 +25,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     let key = authenticate(&state.mesh, &headers).await?;
     let chat = parse_json::<ChatRequest>(&body)?.validate()?;
     let model = chat_model(&state, &chat.model)?;
@@ -44,6 +45,7 @@ pub async fn chat_completions(
         sampling: chat.sampling,
         text_only,
         provider_key: provider_key(&headers)?,
+        arrived,
         body,
     };
     serve(&state, key, model, generation).await

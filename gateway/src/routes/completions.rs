@@ -18,6 +18,7 @@ pub async fn completions(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     let key = authenticate(&state.mesh, &headers).await?;
     let request = parse_json::<CompletionRequest>(&body)?.validate()?;
     let model = chat_model(&state, &request.model)?;
@@ -41,6 +42,7 @@ pub async fn completions(
         sampling: request.sampling,
         text_only: None,
         provider_key: provider_key(&headers)?,
+        arrived,
         body,
     };
     serve(&state, key, model, generation).await

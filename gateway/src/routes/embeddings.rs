@@ -21,6 +21,7 @@ pub async fn embeddings(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     let key = authenticate(&state.mesh, &headers).await?;
     let request = parse_json::<EmbeddingRequest>(&body)?.validate()?;
     let model = state.mesh.resolve_model(&request.model)?;
@@ -42,14 +43,15 @@ pub async fn embeddings(
         output_tokens: 0,
         end_user: request.end_user.clone(),
         byok_fee_percent: None,
+        arrived,
     };
     let admission = match Admission::admit(state.mesh.clone(), key, model, ask).await {
         Ok(admission) => admission,
         Err(refused) => return Ok(refused.into_response()),
     };
     admission.set_provider(WORKERS_PROVIDER);
-    let response = worker
-        .embed(EmbedRequest { model: admission.model.id.clone(), inputs: request.inputs })
+    let response = admission
+        .on_backend(worker.embed(EmbedRequest { model: admission.model.id.clone(), inputs: request.inputs }))
         .await
         .map_err(peer_error("worker"))?
         .into_inner();
@@ -91,5 +93,7 @@ pub async fn embeddings(
             "is_byok": false,
         },
     });
-    Ok(with_headers(axum::Json(body).into_response(), admission.rate_limit_headers()))
+    let mut headers = admission.rate_limit_headers();
+    headers.push(admission.overhead_header());
+    Ok(with_headers(axum::Json(body).into_response(), headers))
 }

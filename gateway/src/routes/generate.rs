@@ -147,6 +147,8 @@ pub struct Generation {
     /// Set when the request holds more than text, which only upstream
     /// providers take: why the workers cannot serve it.
     pub text_only: Option<MeshError>,
+    /// When the request reached its handler.
+    pub arrived: std::time::Instant,
 }
 
 /// The caller's own upstream key (BYOK), from `X-Provider-Key`.
@@ -293,6 +295,7 @@ pub async fn serve(state: &AppState, key: KeyInfo, model: Model, generation: Gen
         output_tokens: output_bound,
         end_user: generation.sampling.end_user.clone(),
         byok_fee_percent: byok.then_some(state.byok_fee_percent),
+        arrived: generation.arrived,
     };
     let admission = match Admission::admit(state.mesh.clone(), key, model, ask).await {
         Ok(admission) => Arc::new(admission),
@@ -335,7 +338,8 @@ async fn on_workers(state: &AppState, admission: &Arc<Admission>, generation: &G
     }
     let request = worker_request(admission, generation);
     let mut tried = Vec::new();
-    let (events, prompt_tokens, picked) = start_on_workers(&state.mesh, &request, &mut tried).await?;
+    let (events, prompt_tokens, picked) =
+        admission.on_backend(start_on_workers(&state.mesh, &request, &mut tried)).await?;
     admission.set_provider(WORKERS_PROVIDER);
     admission.work_started(prompt_tokens);
     let failover = Failover { mesh: state.mesh.clone(), request, tried, current: events, picked, delivered: false };
@@ -482,7 +486,7 @@ async fn respond(admission: Arc<Admission>, generation: &Generation, mut events:
     let whole = async {
         let mut choices = choices;
         while !choices.all_finished() {
-            let Some(event) = events.next().await else { break };
+            let Some(event) = admission.on_backend(events.next()).await else { break };
             match event.map_err(peer_error("worker"))?.event {
                 Some(generate_event::Event::Delta(delta)) => {
                     admission.add_completion_tokens(u32::try_from(delta.token_ids.len()).unwrap_or(0));
@@ -509,10 +513,13 @@ async fn respond(admission: Arc<Admission>, generation: &Generation, mut events:
             "usage": usage_json(&settled),
         }))
     };
-    match whole.await {
-        Ok(body) => with_headers(axum::Json(body).into_response(), headers),
-        Err(err) => with_headers(err.into_response(), headers),
-    }
+    let mut headers = headers;
+    let response = match whole.await {
+        Ok(body) => axum::Json(body).into_response(),
+        Err(err) => err.into_response(),
+    };
+    headers.push(admission.overhead_header());
+    with_headers(response, headers)
 }
 
 fn chunk(
@@ -561,7 +568,7 @@ fn sse_stream(
             }
         }
         loop {
-            match events.next().await.transpose() {
+            match admission.on_backend(events.next()).await.transpose() {
                 Ok(Some(event)) => match event.event {
                     Some(generate_event::Event::Delta(delta)) => {
                         admission.add_completion_tokens(u32::try_from(delta.token_ids.len()).unwrap_or(0));
