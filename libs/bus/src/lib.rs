@@ -30,12 +30,21 @@ pub mod subjects {
     pub const KEYS_ALL: &str = "keys.>";
     /// `infermesh.v1.CatalogChange`: a model was added, changed or removed.
     pub const CATALOG_CHANGED: &str = "catalog.changed.v1";
+    /// `infermesh.v1.JobEvent`: an async job completed.
+    pub const JOBS_COMPLETED: &str = "jobs.completed.v1";
+    /// `infermesh.v1.JobEvent`: an async job used up its retries.
+    pub const JOBS_DEAD: &str = "jobs.dead.v1";
     /// Streams kept in step on connect: (name, subject filter, days kept).
     /// Usage and credit events are billing records: a month and more, for
     /// any number of consumers, each reading at its own pace (limits
     /// retention, not a work queue). Key events only evict caches.
-    pub const STREAMS: [(&str, &str, u64); 4] =
-        [("USAGE", "usage.>", 90), ("CREDIT", "credit.>", 90), ("KEYS", "keys.>", 1), ("CATALOG", "catalog.>", 7)];
+    pub const STREAMS: [(&str, &str, u64); 5] = [
+        ("USAGE", "usage.>", 90),
+        ("CREDIT", "credit.>", 90),
+        ("KEYS", "keys.>", 1),
+        ("CATALOG", "catalog.>", 7),
+        ("JOBS", "jobs.>", 7),
+    ];
 }
 
 /// How long JetStream remembers a `Nats-Msg-Id`: a republish within it (an
