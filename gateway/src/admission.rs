@@ -242,6 +242,12 @@ impl Admission {
         self.started_work.store(true, Ordering::Relaxed);
     }
 
+    /// The work done so far is not to be billed: the hold is released
+    /// rather than settled if the request ends without [`Admission::settle`].
+    pub fn forget_work(&self) {
+        self.started_work.store(false, Ordering::Relaxed);
+    }
+
     pub fn set_provider(&self, name: &str) {
         *self.provider.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = name.to_owned();
     }

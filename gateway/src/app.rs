@@ -13,7 +13,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::error::ApiError;
 use crate::mesh::Mesh;
-use crate::routes::{MaxBodyBytes, account, admin, catalog, chat, completions, embeddings, health, models, tokenize};
+use crate::routes::{
+    MaxBodyBytes, account, admin, catalog, chat, completions, embeddings, health, models, queue, tokenize,
+};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -51,6 +53,9 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/models", get(models::list_models))
         .route("/v1/models/{*id}", get(models::get_model))
+        .route("/queue/v1/chat/completions", post(queue::chat_completions))
+        .route("/queue/v1/embeddings", post(queue::embeddings))
+        .route("/queue/v1/results/{id}", get(queue::result).delete(queue::cancel))
         .route("/v1/auth/signup", post(account::signup))
         .route("/v1/auth/key", get(account::current_key))
         .route("/v1/credits", get(account::credits))
@@ -66,6 +71,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/admin/v1/models", get(catalog::list_models))
         .route("/admin/v1/models/{*id}", axum::routing::put(catalog::put_model).delete(catalog::delete_model))
         .route("/admin/v1/workers", get(catalog::list_workers))
+        .route("/admin/v1/jobs", get(queue::admin_list))
+        .route("/admin/v1/jobs/{id}/requeue", post(queue::admin_requeue))
         .route("/health", get(health::health))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))

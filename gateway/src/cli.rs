@@ -70,6 +70,17 @@ pub enum Command {
         #[arg(long, env = "INFERMESH_RATELIMIT_LISTEN", default_value = "127.0.0.1:50054")]
         listen: String,
     },
+    /// Async jobs: the queue, retries with backoff, the dead letter (the
+    /// gateways' job runners run them).
+    Jobs {
+        #[arg(long, env = "INFERMESH_JOBS_LISTEN", default_value = "127.0.0.1:50056")]
+        listen: String,
+        /// NATS server for `jobs.completed.v1` and `jobs.dead.v1`; none means no events.
+        #[arg(long = "nats-url", env = "INFERMESH_NATS_URL")]
+        nats_url: Option<String>,
+        #[command(flatten)]
+        config: infermesh_jobs::JobsConfig,
+    },
     /// Inference on candle (CPU, or CUDA when built with `--features cuda`).
     Worker {
         #[arg(long, env = "INFERMESH_WORKER_LISTEN", default_value = "127.0.0.1:50055")]
@@ -115,6 +126,10 @@ pub struct GatewayArgs {
     /// them (rendezvous hashing), so give every gateway the same list.
     #[arg(long = "ratelimit-addr", env = "INFERMESH_RATELIMIT_ADDR", default_value = "127.0.0.1:50054")]
     pub ratelimit: String,
+    /// The jobs service behind `/queue/v1/`; this gateway also runs its
+    /// jobs (`--job-runner-slots` at a time). Unset: no queue routes.
+    #[arg(long = "jobs-addr", env = "INFERMESH_JOBS_ADDR")]
+    pub jobs: Option<String>,
     /// NATS server whose key events evict cached keys; none means a cached
     /// key is trusted for `--key-cache-ms`.
     #[arg(long = "nats-url", env = "INFERMESH_NATS_URL")]
@@ -157,6 +172,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 billing: args.billing,
                 registry: args.registry,
                 ratelimit: args.ratelimit,
+                jobs: args.jobs,
             };
             let bus = connect_bus(args.nats_url.as_deref()).await?;
             crate::run(args.config, peers, bus, listener, shutdown_signal()).await.map_err(service_error)
@@ -184,6 +200,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let listener = bind(&listen).await?;
             infermesh_service::announce("ratelimit", &listener).map_err(service_error)?;
             infermesh_ratelimit::run(listener, shutdown_signal()).await.map_err(service_error)
+        }
+        Command::Jobs { listen, nats_url, config } => {
+            let bus = connect_bus(nats_url.as_deref()).await?;
+            let listener = bind(&listen).await?;
+            infermesh_service::announce("jobs", &listener).map_err(service_error)?;
+            infermesh_jobs::run(config, bus, listener, shutdown_signal()).await.map_err(service_error)
         }
         Command::Worker { listen, config } => {
             let listener = bind(&listen).await?;

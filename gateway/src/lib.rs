@@ -15,6 +15,7 @@ pub mod bench_proxy;
 pub mod bench_ratelimit;
 pub mod cli;
 pub mod error;
+pub mod job_runner;
 pub mod keys_cli;
 pub mod mesh;
 pub mod openai;
@@ -60,6 +61,10 @@ pub struct GatewayConfig {
     #[arg(long = "byok-fee-percent", env = "INFERMESH_BYOK_FEE_PERCENT", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(0..=100))]
     pub byok_fee_percent: u32,
+    /// Queued jobs this gateway runs at once (with `--jobs-addr`); 0 only
+    /// enqueues, leaving the running to other gateways.
+    #[arg(long = "job-runner-slots", env = "INFERMESH_JOB_RUNNER_SLOTS", default_value_t = 8)]
+    pub job_runner_slots: u32,
 }
 
 /// One pooled HTTP client for every upstream provider; time limits are
@@ -108,7 +113,6 @@ pub async fn run(
             .map_err(|err| RunError::KeyEvents(err.to_string()))?;
         tokio::spawn(mesh.clone().evict_on_key_events(events, stop.clone()));
     }
-    let _stop = stop.drop_guard();
     let state = app::AppState {
         mesh,
         signup_credit_nanos,
@@ -118,7 +122,14 @@ pub async fn run(
         upstream: upstream_client()?,
         byok_fee_percent: config.byok_fee_percent,
     };
+    if let Some(jobs) = state.mesh.jobs.clone()
+        && config.job_runner_slots > 0
+    {
+        let runner = job_runner::JobRunner::new(state.clone(), jobs, config.job_runner_slots);
+        tokio::spawn(runner.run(stop.clone()));
+    }
     let router = app::router(state, config.max_body_bytes);
+    let _stop = stop.drop_guard();
     // Streams write one small SSE event per token: without TCP_NODELAY,
     // Nagle's algorithm holds each behind the client's delayed ACK.
     let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use infermesh_proto::v1::auth_service_client::AuthServiceClient;
 use infermesh_proto::v1::billing_service_client::BillingServiceClient;
+use infermesh_proto::v1::jobs_service_client::JobsServiceClient;
 use infermesh_proto::v1::registry_service_client::RegistryServiceClient;
 use infermesh_proto::v1::worker_service_client::WorkerServiceClient;
 use infermesh_proto::v1::{CatalogSnapshot, KeyInfo, Model, VerifyKeyRequest, WatchCatalogRequest, Worker};
@@ -24,6 +25,8 @@ pub struct PeerAddresses {
     pub registry: String,
     /// Every ratelimit replica, comma-separated.
     pub ratelimit: String,
+    /// The jobs service; none turns the `/queue/v1/` routes off.
+    pub jobs: Option<String>,
 }
 
 pub struct Mesh {
@@ -31,6 +34,7 @@ pub struct Mesh {
     pub billing: BillingServiceClient<TracedChannel>,
     pub registry: RegistryServiceClient<TracedChannel>,
     pub ratelimit: RateLimitShards,
+    pub jobs: Option<JobsServiceClient<TracedChannel>>,
     pub peers: PeerAddresses,
     keys: Mutex<HashMap<[u8; 32], (KeyInfo, Instant)>>,
     key_ttl: Duration,
@@ -71,6 +75,7 @@ impl Mesh {
             } else {
                 RateLimitShards::disabled()
             },
+            jobs: peers.jobs.as_deref().map(infermesh_service::channel).transpose()?.map(JobsServiceClient::new),
             peers,
             keys: Mutex::new(HashMap::new()),
             key_ttl,

@@ -42,6 +42,8 @@ pub struct UpArgs {
     pub worker: WorkerConfig,
     #[command(flatten)]
     pub gateway: GatewayConfig,
+    #[command(flatten)]
+    pub jobs: infermesh_jobs::JobsConfig,
 }
 
 fn on_path(program: &str) -> Option<PathBuf> {
@@ -113,6 +115,7 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     let billing = bind("127.0.0.1:0").await?;
     let ratelimit = bind("127.0.0.1:0").await?;
     let worker = bind("127.0.0.1:0").await?;
+    let jobs = bind("127.0.0.1:0").await?;
     let http = bind(&args.http).await?;
     let addr = |l: &tokio::net::TcpListener| {
         l.local_addr().map(|a| a.to_string()).map_err(|e| CliError::Service(e.to_string()))
@@ -122,6 +125,7 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         billing: addr(&billing)?,
         registry: addr(&registry)?,
         ratelimit: addr(&ratelimit)?,
+        jobs: Some(addr(&jobs)?),
     };
 
     let stop = CancellationToken::new();
@@ -142,7 +146,7 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         )
     });
     let auth_config = AuthConfig { database_url: sqlite_url(&data_dir, "auth.db"), limits: args.limits };
-    let (auth_bus, gateway_bus) = (bus.clone(), bus.clone());
+    let (auth_bus, gateway_bus, jobs_bus) = (bus.clone(), bus.clone(), bus.clone());
     let s = stop.clone();
     services.spawn(async move {
         ("auth", infermesh_auth::run(auth_config, auth_bus, auth, s.cancelled_owned()).await.map_err(|e| e.to_string()))
@@ -169,12 +173,22 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     services.spawn(async move {
         ("worker", infermesh_worker::run(worker_config, worker, s.cancelled_owned()).await.map_err(|e| e.to_string()))
     });
+    let mut jobs_config = args.jobs.clone();
+    jobs_config.database_url.get_or_insert_with(|| sqlite_url(&data_dir, "jobs.db"));
+    let s = stop.clone();
+    services.spawn(async move {
+        ("jobs", infermesh_jobs::run(jobs_config, jobs_bus, jobs, s.cancelled_owned()).await.map_err(|e| e.to_string()))
+    });
     let http_address = addr(&http)?;
     let s = stop.clone();
     let gateway_config = args.gateway.clone();
     println!(
-        "infermesh up services: auth={} billing={} registry={} ratelimit={}",
-        peers.auth, peers.billing, peers.registry, peers.ratelimit
+        "infermesh up services: auth={} billing={} registry={} ratelimit={} jobs={}",
+        peers.auth,
+        peers.billing,
+        peers.registry,
+        peers.ratelimit,
+        peers.jobs.as_deref().unwrap_or_default()
     );
     services.spawn(async move {
         (

@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use infermesh_proto::v1::{ChatMessage, ChatMessages, generate_request};
+use infermesh_proto::v1::{ChatMessage, ChatMessages, Model, generate_request};
 
 use crate::admission::authenticate;
 use crate::app::AppState;
@@ -27,8 +27,20 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let arrived = std::time::Instant::now();
     let key = authenticate(&state.mesh, &headers).await?;
+    let (model, generation) = chat_generation(&state, body, provider_key(&headers)?, arrived)?;
+    serve(&state, key, model, generation).await
+}
+
+/// A chat body checked in full (fields, model, what its backends take)
+/// and turned into the generation it asks for.
+pub fn chat_generation(
+    state: &AppState,
+    body: bytes::Bytes,
+    provider_key: Option<String>,
+    arrived: std::time::Instant,
+) -> Result<(Model, Generation), ApiError> {
     let chat = parse_json::<ChatRequest>(&body)?.validate()?;
-    let model = chat_model(&state, &chat.model)?;
+    let model = chat_model(state, &chat.model)?;
     let upstream = model.backends.iter().any(|b| b.kind == OPENAI_COMPATIBLE);
     let text_only = chat.beyond_text.map(|err| err.0);
     if let (false, Some(err)) = (upstream, &text_only) {
@@ -44,9 +56,11 @@ pub async fn chat_completions(
         }),
         sampling: chat.sampling,
         text_only,
-        provider_key: provider_key(&headers)?,
+        provider_key,
         arrived,
         body,
+        request_id: infermesh_service::new_request_id(Flavor::Chat.id_prefix()),
+        bill_unfinished: true,
     };
-    serve(&state, key, model, generation).await
+    Ok((model, generation))
 }

@@ -44,6 +44,8 @@ pub async fn completions(
         provider_key: provider_key(&headers)?,
         arrived,
         body,
+        request_id: infermesh_service::new_request_id(Flavor::Completion.id_prefix()),
+        bill_unfinished: true,
     };
     serve(&state, key, model, generation).await
 }

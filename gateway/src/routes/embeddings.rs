@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use infermesh_proto::v1::{EmbedRequest, ModelKind, Usage};
+use infermesh_proto::v1::{EmbedRequest, KeyInfo, Model, ModelKind, Usage};
 use infermesh_service::money::nanos_to_dollars;
 use serde_json::{Value, json};
 
@@ -12,7 +12,7 @@ use crate::admission::{Admission, Ask, authenticate};
 use crate::app::AppState;
 use crate::error::{ApiError, parse_json};
 use crate::mesh::peer_error;
-use crate::openai::{EmbeddingRequest, EncodingFormat};
+use crate::openai::{EmbeddingRequest, EncodingFormat, ValidEmbedding};
 use crate::routes::{RawBody, with_headers};
 use infermesh_registry::catalog::WORKERS_PROVIDER;
 
@@ -23,7 +23,13 @@ pub async fn embeddings(
 ) -> Result<Response, ApiError> {
     let arrived = std::time::Instant::now();
     let key = authenticate(&state.mesh, &headers).await?;
-    let request = parse_json::<EmbeddingRequest>(&body)?.validate()?;
+    let (model, request) = embedding_request(&state, &body)?;
+    embed(&state, key, model, request, infermesh_service::new_request_id("embd"), arrived).await
+}
+
+/// An embeddings body checked in full, with the model it names.
+pub fn embedding_request(state: &AppState, body: &[u8]) -> Result<(Model, ValidEmbedding), ApiError> {
+    let request = parse_json::<EmbeddingRequest>(body)?.validate()?;
     let model = state.mesh.resolve_model(&request.model)?;
     if model.kind() != ModelKind::Embedding {
         return Err(ApiError::invalid(
@@ -31,11 +37,22 @@ pub async fn embeddings(
             format!("`{}` is not an embedding model; try infermesh/all-minilm-l6-v2", model.id),
         ));
     }
+    Ok((model, request))
+}
+
+/// Admits, embeds and bills one request under `request_id`.
+pub async fn embed(
+    state: &AppState,
+    key: KeyInfo,
+    model: Model,
+    request: ValidEmbedding,
+    request_id: String,
+    arrived: std::time::Instant,
+) -> Result<Response, ApiError> {
     let picked = state.mesh.pick_worker(&model.id, &[])?;
     let mut worker = picked.client.clone();
     // Each token covers at least one byte (plus [CLS]/[SEP]).
     let bound: usize = request.inputs.iter().map(|s| s.len() + 2).sum();
-    let request_id = infermesh_service::new_request_id("embd");
     let prompt_bound = u32::try_from(bound).unwrap_or(u32::MAX);
     let ask = Ask {
         request_id,

@@ -149,6 +149,12 @@ pub struct Generation {
     pub text_only: Option<MeshError>,
     /// When the request reached its handler.
     pub arrived: std::time::Instant,
+    /// The idempotency key for its hold and settlement (and its response id).
+    pub request_id: String,
+    /// Whether an answer that fails midway is billed for the tokens
+    /// generated. A queued job's failed attempt is not: it is retried under
+    /// the same request id and billed once, when it completes.
+    pub bill_unfinished: bool,
 }
 
 /// The caller's own upstream key (BYOK), from `X-Provider-Key`.
@@ -282,15 +288,13 @@ pub enum Failed {
 /// model's backends that can: a backend that fails before the first token
 /// hands the request to the next one. Answers in `flavor`'s shape.
 pub async fn serve(state: &AppState, key: KeyInfo, model: Model, generation: Generation) -> Result<Response, ApiError> {
-    let flavor = generation.flavor;
-    let request_id = infermesh_service::new_request_id(flavor.id_prefix());
     let prompt_bound = generation.prompt_bound.min(model.context_length);
     // Every choice may use the whole budget.
     let output_bound = generation.max_tokens.saturating_mul(generation.sampling.n.max(1));
     let byok = generation.provider_key.is_some() && model.backends.iter().any(|b| b.kind == OPENAI_COMPATIBLE);
     let backends = model.backends.clone();
     let ask = Ask {
-        request_id,
+        request_id: generation.request_id.clone(),
         prompt_tokens: prompt_bound,
         output_tokens: output_bound,
         end_user: generation.sampling.end_user.clone(),
@@ -516,7 +520,12 @@ async fn respond(admission: Arc<Admission>, generation: &Generation, mut events:
     let mut headers = headers;
     let response = match whole.await {
         Ok(body) => axum::Json(body).into_response(),
-        Err(err) => err.into_response(),
+        Err(err) => {
+            if !generation.bill_unfinished {
+                admission.forget_work();
+            }
+            err.into_response()
+        }
     };
     headers.push(admission.overhead_header());
     with_headers(response, headers)

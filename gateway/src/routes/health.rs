@@ -6,6 +6,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use infermesh_proto::v1::JobStatsRequest;
 use serde_json::{Value, json};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -37,11 +38,12 @@ async fn replicas_status(addresses: &str, enabled: bool) -> &'static str {
 
 async fn report(state: &AppState) -> (bool, Value) {
     let peers = &state.mesh.peers;
-    let (auth, billing, registry, ratelimit) = tokio::join!(
+    let (auth, billing, registry, ratelimit, (jobs, queue)) = tokio::join!(
         service_status(&peers.auth),
         service_status(&peers.billing),
         service_status(&peers.registry),
         replicas_status(&peers.ratelimit, state.mesh.ratelimit.enabled()),
+        queue_report(state),
     );
     let snapshot = state.mesh.snapshot();
     let workers: Vec<Value> = snapshot
@@ -57,12 +59,37 @@ async fn report(state: &AppState) -> (bool, Value) {
     let ready = all_serving && !workers.is_empty();
     let body = json!({
         "status": if ready { "ok" } else { "degraded" },
-        "services": {"auth": auth, "billing": billing, "registry": registry, "ratelimit": ratelimit},
+        "services": {"auth": auth, "billing": billing, "registry": registry, "ratelimit": ratelimit, "jobs": jobs},
+        "queue": queue,
         "catalog_version": snapshot.as_ref().map(|s| s.version),
         "models": snapshot.as_ref().map(|s| s.models.len()).unwrap_or(0),
         "workers": workers,
     });
     (ready, body)
+}
+
+/// The jobs service's state and the queue's numbers; a queue that cannot
+/// be reached does not make the gateway unready (the `/v1/` routes work).
+async fn queue_report(state: &AppState) -> (&'static str, Value) {
+    let Some(mut jobs) = state.mesh.jobs.clone() else {
+        return ("off", Value::Null);
+    };
+    match tokio::time::timeout(Duration::from_secs(2), jobs.stats(JobStatsRequest {})).await {
+        Ok(Ok(stats)) => {
+            let stats = stats.into_inner();
+            let queue = json!({
+                "depth": stats.queued,
+                "processing": stats.processing,
+                "completed": stats.completed,
+                "failed": stats.failed,
+                "dead": stats.dead,
+                "cancelled": stats.cancelled,
+                "oldest_queued_age_ms": stats.oldest_queued_age_ms,
+            });
+            ("serving", queue)
+        }
+        Ok(Err(_)) | Err(_) => ("unreachable", Value::Null),
+    }
 }
 
 pub async fn health(State(state): State<AppState>) -> Response {

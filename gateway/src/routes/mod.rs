@@ -9,6 +9,7 @@ pub mod embeddings;
 pub mod generate;
 pub mod health;
 pub mod models;
+pub mod queue;
 pub mod tokenize;
 
 use std::time::Duration;

@@ -29,9 +29,10 @@ pub use service::{Jobs, Policy, status_name};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct JobsConfig {
-    /// Where jobs are kept (`sqlite://…` or `postgres://…`).
-    #[arg(long = "jobs-database-url", env = "INFERMESH_JOBS_DATABASE_URL", default_value = "sqlite://jobs.db")]
-    pub database_url: String,
+    /// Where jobs are kept (`sqlite://…` or `postgres://…`) [default:
+    /// sqlite://jobs.db; under `up`, jobs.db in its data dir].
+    #[arg(long = "jobs-database-url", env = "INFERMESH_JOBS_DATABASE_URL")]
+    pub database_url: Option<String>,
     /// Backoff before a job's first retry; it doubles with each retry.
     #[arg(long = "job-retry-base-ms", env = "INFERMESH_JOB_RETRY_BASE_MS", default_value_t = 10_000)]
     pub retry_base_ms: u64,
@@ -85,7 +86,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
-    let store = store::Store::open(&config.database_url).await?;
+    let store = store::Store::open(config.database_url.as_deref().unwrap_or("sqlite://jobs.db")).await?;
     let jobs = Jobs::open(store, config.policy(), bus.is_some()).await?;
     let stop = CancellationToken::new();
     if let Some(bus) = bus {
