@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use harness::{BIN, free_port, http, json_of, spawn, spawn_gateway_to, spawn_nats_on, spawn_services, start_up};
+use harness::{
+    BIN, free_port, http, json_of, spawn, spawn_gateway_to, spawn_nats_on, spawn_services, start_up, stream_events,
+};
 use infermesh_proto::v1::UsageEvent;
 use prost::Message;
 use serde_json::{Value, json};
@@ -286,21 +288,6 @@ async fn served_more(served: &AtomicUsize, more: usize) {
 
 /// Every event in `stream` as (Nats-Msg-Id, payload), read by a fresh
 /// ephemeral consumer.
-async fn stream_events(nats: &str, stream: &str) -> Vec<(String, bytes::Bytes)> {
-    let jetstream = async_nats::jetstream::new(async_nats::connect(nats).await.unwrap());
-    let mut stream = jetstream.get_stream(stream).await.unwrap();
-    let stored = stream.info().await.unwrap().state.messages;
-    let consumer = stream.create_consumer(async_nats::jetstream::consumer::pull::Config::default()).await.unwrap();
-    let mut events = Vec::new();
-    let mut messages = consumer.messages().await.unwrap();
-    while (events.len() as u64) < stored {
-        let message = tokio::time::timeout(Duration::from_secs(10), messages.next()).await.unwrap().unwrap().unwrap();
-        let id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).unwrap().as_str().to_owned();
-        events.push((id, message.payload.clone()));
-    }
-    events
-}
-
 /// `infermesh usage tail --count n`: the request ids it printed.
 async fn tail(nats: &str, n: usize) -> Vec<String> {
     let output = tokio::process::Command::new(BIN)

@@ -248,3 +248,23 @@ pub async fn run_openai_client(base: &str, key: &str) -> Value {
     let line = stdout.lines().find_map(|l| l.strip_prefix("RESULT ")).expect("RESULT line");
     serde_json::from_str(line).unwrap()
 }
+
+/// Every message stored in JetStream stream `stream`: (dedupe id, payload).
+pub async fn stream_events(nats: &str, stream: &str) -> Vec<(String, bytes::Bytes)> {
+    let jetstream = async_nats::jetstream::new(async_nats::connect(nats).await.unwrap());
+    let mut stream = jetstream.get_stream(stream).await.unwrap();
+    let stored = stream.info().await.unwrap().state.messages;
+    let consumer = stream.create_consumer(async_nats::jetstream::consumer::pull::Config::default()).await.unwrap();
+    let mut events = Vec::new();
+    let mut messages = consumer.messages().await.unwrap();
+    while (events.len() as u64) < stored {
+        let message = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut messages))
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let id = message.headers.as_ref().and_then(|h| h.get("Nats-Msg-Id")).unwrap().as_str().to_owned();
+        events.push((id, message.payload.clone()));
+    }
+    events
+}

@@ -15,7 +15,7 @@ pub fn find_model<'a>(models: &'a [Model], name: &str) -> Result<&'a Model, Mesh
             let known: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
             let hint = match closest(models, name) {
                 Some(id) => format!("; did you mean `{id}`?"),
-                None => String::new(),
+                None => ".".to_owned(),
             };
             MeshError::new(
                 ErrorKind::ModelNotFound,

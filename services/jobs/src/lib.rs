@@ -50,8 +50,8 @@ pub struct JobsConfig {
     /// is retried elsewhere.
     #[arg(long = "job-lease-ms", env = "INFERMESH_JOB_LEASE_MS", default_value_t = 30_000)]
     pub lease_ms: u64,
-    /// A tenant's jobs processing at once, unless its key's
-    /// `max_concurrent` says otherwise; more wait in the queue.
+    /// A tenant's jobs processing at once (its key's `max_concurrent` when
+    /// lower); more wait in the queue.
     #[arg(long = "job-tenant-concurrency", env = "INFERMESH_JOB_TENANT_CONCURRENCY", default_value_t = 2)]
     pub tenant_concurrency: u32,
 }

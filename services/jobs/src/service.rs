@@ -29,7 +29,8 @@ pub struct Policy {
     pub retention_ms: i64,
     /// How long a runner holds a job without renewing.
     pub lease_ms: i64,
-    /// A tenant's processing jobs at once when its key sets no limit.
+    /// A tenant's processing jobs at once (or its key's `max_concurrent`
+    /// when lower).
     pub default_max_concurrent: u32,
 }
 
@@ -114,9 +115,10 @@ impl Jobs {
             created_at_ms: now,
             updated_at_ms: now,
             run_after_ms: now,
+            // The key's own concurrency caps its jobs too.
             max_concurrent: match request.max_concurrent {
                 0 => self.inner.policy.default_max_concurrent,
-                n => n,
+                n => n.min(self.inner.policy.default_max_concurrent),
             },
             ..Default::default()
         };
