@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the whole mesh in one process (each service on its own loopback port).
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// The OpenAI HTTP gateway.
     Gateway(GatewayArgs),
     /// Accounts and API keys.
@@ -110,6 +110,9 @@ pub enum Command {
     /// Latency the upstream-provider path adds: the same streamed request
     /// straight to an upstream and through a gateway in front of it.
     BenchProxy(crate::bench_proxy::ProxyBenchArgs),
+    /// The async queue: jobs per second through the jobs service alone,
+    /// what queueing adds to one short completion, and a saturating burst.
+    BenchJobs(crate::bench_jobs::JobsBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -163,7 +166,7 @@ async fn connect_bus(url: Option<&str>) -> Result<Option<infermesh_bus::Bus>, Cl
 
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Up(args) => crate::up::run(args).await,
+        Command::Up(args) => crate::up::run(*args).await,
         Command::Gateway(args) => {
             let listener = bind(&args.http).await?;
             infermesh_service::announce("gateway", &listener).map_err(service_error)?;
@@ -226,6 +229,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::BenchRatelimit(args) => crate::bench_ratelimit::run(args).await,
         Command::BenchBilling(args) => crate::bench_billing::run(args).await,
         Command::BenchProxy(args) => crate::bench_proxy::run(args).await,
+        Command::BenchJobs(args) => crate::bench_jobs::run(args).await,
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod app;
 pub mod bench_billing;
+pub mod bench_jobs;
 pub mod bench_proxy;
 pub mod bench_ratelimit;
 pub mod cli;

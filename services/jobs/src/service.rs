@@ -497,7 +497,7 @@ mod tests {
         drop(jobs);
         let jobs = Jobs::open(Store::open(&url).await.unwrap(), policy(), true).await.unwrap();
         assert!(jobs.renew("r2", std::slice::from_ref(&first.id)).await.is_empty(), "adopted by its runner");
-        assert_eq!(jobs.renew("r1", std::slice::from_ref(&first.id)).await, [first.id.clone()]);
+        assert_eq!(jobs.renew("r1", std::slice::from_ref(&first.id)).await, std::slice::from_ref(&first.id));
         let done = jobs.finish(report(&claimed[0], JobOutcome::Complete)).await.unwrap();
         assert_eq!(done.status(), JobStatus::Complete);
         let again = jobs.finish(report(&claimed[0], JobOutcome::Failed)).await.unwrap();
