@@ -131,6 +131,13 @@ impl JobRunner {
         let mut running = self.running();
         let task = tokio::spawn(async move {
             let ending = runner.attempt(&job).await;
+            let outcome = match ending.outcome {
+                JobOutcome::Complete => "complete",
+                JobOutcome::Failed | JobOutcome::Unspecified => "failed",
+                JobOutcome::Retry => "retry",
+                JobOutcome::Defer => "defer",
+            };
+            metrics::counter!("infermesh_job_attempts_total", "outcome" => outcome).increment(1);
             runner.report(&job, ending).await;
             runner.running().remove(&job.id);
             runner.freed.notify_one();

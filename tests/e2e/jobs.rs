@@ -375,8 +375,10 @@ async fn jobs_survive_crashes_of_the_queue_nats_and_workers_and_are_charged_once
         "8",
     ];
     let mut jobs = spawn("jobs", &jobs_args).await;
+    // Two gateways, each with a job runner, compete for the one queue.
     let extra = ["--admin-token", ADMIN, "--jobs-addr", &jobs_addr, "--job-runner-slots", "8"];
     let (_gateway, base) = spawn_gateway_to(&services.peers(&billing_addr), &extra).await;
+    let (_second_gateway, second_base) = spawn_gateway_to(&services.peers(&billing_addr), &extra).await;
     let (key, account) = signup(&base, "durable@example.com").await;
 
     let mut ids = Vec::new();
@@ -451,6 +453,15 @@ async fn jobs_survive_crashes_of_the_queue_nats_and_workers_and_are_charged_once
     let books: Value = json_of(http().get(format!("{base}/admin/v1/ledger")).bearer_auth(ADMIN)).await;
     assert_eq!(books["data"]["balanced"], true, "{books}");
     assert_eq!(books["data"]["revenue_nanos"], charged, "{books}");
+    for gateway in [&base, &second_base] {
+        let metrics = http().get(format!("{gateway}/metrics")).send().await.unwrap().text().await.unwrap();
+        let completed = metrics
+            .lines()
+            .find(|line| line.starts_with("infermesh_job_attempts_total{outcome=\"complete\"}"))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        assert!(completed > 0.0, "the runner of {gateway} completed no job");
+    }
     let health = health(&base).await;
     assert_eq!(health["services"]["jobs"], "serving");
     assert_eq!(health["queue"]["completed"], ids.len(), "{health}");

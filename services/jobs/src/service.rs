@@ -480,10 +480,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn jobs_survive_a_restart_finish_once_and_die_after_their_retries() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("jobs.db").display());
+    infermesh_sql::on_sqlite_and_postgres!(jobs_survive_a_restart_finish_once_and_die_after_their_retries);
+
+    async fn jobs_survive_a_restart_finish_once_and_die_after_their_retries(url: String) {
         let jobs = Jobs::open(Store::open(&url).await.unwrap(), policy(), true).await.unwrap();
         let first = jobs.enqueue(request("a")).await.unwrap();
         let second = jobs.enqueue(request("a")).await.unwrap();
