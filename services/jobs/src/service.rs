@@ -225,21 +225,24 @@ impl Jobs {
             let (claimed, next_run_after) = {
                 let mut queue = self.inner.queue.lock().await;
                 let mut claimed = Vec::new();
+                let now = now_unix_ms();
                 while claimed.len() < max_jobs.max(1) as usize {
-                    let now = now_unix_ms();
-                    let Some(job) = queue.claim(runner, now, now + self.inner.policy.lease_ms) else { break };
-                    if let Err(err) = self.inner.store.save(&job, false).await {
-                        // Not durable, so not claimed: back to the queue as it was.
+                    match queue.claim(runner, now, now + self.inner.policy.lease_ms) {
+                        Some(job) => claimed.push(job),
+                        None => break,
+                    }
+                }
+                if !claimed.is_empty()
+                    && let Err(err) = self.inner.store.claimed(&claimed).await
+                {
+                    // Not durable, so not claimed: back to the queue as they were.
+                    for job in claimed {
                         let mut unclaimed = queue.remove(&job.id).unwrap_or(job);
                         unclaimed.set_status(JobStatus::Queued);
                         unclaimed.attempt -= 1;
                         queue.insert(unclaimed, 0);
-                        if claimed.is_empty() {
-                            return Err(err);
-                        }
-                        break;
                     }
-                    claimed.push(job);
+                    return Err(err);
                 }
                 metrics_gauge(&queue);
                 (claimed, queue.next_run_after())

@@ -133,6 +133,27 @@ impl Store {
         Ok(())
     }
 
+    /// Marks jobs as claimed (processing, their attempt counted) in one
+    /// transaction: one sync to disk for a runner's whole claim.
+    pub async fn claimed(&self, jobs: &[Job]) -> Result<(), JobsError> {
+        const SQL: &str = "UPDATE jobs SET status = $2, attempt = $3, updated_at = $4 WHERE id = $1";
+        on_pool!(&self.pool, pool => {
+            let mut tx = pool.begin().await.map_err(store_error)?;
+            for job in jobs {
+                sqlx::query(SQL)
+                    .bind(&job.id)
+                    .bind(job.status)
+                    .bind(int(job.attempt))
+                    .bind(job.updated_at_ms)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_error)?;
+            }
+            tx.commit().await.map_err(store_error)?;
+        });
+        Ok(())
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<Job>, JobsError> {
         const SQL: &str = concat!("SELECT ", columns!(), " FROM jobs WHERE id = $1");
         on_pool!(&self.pool, pool => {
