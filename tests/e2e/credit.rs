@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use harness::{
-    BIN, free_port, http, json_of, spawn, spawn_gateway_to, spawn_nats_on, spawn_services, start_up, stream_events,
+    BIN, free_port, http, json_of, signup_account, spawn, spawn_gateway_to, spawn_nats_on, spawn_services, start_up,
+    stream_events,
 };
 use infermesh_proto::v1::UsageEvent;
 use prost::Message;
@@ -37,14 +38,6 @@ fn completion(base: &str, key: &str) -> reqwest::RequestBuilder {
         "max_tokens": 16,
         "ignore_eos": true,
     }))
-}
-
-/// Signs up; returns the key and the account id.
-async fn signup(base: &str, email: &str) -> (String, String) {
-    let response = http().post(format!("{base}/v1/auth/signup")).json(&json!({"email": email})).send().await.unwrap();
-    assert_eq!(response.status(), 201);
-    let body: Value = response.json().await.unwrap();
-    (body["key"].as_str().unwrap().to_owned(), body["account_id"].as_str().unwrap().to_owned())
 }
 
 async fn credits(base: &str, key: &str) -> (f64, f64) {
@@ -79,7 +72,7 @@ included_tokens_per_month = 1000
     )
     .unwrap();
     let (_up, base) = start_up(data.path(), &["--admin-token", ADMIN, "--config", config.to_str().unwrap()]).await;
-    let (key, account) = signup(&base, "plans@example.com").await;
+    let (key, account) = signup_account(&base, "plans@example.com").await;
 
     let refused = completion(&base, &key).send().await.unwrap();
     assert_eq!(refused.status(), 403);
@@ -130,7 +123,7 @@ async fn a_hundred_concurrent_requests_never_spend_credit_the_account_lacks() {
     let credit = format!("{}", 10.5 * REQUEST_NANOS / 1e9);
     // All 100 in flight at once: credit, not the concurrency limit, decides.
     let (_up, base) = start_up(data.path(), &["--signup-credit", &credit, "--free-max-concurrent", "0"]).await;
-    let (key, _) = signup(&base, "burst@example.com").await;
+    let (key, _) = signup_account(&base, "burst@example.com").await;
 
     let requests = (0..100).map(|_| {
         let request = completion(&base, &key);
@@ -161,7 +154,7 @@ async fn a_hundred_concurrent_requests_never_spend_credit_the_account_lacks() {
 async fn a_key_spends_no_more_than_its_own_credit_limit() {
     let data = tempfile::tempdir().unwrap();
     let (_up, base) = start_up(data.path(), &[]).await;
-    let (key, _) = signup(&base, "capped@example.com").await;
+    let (key, _) = signup_account(&base, "capped@example.com").await;
     // Room for two and a half requests on a key of an account with plenty.
     let limit = 2.5 * REQUEST_NANOS / 1e9;
     let created: Value = json_of(
@@ -185,7 +178,7 @@ async fn a_key_spends_no_more_than_its_own_credit_limit() {
 async fn a_client_that_leaves_mid_stream_pays_for_the_tokens_generated_only() {
     let data = tempfile::tempdir().unwrap();
     let (_up, base) = start_up(data.path(), &[]).await;
-    let (key, _) = signup(&base, "leaver@example.com").await;
+    let (key, _) = signup_account(&base, "leaver@example.com").await;
     let response = http()
         .post(format!("{base}/v1/completions"))
         .bearer_auth(&key)
@@ -328,7 +321,7 @@ async fn a_billing_crash_and_a_nats_outage_under_load_lose_and_double_count_noth
     let services = spawn_services(dir).await;
     let mut billing = spawn("billing", &billing_args).await;
     let (_gateway, base) = spawn_gateway_to(&services.peers(&billing_addr), &["--admin-token", ADMIN]).await;
-    let (key, account) = signup(&base, "durable@example.com").await;
+    let (key, account) = signup_account(&base, "durable@example.com").await;
 
     let (stop, served) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
     let clients = load(&base, &key, 4, stop.clone(), served.clone());

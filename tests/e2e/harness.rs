@@ -232,6 +232,15 @@ pub async fn signup(base: &str, email: &str) -> String {
     key
 }
 
+/// Signs up over HTTP, returning the new key and its account id.
+pub async fn signup_account(base: &str, email: &str) -> (String, String) {
+    let response =
+        http().post(format!("{base}/v1/auth/signup")).json(&serde_json::json!({"email": email})).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.unwrap();
+    (body["key"].as_str().unwrap().to_owned(), body["account_id"].as_str().unwrap().to_owned())
+}
+
 /// Runs tests/e2e/openai_client.py (official SDK + OpenAI schemas) and
 /// returns its RESULT object.
 pub async fn run_openai_client(base: &str, key: &str) -> Value {

@@ -18,7 +18,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use harness::{
-    free_port, http, json_of, spawn, spawn_gateway_to, spawn_nats_on, spawn_services, start_up, stream_events,
+    free_port, http, json_of, signup_account, spawn, spawn_gateway_to, spawn_nats_on, spawn_services, start_up,
+    stream_events,
 };
 use infermesh_proto::v1::{JobEvent, JobStatus};
 use prost::Message;
@@ -26,13 +27,6 @@ use serde_json::{Value, json};
 
 const ADMIN: &str = "operator-secret";
 const MODEL: &str = "infermesh/gemma-3-270m";
-
-async fn signup(base: &str, email: &str) -> (String, String) {
-    let response = http().post(format!("{base}/v1/auth/signup")).json(&json!({"email": email})).send().await.unwrap();
-    assert_eq!(response.status(), 201);
-    let body: Value = response.json().await.unwrap();
-    (body["key"].as_str().unwrap().to_owned(), body["account_id"].as_str().unwrap().to_owned())
-}
 
 fn chat(content: &str, max_tokens: u32) -> Value {
     json!({
@@ -124,7 +118,7 @@ async fn queued_jobs_answer_like_calls_cancel_take_turns_retry_die_and_expire() 
         "15",
     ];
     let (_up, base) = start_up(data.path(), &flags).await;
-    let (key, _) = signup(&base, "queue@example.com").await;
+    let (key, _) = signup_account(&base, "queue@example.com").await;
 
     // Enqueue → poll → complete: the result is the synchronous response.
     let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0});
@@ -192,7 +186,7 @@ async fn queued_jobs_answer_like_calls_cancel_take_turns_retry_die_and_expire() 
     assert!(response.text().await.unwrap().ends_with("data: [DONE]\n\n"));
 
     // Another account's job does not exist for it.
-    let (stranger, _) = signup(&base, "stranger@example.com").await;
+    let (stranger, _) = signup_account(&base, "stranger@example.com").await;
     let peek = http().get(format!("{base}/queue/v1/results/{id}")).bearer_auth(&stranger).send().await.unwrap();
     assert_eq!(peek.status(), 404);
     let cancel = http().delete(format!("{base}/queue/v1/results/{id}")).bearer_auth(&stranger).send().await.unwrap();
@@ -204,7 +198,7 @@ async fn queued_jobs_answer_like_calls_cancel_take_turns_retry_die_and_expire() 
     // Cancel the queued one and both
     // running ones: the worker stops generating, the holds are settled
     // for what was generated.
-    let (tenant, _) = signup(&base, "tenant@example.com").await;
+    let (tenant, _) = signup_account(&base, "tenant@example.com").await;
     let mut long = Vec::new();
     for i in 0..3 {
         long.push(enqueue(&base, &tenant, &chat(&format!("Tell story number {i}."), 3000)).await);
@@ -222,7 +216,7 @@ async fn queued_jobs_answer_like_calls_cancel_take_turns_retry_die_and_expire() 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let waiting = waiting.unwrap();
-    let (other, _) = signup(&base, "other@example.com").await;
+    let (other, _) = signup_account(&base, "other@example.com").await;
     let meanwhile = enqueue(&base, &other, &chat("Say one word.", 4)).await;
     until(&base, &other, &meanwhile, Duration::from_secs(60), status_is("complete")).await;
     assert_eq!(job(&base, &tenant, &waiting).await["status"], "queued");
@@ -278,7 +272,7 @@ async fn queued_jobs_answer_like_calls_cancel_take_turns_retry_die_and_expire() 
     // of both backlogs.
     let mut backlog = Vec::new();
     for tenant in ["busy-a", "busy-b"] {
-        let (busy, _) = signup(&base, &format!("{tenant}@example.com")).await;
+        let (busy, _) = signup_account(&base, &format!("{tenant}@example.com")).await;
         for i in 0..10 {
             let id = enqueue(&base, &busy, &chat(&format!("List {i} fruits."), 48)).await;
             backlog.push((busy.clone(), id));
@@ -296,7 +290,7 @@ async fn queued_jobs_answer_like_calls_cancel_take_turns_retry_die_and_expire() 
         assert!(Instant::now() < deadline, "the busy tenants never filled the runner");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (quiet, _) = signup(&base, "quiet@example.com").await;
+    let (quiet, _) = signup_account(&base, "quiet@example.com").await;
     let quiet_job = enqueue(&base, &quiet, &chat("Say one word.", 4)).await;
     until(&base, &quiet, &quiet_job, Duration::from_secs(120), status_is("complete")).await;
     let busy_done = count(&backlog_statuses().await, "complete");
@@ -379,7 +373,7 @@ async fn jobs_survive_crashes_of_the_queue_nats_and_workers_and_are_charged_once
     let extra = ["--admin-token", ADMIN, "--jobs-addr", &jobs_addr, "--job-runner-slots", "8"];
     let (_gateway, base) = spawn_gateway_to(&services.peers(&billing_addr), &extra).await;
     let (_second_gateway, second_base) = spawn_gateway_to(&services.peers(&billing_addr), &extra).await;
-    let (key, account) = signup(&base, "durable@example.com").await;
+    let (key, account) = signup_account(&base, "durable@example.com").await;
 
     let mut ids = Vec::new();
     for i in 0..50 {
