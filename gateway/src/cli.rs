@@ -113,6 +113,9 @@ pub enum Command {
     /// The async queue: jobs per second through the jobs service alone,
     /// what queueing adds to one short completion, and a saturating burst.
     BenchJobs(crate::bench_jobs::JobsBenchArgs),
+    /// An instant OpenAI-compatible upstream (a fixed answer, whole or
+    /// streamed with usage) for overhead benchmarks.
+    MockUpstream(crate::mock_upstream::MockUpstreamArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -230,6 +233,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::BenchBilling(args) => crate::bench_billing::run(args).await,
         Command::BenchProxy(args) => crate::bench_proxy::run(args).await,
         Command::BenchJobs(args) => crate::bench_jobs::run(args).await,
+        Command::MockUpstream(args) => crate::mock_upstream::run(args).await,
     }
 }
 

@@ -19,6 +19,7 @@ pub mod error;
 pub mod job_runner;
 pub mod keys_cli;
 pub mod mesh;
+pub mod mock_upstream;
 pub mod openai;
 pub mod ratelimit_shards;
 pub mod routes;

@@ -33,6 +33,10 @@ pub struct UpArgs {
     /// Run without NATS even if `nats-server` is on PATH.
     #[arg(long = "no-nats", env = "INFERMESH_NO_NATS")]
     pub no_nats: bool,
+    /// Run no local worker (nor fetch the default models): the mesh serves
+    /// only models whose backends are upstream providers.
+    #[arg(long = "no-worker", env = "INFERMESH_NO_WORKER")]
+    pub no_worker: bool,
     /// TOML with the model catalogue (`[[models]]`); the two defaults when unset.
     #[arg(long, env = "INFERMESH_CONFIG")]
     pub config: Option<PathBuf>,
@@ -87,13 +91,15 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::Service(format!("cannot create {}: {e}", data_dir.display())))?;
 
     // Fetch the default models first, so a first run shows that step alone.
-    let worker_config = args.worker.clone();
-    let started = Instant::now();
-    tokio::task::spawn_blocking(move || infermesh_worker::prepare_models(&worker_config))
-        .await
-        .map_err(|e| CliError::Service(e.to_string()))?
-        .map_err(|e| CliError::Service(e.to_string()))?;
-    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "models ready");
+    if !args.no_worker {
+        let worker_config = args.worker.clone();
+        let started = Instant::now();
+        tokio::task::spawn_blocking(move || infermesh_worker::prepare_models(&worker_config))
+            .await
+            .map_err(|e| CliError::Service(e.to_string()))?
+            .map_err(|e| CliError::Service(e.to_string()))?;
+        tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "models ready");
+    }
 
     let mut _nats_child = None;
     let nats_url = match (&args.nats_url, args.no_nats, on_path("nats-server")) {
@@ -168,11 +174,16 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
     services.spawn(async move {
         ("ratelimit", infermesh_ratelimit::run(ratelimit, s.cancelled_owned()).await.map_err(|e| e.to_string()))
     });
-    let worker_config = WorkerConfig { registry_addr: Some(peers.registry.clone()), ..args.worker.clone() };
-    let s = stop.clone();
-    services.spawn(async move {
-        ("worker", infermesh_worker::run(worker_config, worker, s.cancelled_owned()).await.map_err(|e| e.to_string()))
-    });
+    if !args.no_worker {
+        let worker_config = WorkerConfig { registry_addr: Some(peers.registry.clone()), ..args.worker.clone() };
+        let s = stop.clone();
+        services.spawn(async move {
+            (
+                "worker",
+                infermesh_worker::run(worker_config, worker, s.cancelled_owned()).await.map_err(|e| e.to_string()),
+            )
+        });
+    }
     let mut jobs_config = args.jobs.clone();
     jobs_config.database_url.get_or_insert_with(|| sqlite_url(&data_dir, "jobs.db"));
     let s = stop.clone();

@@ -56,7 +56,12 @@ async fn report(state: &AppState) -> (bool, Value) {
         .collect();
     let all_serving =
         [auth, billing, registry].iter().all(|s| *s == "serving") && matches!(ratelimit, "serving" | "off");
-    let ready = all_serving && !workers.is_empty();
+    // A mesh whose models are all served by upstream providers needs no worker.
+    let needs_workers = snapshot
+        .iter()
+        .flat_map(|s| s.models.iter())
+        .any(|m| m.backends.iter().any(|b| b.kind == infermesh_registry::catalog::WORKERS));
+    let ready = all_serving && snapshot.is_some() && (!workers.is_empty() || !needs_workers);
     let body = json!({
         "status": if ready { "ok" } else { "degraded" },
         "services": {"auth": auth, "billing": billing, "registry": registry, "ratelimit": ratelimit, "jobs": jobs},
