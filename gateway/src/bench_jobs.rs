@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use infermesh_proto::v1::{EnqueueRequest, FinishRequest, JobOutcome};
 use serde_json::{Value, json};
 
+use crate::bench_proxy::percentile;
 use crate::cli::CliError;
 
 #[derive(Debug, clap::Args)]
@@ -50,11 +51,6 @@ pub struct JobsBenchArgs {
 
 fn failed(what: impl std::fmt::Display) -> CliError {
     CliError::Service(what.to_string())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    let at = ((sorted.len().max(1) - 1) as f64 * p).round() as usize;
-    sorted.get(at).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 /// The jobs service on its own: enqueuers and do-nothing runners.

@@ -83,7 +83,8 @@ async fn timed(
     Ok((first_token.unwrap_or(total), total))
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
+/// The `p` quantile of sorted durations, in milliseconds.
+pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let at = ((sorted.len().max(1) - 1) as f64 * p).round() as usize;
     sorted.get(at).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }

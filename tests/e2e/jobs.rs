@@ -83,6 +83,15 @@ fn count(statuses: &[String], status: &str) -> usize {
     statuses.iter().filter(|s| *s == status).count()
 }
 
+/// Waits until at least `at_least` of one key's jobs `ids` are processing.
+async fn until_processing(base: &str, key: &str, ids: &[String], at_least: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&statuses(base, key, ids).await, "processing") < at_least {
+        assert!(Instant::now() < deadline, "fewer than {at_least} jobs ever ran at once");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn health(base: &str) -> Value {
     json_of(http().get(format!("{base}/health"))).await
 }
@@ -203,11 +212,7 @@ async fn queued_jobs_answer_like_calls_cancel_take_turns_retry_die_and_expire() 
     for i in 0..3 {
         long.push(enqueue(&base, &tenant, &chat(&format!("Tell story number {i}."), 3000)).await);
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while count(&statuses(&base, &tenant, &long).await, "processing") < 2 {
-        assert!(Instant::now() < deadline, "two jobs never ran");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_processing(&base, &tenant, &long, 2).await;
     let mut waiting = None;
     for _ in 0..15 {
         let now = statuses(&base, &tenant, &long).await;
@@ -413,11 +418,7 @@ async fn jobs_survive_crashes_of_the_queue_nats_and_workers_and_are_charged_once
     for i in 0..4 {
         crashed.push(enqueue(&base, &key, &chat(&format!("Describe planet {i}."), 200)).await);
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while count(&statuses(&base, &key, &crashed).await, "processing") < 1 {
-        assert!(Instant::now() < deadline, "no job started");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_processing(&base, &key, &crashed, 1).await;
     // Mid-generation: 200 tokens take longer than this.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     services.worker.child.start_kill().unwrap();
