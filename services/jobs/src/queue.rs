@@ -117,9 +117,17 @@ impl Queue {
     }
 
     /// When a queued job next becomes runnable, if one is waiting only on
-    /// its backoff.
+    /// its backoff (a tenant at its concurrency waits for a finish instead,
+    /// which wakes the claims).
     pub fn next_run_after(&self) -> Option<i64> {
-        self.tenants.values().filter_map(|tenant| tenant.queued.first().map(|(at, _)| *at)).min()
+        self.tenants
+            .values()
+            .filter_map(|tenant| {
+                let (at, id) = tenant.queued.first()?;
+                let room = tenant.processing < self.jobs.get(id).map_or(1, |job| job.max_concurrent.max(1));
+                room.then_some(*at)
+            })
+            .min()
     }
 
     pub fn queued(&self) -> usize {
@@ -156,6 +164,7 @@ mod tests {
         assert!(queue.claim("r", 0, 10).is_some());
         assert!(queue.claim("r", 0, 10).is_some());
         assert!(queue.claim("r", 0, 10).is_none(), "a third would exceed 2");
+        assert_eq!(queue.next_run_after(), None, "nothing to wake up for until one finishes");
         queue.remove("a0");
         assert_eq!(queue.claim("r", 0, 10).unwrap().id, "a2");
     }
