@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use harness::{
-    Peers, Proc, free_port, http, json_of, signup, spawn, spawn_gateway, spawn_gateway_to, spawn_nats_on, start_up,
+    Peers, Proc, free_port, http, json_of, signup, spawn, spawn_gateway, spawn_gateway_to, spawn_nats, start_up,
 };
 use infermesh_proto::v1::CatalogChange;
 use prost::Message;
@@ -46,7 +46,7 @@ async fn until_model(base: &str, key: &str, id: &str, done: impl Fn(u16, &Value)
 async fn catalogue_edits_reach_every_gateway_within_a_second_and_survive_a_restart() {
     let data = tempfile::tempdir().unwrap();
     let nats_dir = tempfile::tempdir().unwrap();
-    let nats = spawn_nats_on(nats_dir.path(), free_port()).await;
+    let nats = spawn_nats(nats_dir.path()).await;
     let mut announced =
         async_nats::connect(&nats.address).await.unwrap().subscribe("catalog.changed.v1").await.unwrap();
     let (up, base) = start_up(data.path(), &["--admin-token", ADMIN, "--nats-url", &nats.address]).await;

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use harness::{
-    BIN, free_port, http, json_of, signup_account, spawn, spawn_gateway_to, spawn_nats_on, spawn_services, start_up,
-    stream_events,
+    BIN, free_port, http, json_of, port_of, signup_account, spawn, spawn_gateway_to, spawn_nats, spawn_nats_on,
+    spawn_services, start_up, stream_events,
 };
 use infermesh_proto::v1::UsageEvent;
 use prost::Message;
@@ -305,8 +305,8 @@ async fn a_billing_crash_and_a_nats_outage_under_load_lose_and_double_count_noth
     let data = tempfile::tempdir().unwrap();
     let dir = data.path();
     let sqlite = |name: &str| format!("sqlite://{}", dir.join(name).display());
-    let nats_port = free_port();
-    let mut nats = spawn_nats_on(&dir.join("nats"), nats_port).await;
+    let mut nats = spawn_nats(&dir.join("nats")).await;
+    let nats_port = port_of(&nats.address);
     let nats_url = nats.address.clone();
     let billing_addr = format!("127.0.0.1:{}", free_port());
     let billing_args = [

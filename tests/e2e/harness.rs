@@ -174,9 +174,21 @@ pub fn service_address(up: &Proc, name: &str) -> String {
         .to_owned()
 }
 
-/// A real nats-server with JetStream on a free port.
+/// A real nats-server with JetStream on a free port. A port found free
+/// can be taken by another test's process before the server binds it, so a
+/// server that cannot bind is started again on another.
 pub async fn spawn_nats(store: &Path) -> Proc {
-    spawn_nats_on(store, free_port()).await
+    for _ in 0..5 {
+        if let Some(nats) = try_spawn_nats_on(store, free_port()).await {
+            return nats;
+        }
+    }
+    panic!("nats-server did not start on any of 5 free ports");
+}
+
+/// The port of a `nats://host:port` address, to restart a server on it.
+pub fn port_of(address: &str) -> u16 {
+    address.rsplit(':').next().and_then(|port| port.parse().ok()).expect("an address with a port")
 }
 
 pub fn free_port() -> u16 {
@@ -186,15 +198,31 @@ pub fn free_port() -> u16 {
 /// A real nats-server with JetStream on `port`, storing in `store` (so a
 /// restart on the same port and store is the same server to its clients).
 pub async fn spawn_nats_on(store: &Path, port: u16) -> Proc {
+    try_spawn_nats_on(store, port).await.unwrap_or_else(|| panic!("nats-server did not start on port {port}"))
+}
+
+/// Starts nats-server on `port`; `None` when it exits first (the port was
+/// taken). Ready once the server itself greets a client with `INFO`.
+async fn try_spawn_nats_on(store: &Path, port: u16) -> Option<Proc> {
+    use tokio::io::AsyncReadExt;
     let mut command = Command::new(venv_bin("nats-server"));
     command.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"]).arg(store);
-    let child = quiet(&mut command).spawn().expect("spawn nats-server");
+    let mut child = quiet(&mut command).spawn().expect("spawn nats-server");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    loop {
+        if child.try_wait().ok().flatten().is_some() {
+            return None;
+        }
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            let mut greeting = [0u8; 4];
+            let read = tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut greeting)).await;
+            if matches!(read, Ok(Ok(_))) && &greeting == b"INFO" && child.try_wait().ok().flatten().is_none() {
+                return Some(Proc { child, address: format!("nats://127.0.0.1:{port}"), banner: Vec::new() });
+            }
+        }
         assert!(Instant::now() < deadline, "nats-server did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Proc { child, address: format!("nats://127.0.0.1:{port}"), banner: Vec::new() }
 }
 
 pub fn http() -> reqwest::Client {

@@ -18,8 +18,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use harness::{
-    free_port, http, json_of, signup_account, spawn, spawn_gateway_to, spawn_nats_on, spawn_services, start_up,
-    stream_events,
+    free_port, http, json_of, port_of, signup_account, spawn, spawn_gateway_to, spawn_nats, spawn_nats_on,
+    spawn_services, start_up, stream_events,
 };
 use infermesh_proto::v1::{JobEvent, JobStatus};
 use prost::Message;
@@ -347,8 +347,8 @@ async fn jobs_survive_crashes_of_the_queue_nats_and_workers_and_are_charged_once
     let data = tempfile::tempdir().unwrap();
     let dir = data.path();
     let sqlite = |name: &str| format!("sqlite://{}", dir.join(name).display());
-    let nats_port = free_port();
-    let mut nats = spawn_nats_on(&dir.join("nats"), nats_port).await;
+    let mut nats = spawn_nats(&dir.join("nats")).await;
+    let nats_port = port_of(&nats.address);
     let nats_url = nats.address.clone();
     let mut services = spawn_services(dir).await;
     let billing_url = sqlite("billing.db");
