@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use harness::{
-    BIN, free_port, http, json_of, port_of, signup_account, spawn, spawn_gateway_to, spawn_nats, spawn_nats_on,
+    BIN, billing_process, http, json_of, port_of, signup_account, spawn, spawn_gateway_to, spawn_nats, spawn_nats_on,
     spawn_services, start_up, stream_events,
 };
 use infermesh_proto::v1::UsageEvent;
@@ -304,20 +304,11 @@ async fn tail(nats: &str, n: usize) -> Vec<String> {
 async fn a_billing_crash_and_a_nats_outage_under_load_lose_and_double_count_nothing() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path();
-    let sqlite = |name: &str| format!("sqlite://{}", dir.join(name).display());
     let mut nats = spawn_nats(&dir.join("nats")).await;
     let nats_port = port_of(&nats.address);
     let nats_url = nats.address.clone();
-    let billing_addr = format!("127.0.0.1:{}", free_port());
-    let billing_args = [
-        "billing",
-        "--listen",
-        &billing_addr,
-        "--billing-database-url",
-        &sqlite("billing.db"),
-        "--nats-url",
-        &nats_url,
-    ];
+    let (billing_addr, billing_args) = billing_process(dir, &nats_url);
+    let billing_args: Vec<&str> = billing_args.iter().map(String::as_str).collect();
     let services = spawn_services(dir).await;
     let mut billing = spawn("billing", &billing_args).await;
     let (_gateway, base) = spawn_gateway_to(&services.peers(&billing_addr), &["--admin-token", ADMIN]).await;

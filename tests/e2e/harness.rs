@@ -159,6 +159,16 @@ impl Services {
     }
 }
 
+/// Flags for a billing process on a free port with its SQLite file in
+/// `dir`, publishing to NATS at `nats_url`: (address, `infermesh` args), so
+/// a test can kill it and start the same one again.
+pub fn billing_process(dir: &Path, nats_url: &str) -> (String, Vec<String>) {
+    let address = format!("127.0.0.1:{}", free_port());
+    let database = format!("sqlite://{}", dir.join("billing.db").display());
+    let args = ["billing", "--listen", &address, "--billing-database-url", &database, "--nats-url", nats_url];
+    (address.clone(), args.map(str::to_owned).to_vec())
+}
+
 /// The address of service `name` (auth, billing, registry, ratelimit)
 /// inside an `infermesh up`, from the line it prints at start.
 pub fn service_address(up: &Proc, name: &str) -> String {

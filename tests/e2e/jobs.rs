@@ -18,8 +18,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use harness::{
-    free_port, http, json_of, port_of, signup_account, spawn, spawn_gateway_to, spawn_nats, spawn_nats_on,
-    spawn_services, start_up, stream_events,
+    billing_process, free_port, http, json_of, port_of, signup_account, spawn, spawn_gateway_to, spawn_nats,
+    spawn_nats_on, spawn_services, start_up, stream_events,
 };
 use infermesh_proto::v1::{JobEvent, JobStatus};
 use prost::Message;
@@ -351,10 +351,8 @@ async fn jobs_survive_crashes_of_the_queue_nats_and_workers_and_are_charged_once
     let nats_port = port_of(&nats.address);
     let nats_url = nats.address.clone();
     let mut services = spawn_services(dir).await;
-    let billing_url = sqlite("billing.db");
-    let billing_addr = format!("127.0.0.1:{}", free_port());
-    let billing_args =
-        ["billing", "--listen", &billing_addr, "--billing-database-url", &billing_url, "--nats-url", &nats_url];
+    let (billing_addr, billing_args) = billing_process(dir, &nats_url);
+    let billing_args: Vec<&str> = billing_args.iter().map(String::as_str).collect();
     let _billing = spawn("billing", &billing_args).await;
     let jobs_url = sqlite("jobs.db");
     let jobs_addr = format!("127.0.0.1:{}", free_port());
