@@ -4,6 +4,13 @@
 //! [`Admission::settle`]; if it is dropped first (client gone, error),
 //! its `Drop` settles what was delivered or releases the hold, in a
 //! spawned task that outlives the request.
+//!
+//! Settlement is off the response's path: the charge is computed here with
+//! the ledger's own formula from what Reserve covered, the response goes
+//! out, and the settlement (and the rate limiter's commit) follow in a task
+//! that retries until the ledger has written them. Reads of an account's
+//! spend through this gateway wait for its settlements in flight
+//! ([`PendingSettlements`]), so a caller still reads its own writes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -14,7 +21,7 @@ use infermesh_proto::v1::{
     AcquireRequest, CommitRequest, KeyInfo, LimitState, Model, ReleaseAdmissionRequest, ReleaseRequest, ReserveRequest,
     SettleRequest, SettleResponse, Usage,
 };
-use infermesh_service::money::token_cost_nanos;
+use infermesh_service::money::{charge_after_included, token_cost_nanos};
 use infermesh_service::{ErrorKind, MeshError};
 use tonic::Code;
 
@@ -102,6 +109,77 @@ impl axum::response::IntoResponse for Refused {
     }
 }
 
+/// Settlements this gateway has sent but the ledger has not yet written:
+/// each has a sequence number, kept per account and overall until it ends.
+#[derive(Default)]
+pub struct PendingSettlements {
+    next: std::sync::atomic::AtomicU64,
+    open: std::sync::Mutex<OpenSettlements>,
+    ended: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct OpenSettlements {
+    by_account: std::collections::HashMap<String, std::collections::BTreeSet<u64>>,
+    all: std::collections::BTreeSet<u64>,
+}
+
+impl PendingSettlements {
+    fn begin(self: &Arc<Self>, account_id: &str) -> PendingSettlement {
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        open.by_account.entry(account_id.to_owned()).or_default().insert(seq);
+        open.all.insert(seq);
+        PendingSettlement { pending: self.clone(), account_id: account_id.to_owned(), seq }
+    }
+
+    /// Waits until the settlements of `account_id` (or of every account)
+    /// sent before this call ended, at most [`SETTLE_RETRY_FOR`]; later
+    /// ones are not waited for, so a busy account cannot hold a read back.
+    pub async fn written(&self, account_id: Option<&str>) {
+        let before = self.next.load(Ordering::Relaxed);
+        let _ = tokio::time::timeout(SETTLE_RETRY_FOR, async {
+            loop {
+                let ended = self.ended.notified();
+                let oldest = {
+                    let open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    match account_id {
+                        Some(account_id) => open.by_account.get(account_id).and_then(|seqs| seqs.first().copied()),
+                        None => open.all.first().copied(),
+                    }
+                };
+                if oldest.is_none_or(|seq| seq >= before) {
+                    return;
+                }
+                ended.await;
+            }
+        })
+        .await;
+    }
+}
+
+/// One settlement in flight; counts until dropped.
+struct PendingSettlement {
+    pending: Arc<PendingSettlements>,
+    account_id: String,
+    seq: u64,
+}
+
+impl Drop for PendingSettlement {
+    fn drop(&mut self) {
+        let mut open = self.pending.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        open.all.remove(&self.seq);
+        if let Some(seqs) = open.by_account.get_mut(&self.account_id) {
+            seqs.remove(&self.seq);
+            if seqs.is_empty() {
+                open.by_account.remove(&self.account_id);
+            }
+        }
+        drop(open);
+        self.pending.ended.notify_waiters();
+    }
+}
+
 pub struct Admission {
     mesh: Arc<Mesh>,
     pub request_id: String,
@@ -109,6 +187,8 @@ pub struct Admission {
     pub model: Model,
     /// The key's limits after admission; none when rate limits are off.
     pub limits: Option<LimitState>,
+    /// Tokens the account's plan covers, as Reserve said.
+    covered_tokens: i64,
     /// The backend serving the request, once one does.
     provider: std::sync::Mutex<String>,
     /// Billed as bring-your-own-key: this share (percent) of the cost.
@@ -139,6 +219,9 @@ pub struct Settled {
 /// What one request asks of the checks.
 pub struct Ask {
     pub request_id: String,
+    /// `request_id` was minted for this call, so billing need not look for
+    /// an earlier hold under it.
+    pub fresh_request_id: bool,
     /// An upper bound on its prompt's tokens.
     pub prompt_tokens: u32,
     /// The most it may generate.
@@ -157,6 +240,7 @@ impl Admission {
     pub async fn admit(mesh: Arc<Mesh>, key: KeyInfo, model: Model, ask: Ask) -> Result<Admission, Refused> {
         let Ask {
             request_id,
+            fresh_request_id,
             prompt_tokens: estimated_prompt_tokens,
             output_tokens: max_output_tokens,
             end_user,
@@ -208,21 +292,26 @@ impl Admission {
                 model: model.id.clone(),
                 max_tokens: u64::from(estimate),
                 catalog_plans: model.plans.clone(),
+                new_request: fresh_request_id,
             })
             .await;
-        if let Err(status) = reserved {
-            let _ = mesh
-                .ratelimit
-                .release(ReleaseAdmissionRequest { key_id: key.key_id.clone(), request_id: request_id.clone() })
-                .await;
-            return Err(Refused { error: ApiError(peer_error("billing")(status)), limits });
-        }
+        let covered_tokens = match reserved {
+            Ok(reserved) => reserved.into_inner().covered_tokens,
+            Err(status) => {
+                let _ = mesh
+                    .ratelimit
+                    .release(ReleaseAdmissionRequest { key_id: key.key_id.clone(), request_id: request_id.clone() })
+                    .await;
+                return Err(Refused { error: ApiError(peer_error("billing")(status)), limits });
+            }
+        };
         Ok(Admission {
             mesh,
             request_id,
             key,
             model,
             limits,
+            covered_tokens,
             provider: std::sync::Mutex::new(String::new()),
             byok_fee_percent,
             end_user,
@@ -290,18 +379,18 @@ impl Admission {
         )
     }
 
-    /// Charges `usage` (defaulting to the counts seen so far) and commits
-    /// the actual tokens to the rate limiter. Runs in its own task, so a
-    /// client that goes away mid-settlement cannot cancel it.
-    pub async fn settle(&self, usage: Option<Usage>) -> Result<Settled, ApiError> {
+    /// What `usage` (defaulting to the counts seen so far) is charged; the
+    /// charge and the rate limiter's commit are sent in a task of their own
+    /// (see the module's notes), which a client going away cannot cancel.
+    pub fn settle(&self, usage: Option<Usage>) -> Settled {
         self.finished.store(true, Ordering::Relaxed);
         let usage = usage.unwrap_or(Usage {
             prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
             completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
         });
-        let settled = tokio::spawn(settle_task(self.bill(), usage))
-            .await
-            .map_err(|err| ApiError(MeshError::internal(format!("settlement task failed: {err}"))))?;
+        let bill = self.bill();
+        let settled = bill.charge(usage);
+        tokio::spawn(settle_in_background(bill, usage));
         metrics::histogram!("infermesh_gateway_overhead_seconds").record(self.overhead().as_secs_f64());
         settled
     }
@@ -309,7 +398,10 @@ impl Admission {
     fn bill(&self) -> Bill {
         Bill {
             mesh: self.mesh.clone(),
+            pending: self.mesh.settlements.begin(&self.key.account_id),
             request_id: self.request_id.clone(),
+            account_id: self.key.account_id.clone(),
+            covered_tokens: self.covered_tokens,
             key_id: self.key.key_id.clone(),
             model: self.model.clone(),
             provider: self.provider(),
@@ -323,7 +415,11 @@ impl Admission {
 /// What a settlement needs of its admission, owned, so it can outlive it.
 struct Bill {
     mesh: Arc<Mesh>,
+    /// Counts toward the account's settlements in flight until dropped.
+    pending: PendingSettlement,
     request_id: String,
+    account_id: String,
+    covered_tokens: i64,
     key_id: String,
     model: Model,
     provider: String,
@@ -332,13 +428,56 @@ struct Bill {
     byok_fee_percent: Option<u32>,
 }
 
+impl Bill {
+    /// What the ledger will charge for `usage`: the same formula it applies.
+    fn charge(&self, usage: Usage) -> Settled {
+        let full = self.full_cost(usage);
+        let tokens = i64::from(usage.prompt_tokens) + i64::from(usage.completion_tokens);
+        Settled {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cost_nanos: charge_after_included(full, tokens, self.covered_tokens),
+            is_byok: self.byok_fee_percent.is_some(),
+        }
+    }
+
+    /// The cost at full price (or the BYOK fee), before included tokens.
+    fn full_cost(&self, usage: Usage) -> i64 {
+        let (prompt, completion) = (u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens));
+        charge_nanos(&self.model, prompt, completion, self.byok_fee_percent)
+    }
+}
+
+async fn settle_in_background(bill: Bill, usage: Usage) {
+    let request_id = bill.request_id.clone();
+    match settle_task(bill, usage).await {
+        Ok(settled) => tracing::debug!(request_id, cost_nanos = settled.cost_nanos, "settled"),
+        Err(err) => tracing::error!(
+            request_id,
+            error = %err.0.message,
+            "settlement failed; the hold expires on its own and the work goes unbilled"
+        ),
+    }
+}
+
 async fn settle_task(bill: Bill, usage: Usage) -> Result<Settled, ApiError> {
-    let Bill { mesh, request_id, key_id, model, provider, end_user, started, byok_fee_percent } = bill;
-    let cost =
-        charge_nanos(&model, u64::from(usage.prompt_tokens), u64::from(usage.completion_tokens), byok_fee_percent);
+    let cost = bill.full_cost(usage);
+    let Bill {
+        mesh,
+        pending: _pending,
+        request_id,
+        account_id,
+        covered_tokens,
+        key_id,
+        model,
+        provider,
+        end_user,
+        started,
+        byok_fee_percent,
+    } = bill;
     let latency_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
     let commit = mesh.ratelimit.commit(CommitRequest {
-        key_id,
+        key_id: key_id.clone(),
         request_id: request_id.clone(),
         actual_tokens: usage.prompt_tokens.saturating_add(usage.completion_tokens),
     });
@@ -352,6 +491,9 @@ async fn settle_task(bill: Bill, usage: Usage) -> Result<Settled, ApiError> {
             usage: Some(usage),
             latency_ms,
             end_user,
+            account_id,
+            key_id,
+            covered_tokens,
         },
     );
     let (committed, settled) = tokio::join!(commit, settle);
@@ -407,16 +549,8 @@ impl Drop for Admission {
                 prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
                 completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
             };
-            let task = settle_task(self.bill(), usage);
-            let span = tracing::Span::current();
-            tokio::spawn(tracing::Instrument::instrument(
-                async move {
-                    if let Err(err) = task.await {
-                        tracing::error!(error = %err.0.message, "settlement after disconnect failed; the hold expires on its own");
-                    }
-                },
-                span,
-            ));
+            let task = settle_in_background(self.bill(), usage);
+            tokio::spawn(tracing::Instrument::instrument(task, tracing::Span::current()));
         } else {
             let (mesh, request_id, key_id) = (self.mesh.clone(), self.request_id.clone(), self.key.key_id.clone());
             tokio::spawn(async move {

@@ -72,6 +72,7 @@ pub async fn run(args: BillingBenchArgs) -> Result<(), CliError> {
                         max_tokens: 30,
                         key_limit: None,
                         catalog_plans: &[],
+                        new_request: true,
                     })
                     .await?;
                 let settlement = Settlement {
@@ -83,6 +84,9 @@ pub async fn run(args: BillingBenchArgs) -> Result<(), CliError> {
                     completion_tokens: 20,
                     latency_ms: 5,
                     end_user: "",
+                    account_id: &account,
+                    key_id: "key_bench",
+                    covered_tokens: 0,
                 };
                 ledger.settle(&settlement).await?;
                 if started >= warm_until {

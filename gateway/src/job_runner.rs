@@ -212,13 +212,16 @@ impl JobRunner {
                 Ok((model, mut generation)) => {
                     generation.request_id = request_id_of(job, Flavor::Chat.id_prefix());
                     generation.bill_unfinished = false;
+                    generation.fresh_request_id = false;
                     generation.sampling.stream = false;
                     serve(state, key, model, generation).await
                 }
                 Err(err) => Err(err),
             },
             EMBEDDINGS => match embedding_request(state, &job.body) {
-                Ok((model, request)) => embed(state, key, model, request, request_id_of(job, "embd"), arrived).await,
+                Ok((model, request)) => {
+                    embed(state, key, model, request, (request_id_of(job, "embd"), false), arrived).await
+                }
                 Err(err) => Err(err),
             },
             other => Err(ApiError(MeshError::internal(format!("unknown job kind `{other}`")))),

@@ -42,6 +42,8 @@ pub struct Mesh {
     workers: Mutex<HashMap<String, WorkerServiceClient<TracedChannel>>>,
     /// Requests this gateway has open on each worker (by worker id).
     in_flight: Arc<Mutex<HashMap<String, u32>>>,
+    /// Settlements sent and not yet written, which reads of spend await.
+    pub settlements: Arc<crate::admission::PendingSettlements>,
 }
 
 /// A worker chosen for one request; it counts toward the worker's load
@@ -82,6 +84,7 @@ impl Mesh {
             catalog: RwLock::new(None),
             workers: Mutex::new(HashMap::new()),
             in_flight: Arc::new(Mutex::new(HashMap::new())),
+            settlements: Arc::default(),
         }))
     }
 

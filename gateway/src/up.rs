@@ -162,6 +162,7 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         hold_ttl_secs: infermesh_billing::ledger::DEFAULT_HOLD_TTL_SECS,
         plans: args.config.clone(),
         low_credit_percent: infermesh_billing::ledger::DEFAULT_LOW_CREDIT_PERCENT,
+        write_interval_ms: infermesh_billing::ledger::DEFAULT_WRITE_INTERVAL_MS,
     };
     let s = stop.clone();
     services.spawn(async move {

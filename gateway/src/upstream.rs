@@ -216,7 +216,7 @@ pub async fn serve(
             .sum();
         admission.add_completion_tokens(u32::try_from(text.div_ceil(4)).unwrap_or(u32::MAX));
     }
-    let settled = admission.settle(usage).await.map_err(|err| Failed::Final(err.0))?;
+    let settled = admission.settle(usage);
     normalize_choices(&mut answer["choices"]);
     answer["id"] = json!(admission.request_id);
     answer["object"] = json!(generation.flavor.object(false));
@@ -337,8 +337,8 @@ impl Relay {
             // A cut stream is charged on what was counted, not on a usage
             // the upstream may have reported for more than it delivered.
             let usage = if cut.is_some() { None } else { usage };
-            match self.admission.settle(usage).await {
-                Ok(settled) if self.include_usage && cut.is_none() => {
+            let settled = self.admission.settle(usage);
+            if self.include_usage && cut.is_none() {
                     let body = json!({
                         "id": self.admission.request_id,
                         "object": self.flavor.object(true),
@@ -349,9 +349,6 @@ impl Relay {
                         "usage": usage_json(&settled),
                     });
                     yield Ok(SseEvent::default().data(body.to_string()));
-                }
-                Ok(_) => {}
-                Err(err) => yield Ok(Self::error_event(&err.0)),
             }
             yield Ok(SseEvent::default().data("[DONE]"));
         }

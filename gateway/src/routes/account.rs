@@ -147,6 +147,7 @@ pub(crate) async fn key_usage(state: &AppState, key_id: &str) -> Result<KeyUsage
 /// `GET /v1/auth/key`: the calling key's own state (OpenRouter's shape).
 pub async fn current_key(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     let key = authenticate(&state.mesh, &headers).await?;
+    state.mesh.settlements.written(Some(&key.account_id)).await;
     let usage = key_usage(&state, &key.key_id).await?;
     let rate = key.rate_limit.unwrap_or_default();
     Ok(Json(json!({"data": {
@@ -163,6 +164,7 @@ pub async fn current_key(State(state): State<AppState>, headers: HeaderMap) -> R
 /// `GET /v1/credits`: the account's credit in dollars.
 pub async fn credits(State(state): State<AppState>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
     let key = authenticate(&state.mesh, &headers).await?;
+    state.mesh.settlements.written(Some(&key.account_id)).await;
     let balance = state
         .mesh
         .billing
@@ -191,6 +193,7 @@ pub async fn generation(
     let key = authenticate(&state.mesh, &headers).await?;
     let Query(query) = query.map_err(|err| ApiError::invalid("id", format!("invalid query string: {err}")))?;
     let id = query.id.filter(|id| !id.is_empty()).ok_or_else(|| ApiError::invalid("id", "pass ?id=<response id>"))?;
+    state.mesh.settlements.written(Some(&key.account_id)).await;
     let record = state
         .mesh
         .billing

@@ -173,6 +173,7 @@ pub async fn key_daily_usage(
     if !(1..=366).contains(&days) {
         return Err(ApiError::invalid("days", "`days` must be 1 to 366"));
     }
+    state.mesh.settlements.written(None).await;
     let request = GetKeyDailyUsageRequest { key_id: key_id.clone(), days };
     let usage =
         state.mesh.billing.clone().get_key_daily_usage(request).await.map_err(peer_error("billing"))?.into_inner();
@@ -216,6 +217,7 @@ fn account_plan_json(account: &AccountPlan) -> Value {
 /// `GET /admin/v1/ledger`: proves the books (every movement balances, each
 /// cached balance equals its entries) and gives the revenue booked.
 pub async fn check_books(_admin: Admin, State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    state.mesh.settlements.written(None).await;
     let report =
         state.mesh.billing.clone().check_books(CheckBooksRequest {}).await.map_err(peer_error("billing"))?.into_inner();
     let mismatches: Vec<Value> = report

@@ -61,6 +61,7 @@ pub fn chat_generation(
         body,
         request_id: infermesh_service::new_request_id(Flavor::Chat.id_prefix()),
         bill_unfinished: true,
+        fresh_request_id: true,
     };
     Ok((model, generation))
 }

@@ -46,6 +46,7 @@ pub async fn completions(
         body,
         request_id: infermesh_service::new_request_id(Flavor::Completion.id_prefix()),
         bill_unfinished: true,
+        fresh_request_id: true,
     };
     serve(&state, key, model, generation).await
 }

@@ -24,7 +24,7 @@ pub async fn embeddings(
     let arrived = std::time::Instant::now();
     let key = authenticate(&state.mesh, &headers).await?;
     let (model, request) = embedding_request(&state, &body)?;
-    embed(&state, key, model, request, infermesh_service::new_request_id("embd"), arrived).await
+    embed(&state, key, model, request, (infermesh_service::new_request_id("embd"), true), arrived).await
 }
 
 /// An embeddings body checked in full, with the model it names.
@@ -40,13 +40,14 @@ pub fn embedding_request(state: &AppState, body: &[u8]) -> Result<(Model, ValidE
     Ok((model, request))
 }
 
-/// Admits, embeds and bills one request under `request_id`.
+/// Admits, embeds and bills one request under `request_id`: (id, minted
+/// for this call).
 pub async fn embed(
     state: &AppState,
     key: KeyInfo,
     model: Model,
     request: ValidEmbedding,
-    request_id: String,
+    (request_id, fresh_request_id): (String, bool),
     arrived: std::time::Instant,
 ) -> Result<Response, ApiError> {
     let picked = state.mesh.pick_worker(&model.id, &[])?;
@@ -56,6 +57,7 @@ pub async fn embed(
     let prompt_bound = u32::try_from(bound).unwrap_or(u32::MAX);
     let ask = Ask {
         request_id,
+        fresh_request_id,
         prompt_tokens: prompt_bound,
         output_tokens: 0,
         end_user: request.end_user.clone(),
@@ -82,7 +84,7 @@ pub async fn embed(
         ));
     }
     admission.work_started(response.prompt_tokens);
-    let settled = admission.settle(Some(Usage { prompt_tokens: response.prompt_tokens, completion_tokens: 0 })).await?;
+    let settled = admission.settle(Some(Usage { prompt_tokens: response.prompt_tokens, completion_tokens: 0 }));
     let data: Vec<Value> = response
         .embeddings
         .into_iter()

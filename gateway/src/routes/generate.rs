@@ -155,6 +155,8 @@ pub struct Generation {
     /// generated. A queued job's failed attempt is not: it is retried under
     /// the same request id and billed once, when it completes.
     pub bill_unfinished: bool,
+    /// `request_id` was minted for this call (a job's retries reuse theirs).
+    pub fresh_request_id: bool,
 }
 
 /// The caller's own upstream key (BYOK), from `X-Provider-Key`.
@@ -295,6 +297,7 @@ pub async fn serve(state: &AppState, key: KeyInfo, model: Model, generation: Gen
     let backends = model.backends.clone();
     let ask = Ask {
         request_id: generation.request_id.clone(),
+        fresh_request_id: generation.fresh_request_id,
         prompt_tokens: prompt_bound,
         output_tokens: output_bound,
         end_user: generation.sampling.end_user.clone(),
@@ -506,7 +509,7 @@ async fn respond(admission: Arc<Admission>, generation: &Generation, mut events:
                 "the worker stopped before finishing; you were charged only for tokens generated",
             ));
         }
-        let settled = admission.settle(choices.usage()).await?;
+        let settled = admission.settle(choices.usage());
         Ok(json!({
             "id": admission.request_id,
             "object": flavor.object(false),
@@ -592,12 +595,9 @@ fn sse_stream(
                         if !choices.all_finished() {
                             continue;
                         }
-                        match admission.settle(choices.usage()).await {
-                            Ok(settled) if include_usage => {
-                                yield Ok(chunk(flavor, &admission, created, json!([]), Some(usage_json(&settled)), true));
-                            }
-                            Ok(_) => {}
-                            Err(err) => yield Ok(error_event(&err.0)),
+                        let settled = admission.settle(choices.usage());
+                        if include_usage {
+                            yield Ok(chunk(flavor, &admission, created, json!([]), Some(usage_json(&settled)), true));
                         }
                         break;
                     }

@@ -6,6 +6,7 @@
 //! the listener and `infermesh up` composes several `run`s in one process.
 
 pub mod error;
+mod local;
 pub mod models;
 pub mod money;
 
@@ -14,11 +15,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use error::{ErrorKind, MeshError};
 use infermesh_telemetry::PropagateTrace;
+pub use local::MeshChannel;
 use tokio::net::TcpListener;
 pub use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
@@ -33,15 +35,18 @@ pub enum BootstrapError {
 }
 
 /// A client channel that propagates trace context on every call.
-pub type TracedChannel = InterceptedService<Channel, PropagateTrace>;
+pub type TracedChannel = InterceptedService<MeshChannel, PropagateTrace>;
 
 /// Dials `address` lazily (the peer may start later than we do), accepting
-/// `host:port` or a full `http://` URI.
+/// `host:port` or a full `http://` URI; in-process while the peer serves in
+/// this process (see [`MeshChannel`]).
 pub fn channel(address: &str) -> Result<TracedChannel, BootstrapError> {
     let uri = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
     let endpoint = Endpoint::from_shared(uri.clone())
         .map_err(|err| BootstrapError::PeerAddress { address: address.to_owned(), reason: err.to_string() })?;
-    let channel = endpoint.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true).connect_lazy();
+    let authority = endpoint.uri().authority().map_or_else(|| address.to_owned(), ToString::to_string);
+    let channel =
+        MeshChannel::new(&authority, endpoint.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true).connect_lazy());
     Ok(InterceptedService::new(channel, PropagateTrace))
 }
 
@@ -77,12 +82,20 @@ pub async fn serve_grpc(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let routes = routes.add_service(health_service).add_service(reflection);
+    let trace = tower_http::trace::TraceLayer::new_for_grpc().make_span_with(GrpcServerSpan);
+    let _in_process = local::register(
+        listener.local_addr()?,
+        tower::ServiceBuilder::new()
+            .map_response(|response: http::Response<_>| response.map(tonic::body::Body::new))
+            .layer(trace.clone())
+            .service(routes.clone()),
+    );
     // The builder's `tcp_nodelay` only reaches sockets it accepts itself; an
     // incoming stream sets its own. Without it, Nagle's algorithm and the
     // peer's delayed ACK held ~1% of replies for 40 ms.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .layer(tower_http::trace::TraceLayer::new_for_grpc().make_span_with(GrpcServerSpan))
+        .layer(trace)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;

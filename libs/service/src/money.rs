@@ -11,6 +11,23 @@ pub fn token_cost_nanos(tokens: u64, nanos_per_mtok: i64) -> i64 {
     i64::try_from(cost).unwrap_or(i64::MAX)
 }
 
+/// `amount × part / whole`, rounded down; zero for an empty whole.
+pub fn share(amount: i64, part: i64, whole: i64) -> i64 {
+    if whole <= 0 {
+        return 0;
+    }
+    i64::try_from(i128::from(amount) * i128::from(part.clamp(0, whole)) / i128::from(whole)).unwrap_or(amount)
+}
+
+/// What a request that used `tokens` and costs `full_cost` at full price is
+/// charged when its plan included `covered_tokens` of them: the covered
+/// share is free. The ledger charges exactly this, and the gateway tells
+/// the caller this before the ledger has written it.
+pub fn charge_after_included(full_cost: i64, tokens: i64, covered_tokens: i64) -> i64 {
+    let free_tokens = covered_tokens.min(tokens.max(0));
+    full_cost - share(full_cost, free_tokens, tokens)
+}
+
 pub fn nanos_to_dollars(nanos: i64) -> f64 {
     // Exact for any realistic balance: f64 holds integers up to 2^53 nanos
     // (~$9M) without loss.

@@ -21,6 +21,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use infermesh_service::money::{charge_after_included, share};
+
 use crate::error::BillingError;
 use crate::plans::Plans;
 
@@ -80,6 +82,18 @@ pub struct PlanUsage {
     pub tokens_held: i64,
 }
 
+/// A settlement whose hold the ledger never wrote (it crashed after
+/// answering Reserve), charged as Reserve had said it would be.
+#[derive(Debug, Clone, Copy)]
+pub struct Unheld<'a> {
+    pub account_id: &'a str,
+    pub key_id: &'a str,
+    pub full_cost: i64,
+    pub tokens: i64,
+    pub covered_tokens: i64,
+    pub now: i64,
+}
+
 /// A request asking for a hold.
 #[derive(Debug, Clone)]
 pub struct HoldRequest<'a> {
@@ -94,14 +108,9 @@ pub struct HoldRequest<'a> {
     pub key_limit: Option<i64>,
     /// Plan ids the catalogue lists for the model.
     pub catalog_plans: &'a [String],
-}
-
-/// `amount × part / whole`, rounded down; zero for an empty whole.
-fn share(amount: i64, part: i64, whole: i64) -> i64 {
-    if whole <= 0 {
-        return 0;
-    }
-    i64::try_from(i128::from(amount) * i128::from(part.clamp(0, whole)) / i128::from(whole)).unwrap_or(amount)
+    /// The caller minted `request_id` for this call: no earlier hold of it
+    /// exists, so the ledger need not look for one.
+    pub new_request: bool,
 }
 
 /// One side of a movement.
@@ -146,6 +155,7 @@ pub struct Changes {
     touched_accounts: HashSet<String>,
     touched_plans: HashSet<String>,
     created_holds: HashSet<String>,
+    touched_holds: HashSet<String>,
 }
 
 impl Changes {
@@ -161,7 +171,13 @@ impl Changes {
         }
     }
 
+    /// Whether this batch creates or changes the hold.
+    pub fn touches_hold(&self, request_id: &str) -> bool {
+        self.touched_holds.contains(request_id)
+    }
+
     fn create_hold(&mut self, request_id: &str) {
+        self.touched_holds.insert(request_id.to_owned());
         self.created_holds.insert(request_id.to_owned());
         self.new_holds.push(request_id.to_owned());
     }
@@ -169,6 +185,7 @@ impl Changes {
     /// A hold created earlier is updated; one created in this batch is
     /// simply inserted in its final state.
     fn change_hold(&mut self, request_id: &str) {
+        self.touched_holds.insert(request_id.to_owned());
         if !self.created_holds.contains(request_id) {
             self.changed_holds.push(request_id.to_owned());
         }
@@ -303,7 +320,7 @@ impl Book {
         let open = hold.state == HoldState::Held;
         let (still_held, covered) = if open { (hold.amount, hold.covered_tokens) } else { (0, 0) };
         let free_tokens = covered.min(tokens.max(0));
-        let cost = full_cost - share(full_cost, free_tokens, tokens);
+        let cost = charge_after_included(full_cost, tokens, covered);
         hold.state = HoldState::Settled { cost };
         let (account_id, key_id) = (hold.account_id.clone(), hold.key_id.clone());
         if covered > 0 {
@@ -325,6 +342,38 @@ impl Book {
             &[(holds(&account_id), -still_held), (REVENUE.into(), cost), (customer(&account_id), still_held - cost)],
         );
         Some((cost, true))
+    }
+
+    /// Charges a request that has no hold: records it as a settled hold of
+    /// nothing, so a repeat returns this charge. `(charged, true)`.
+    pub fn settle_unheld(&mut self, changes: &mut Changes, request_id: &str, unheld: Unheld<'_>) -> (i64, bool) {
+        let Unheld { account_id, key_id, full_cost, tokens, covered_tokens, now } = unheld;
+        let cost = charge_after_included(full_cost, tokens, covered_tokens);
+        let free_tokens = covered_tokens.min(tokens.max(0));
+        if free_tokens > 0 {
+            self.plan_usage_in(account_id, crate::plans::month_of(now)).tokens_used += free_tokens;
+            changes.touch_plan(account_id);
+        }
+        self.holds.insert(
+            request_id.to_owned(),
+            Hold {
+                account_id: account_id.to_owned(),
+                key_id: key_id.to_owned(),
+                amount: 0,
+                state: HoldState::Settled { cost },
+                created_at: now,
+                expires_at: now,
+                covered_tokens: 0,
+            },
+        );
+        self.accounts.entry(account_id.to_owned()).or_default().used += cost;
+        if let Some(spent) = self.key_spend.get_mut(key_id) {
+            *spent += cost;
+        }
+        changes.touch_account(account_id);
+        changes.create_hold(request_id);
+        changes.movement(request_id, &[(REVENUE.into(), cost), (customer(account_id), -cost)]);
+        (cost, true)
     }
 
     /// Gives an open hold back as `state` (released or expired); false when
@@ -384,6 +433,7 @@ mod tests {
             max_tokens: 100,
             key_limit,
             catalog_plans: &[],
+            new_request: false,
         }
     }
 
@@ -451,6 +501,7 @@ mod tests {
             max_tokens,
             key_limit: None,
             catalog_plans: &[],
+            new_request: false,
         };
         // The catalogue may list a plan for a model its patterns leave out.
         let listed = ["free".to_owned()];

@@ -58,8 +58,9 @@ impl BillingService for BillingGrpc {
             model,
             max_tokens,
             catalog_plans,
+            new_request,
         } = request.into_inner();
-        let (held_nanos, available_nanos) = self
+        let reserved = self
             .ledger
             .reserve(&HoldRequest {
                 request_id: &request_id,
@@ -70,14 +71,29 @@ impl BillingService for BillingGrpc {
                 max_tokens: i64::try_from(max_tokens).unwrap_or(i64::MAX),
                 key_limit: key_limit_nanos,
                 catalog_plans: &catalog_plans,
+                new_request,
             })
             .await?;
-        Ok(Response::new(ReserveResponse { held_nanos, available_nanos }))
+        Ok(Response::new(ReserveResponse {
+            held_nanos: reserved.held,
+            available_nanos: reserved.available,
+            covered_tokens: reserved.covered_tokens,
+        }))
     }
 
     async fn settle(&self, request: Request<SettleRequest>) -> Result<Response<SettleResponse>, Status> {
-        let SettleRequest { request_id, cost_nanos, model, provider, usage, latency_ms, end_user } =
-            request.into_inner();
+        let SettleRequest {
+            request_id,
+            cost_nanos,
+            model,
+            provider,
+            usage,
+            latency_ms,
+            end_user,
+            account_id,
+            key_id,
+            covered_tokens,
+        } = request.into_inner();
         let Usage { prompt_tokens, completion_tokens } = usage.unwrap_or_default();
         let charged_nanos = self
             .ledger
@@ -90,6 +106,9 @@ impl BillingService for BillingGrpc {
                 completion_tokens,
                 latency_ms,
                 end_user: &end_user,
+                account_id: &account_id,
+                key_id: &key_id,
+                covered_tokens,
             })
             .await?;
         Ok(Response::new(SettleResponse { charged_nanos }))

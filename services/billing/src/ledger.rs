@@ -14,6 +14,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 pub use crate::book::HoldRequest;
 use crate::error::BillingError;
 use crate::plans::{Plan, Plans, month_of};
+pub use crate::writer::Reserved;
 use crate::writer::{Command, OwnedSettlement, Writer};
 
 pub const USAGE_SUBJECT: &str = infermesh_bus::subjects::USAGE_SETTLED;
@@ -30,6 +31,8 @@ pub struct Ledger {
 pub const DEFAULT_HOLD_TTL_SECS: u64 = 900;
 /// By default a balance below this share of everything granted is low.
 pub const DEFAULT_LOW_CREDIT_PERCENT: u8 = 10;
+/// By default the ledger writes at most this often.
+pub const DEFAULT_WRITE_INTERVAL_MS: u64 = 10;
 
 /// How a ledger behaves.
 #[derive(Debug, Clone)]
@@ -41,6 +44,8 @@ pub struct LedgerOptions {
     pub low_credit_percent: u8,
     /// Write usage and credit events to the outbox (for NATS).
     pub publish_events: bool,
+    /// The least time between the starts of two writes.
+    pub write_interval: Duration,
 }
 
 impl Default for LedgerOptions {
@@ -50,6 +55,7 @@ impl Default for LedgerOptions {
             hold_ttl: Duration::from_secs(DEFAULT_HOLD_TTL_SECS),
             low_credit_percent: DEFAULT_LOW_CREDIT_PERCENT,
             publish_events: false,
+            write_interval: Duration::from_millis(DEFAULT_WRITE_INTERVAL_MS),
         }
     }
 }
@@ -72,6 +78,11 @@ pub struct Settlement<'a> {
     pub completion_tokens: u32,
     pub latency_ms: u32,
     pub end_user: &'a str,
+    /// Whose hold it was and what Reserve covered: a settlement whose hold
+    /// was never written is charged with them (empty: not known).
+    pub account_id: &'a str,
+    pub key_id: &'a str,
+    pub covered_tokens: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +113,7 @@ impl BooksCheck {
 
 impl Ledger {
     pub async fn open(database_url: &str, options: LedgerOptions) -> Result<Ledger, BillingError> {
-        let LedgerOptions { plans, hold_ttl, low_credit_percent, publish_events } = options;
+        let LedgerOptions { plans, hold_ttl, low_credit_percent, publish_events, write_interval } = options;
         let migrations = Migrations {
             sqlite: sqlx::migrate!("./migrations/sqlite"),
             postgres: sqlx::migrate!("./migrations/postgres"),
@@ -126,6 +137,7 @@ impl Ledger {
             publish_events,
             outbox_ready.clone(),
         );
+        writer.write_interval = write_interval;
         writer.load_open_holds().await?;
         let (commands, queue) = mpsc::channel(4096);
         tokio::spawn(writer.run(queue));
@@ -170,7 +182,10 @@ impl Ledger {
         self.balance(account_id).await
     }
 
+    /// The account's balance, holds answered before this call included
+    /// (they are written first).
     pub async fn balance(&self, account_id: &str) -> Result<Balance, BillingError> {
+        self.ask(|reply| Command::Flush { reply }).await?;
         const SQL: &str = "SELECT granted_nanos, used_nanos, held_nanos FROM credit_accounts WHERE account_id = $1";
         let (granted, used, held): (i64, i64, i64) = on_pool!(&self.pool, pool => {
             match sqlx::query(SQL).bind(account_id).fetch_optional(pool).await? {
@@ -192,7 +207,8 @@ impl Ledger {
     /// key limit, the key's settled spend plus its open holds plus this one
     /// must stay within that cap as well. Returns the hold and what the
     /// account has available after it.
-    pub async fn reserve(&self, request: &HoldRequest<'_>) -> Result<(i64, i64), BillingError> {
+    /// Holds credit for a request. Answered from memory: see `writer.rs`.
+    pub async fn reserve(&self, request: &HoldRequest<'_>) -> Result<Reserved, BillingError> {
         for (field, value) in [("amount_nanos", request.amount), ("max_tokens", request.max_tokens)] {
             if value < 0 {
                 return Err(BillingError::NegativeAmount { field, value });
@@ -210,6 +226,7 @@ impl Ledger {
             max_tokens: request.max_tokens,
             key_limit: request.key_limit,
             catalog_plans: request.catalog_plans.to_vec(),
+            new_request: request.new_request,
             reply,
         })
         .await
@@ -266,6 +283,9 @@ impl Ledger {
             completion_tokens: settlement.completion_tokens,
             latency_ms: settlement.latency_ms,
             end_user: settlement.end_user.to_owned(),
+            account_id: settlement.account_id.to_owned(),
+            key_id: settlement.key_id.to_owned(),
+            covered_tokens: settlement.covered_tokens,
         };
         self.ask(|reply| Command::Settle { settlement, reply }).await
     }
@@ -437,6 +457,7 @@ mod tests {
         the_books_balance_after_a_mixed_load,
         a_plan_gates_models_and_its_included_tokens_cost_nothing,
         credit_events_announce_grants_then_low_then_exhausted_once_per_grant,
+        a_settlement_whose_hold_was_never_written_is_charged_once_as_reserve_said,
     );
 
     fn hold<'a>(
@@ -455,6 +476,7 @@ mod tests {
             max_tokens: 100,
             key_limit,
             catalog_plans: &[],
+            new_request: false,
         }
     }
 
@@ -478,6 +500,9 @@ mod tests {
             completion_tokens: 4,
             latency_ms: 5,
             end_user: "",
+            account_id: "",
+            key_id: "",
+            covered_tokens: 0,
         }
     }
 
@@ -492,8 +517,9 @@ mod tests {
     async fn reserve_settle_charges_actual_cost_once(url: String) {
         let ledger = Ledger::open(&url, options(Duration::from_secs(60))).await.unwrap();
         ledger.grant("a", 1000, "g", "free").await.unwrap();
-        assert_eq!(ledger.reserve(&hold("r1", "a", "k", 600, None)).await.unwrap(), (600, 400));
-        assert_eq!(ledger.reserve(&hold("r1", "a", "k", 600, None)).await.unwrap().0, 600, "idempotent");
+        let first = Reserved { held: 600, available: 400, covered_tokens: 0 };
+        assert_eq!(ledger.reserve(&hold("r1", "a", "k", 600, None)).await.unwrap(), first);
+        assert_eq!(ledger.reserve(&hold("r1", "a", "k", 600, None)).await.unwrap().held, 600, "idempotent");
         assert_eq!(ledger.balance("a").await.unwrap().held_nanos, 600);
         assert_eq!(ledger.settle(&settlement("r1", 250)).await.unwrap(), 250);
         assert_eq!(ledger.settle(&settlement("r1", 999)).await.unwrap(), 250, "idempotent");
@@ -619,7 +645,8 @@ mod tests {
         let plan = ledger.set_plan("a", "pro").await.unwrap();
         assert_eq!((plan.plan.name.as_str(), plan.included_tokens_used), ("Pro", 0));
         // Every token is included: nothing held, nothing charged.
-        assert_eq!(ledger.reserve(&upstream).await.unwrap(), (0, 1_000));
+        let all_covered = Reserved { held: 0, available: 1_000, covered_tokens: 100 };
+        assert_eq!(ledger.reserve(&upstream).await.unwrap(), all_covered);
         assert_eq!(ledger.settle(&settlement("r1", 500)).await.unwrap(), 0);
         assert_eq!(ledger.generation("r1").await.unwrap().cost_nanos, 0);
         assert_eq!(ledger.account_plan("a").await.unwrap().included_tokens_used, 7);
@@ -627,7 +654,28 @@ mod tests {
         drop(ledger);
         let ledger = Ledger::open(&url, options(Duration::from_secs(60))).await.unwrap();
         assert_eq!(ledger.account_plan("a").await.unwrap().plan.id, "pro");
-        assert_eq!(ledger.reserve(&HoldRequest { request_id: "r2", ..upstream }).await.unwrap().0, 0);
+        assert_eq!(ledger.reserve(&HoldRequest { request_id: "r2", ..upstream }).await.unwrap().held, 0);
+        assert!(ledger.check_books().await.unwrap().balanced());
+    }
+
+    /// Reserve is answered before its hold is written; a crash in between
+    /// loses the hold but not the charge: the settlement names the account.
+    async fn a_settlement_whose_hold_was_never_written_is_charged_once_as_reserve_said(url: String) {
+        let ledger = Ledger::open(&url, options(Duration::from_secs(60))).await.unwrap();
+        ledger.grant("a", 10_000, "g", "top-up").await.unwrap();
+        let unknown = ledger.settle(&settlement("lost", 900)).await.unwrap_err();
+        assert!(matches!(unknown, BillingError::UnknownHold(_)), "without the account it cannot be charged");
+        // Reserve had said 3 of its tokens were included: 3/7 of the cost is free.
+        let lost = Settlement { account_id: "a", key_id: "k", covered_tokens: 3, ..settlement("lost", 700) };
+        assert_eq!(ledger.settle(&lost).await.unwrap(), 400);
+        assert_eq!(ledger.settle(&lost).await.unwrap(), 400, "a repeat charges once");
+        drop(ledger);
+        let ledger = Ledger::open(&url, options(Duration::from_secs(60))).await.unwrap();
+        assert_eq!(ledger.settle(&lost).await.unwrap(), 400, "also after a restart");
+        assert_eq!(ledger.generation("lost").await.unwrap().cost_nanos, 400);
+        let balance = ledger.balance("a").await.unwrap();
+        assert_eq!((balance.used_nanos, balance.held_nanos), (400, 0));
+        assert_eq!(usage_rows(&ledger).await.len(), 1);
         assert!(ledger.check_books().await.unwrap().balanced());
     }
 

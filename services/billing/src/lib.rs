@@ -20,7 +20,7 @@ use infermesh_service::{BootstrapError, CancellationToken};
 use tokio::net::TcpListener;
 
 pub use error::BillingError;
-pub use ledger::{Ledger, LedgerOptions};
+pub use ledger::{Ledger, LedgerOptions, Reserved};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BillingConfig {
@@ -46,6 +46,13 @@ pub struct BillingConfig {
     #[arg(long = "low-credit-percent", env = "INFERMESH_LOW_CREDIT_PERCENT", default_value_t = ledger::DEFAULT_LOW_CREDIT_PERCENT,
           value_parser = clap::value_parser!(u8).range(0..=100))]
     pub low_credit_percent: u8,
+    /// The ledger writes what it applied at most this often (sooner once
+    /// 512 commands wait): each write costs a transaction, a sync and a few
+    /// thread hand-offs whatever its size, and only settlements, grants and
+    /// releases wait for it, not requests.
+    #[arg(long = "ledger-write-interval-ms", env = "INFERMESH_LEDGER_WRITE_INTERVAL_MS",
+          default_value_t = ledger::DEFAULT_WRITE_INTERVAL_MS)]
+    pub write_interval_ms: u64,
 }
 
 impl BillingConfig {
@@ -84,6 +91,7 @@ pub async fn run(
         hold_ttl: Duration::from_secs(config.hold_ttl_secs),
         low_credit_percent: config.low_credit_percent,
         publish_events: bus.is_some(),
+        write_interval: Duration::from_millis(config.write_interval_ms),
     };
     let ledger = Ledger::open(&config.database_url, options).await?;
     let background = CancellationToken::new();

@@ -1,11 +1,17 @@
-//! Group commit: one task owns every change to the ledger. It takes the
-//! commands waiting in its queue as one batch, applies the rules to the
-//! in-memory [`Book`] (a cache of the database, loaded lazily), writes the
-//! whole batch in one transaction with one multi-row statement per table,
-//! and only then answers each caller. So a request never waits for its own
-//! round trips to the database, every answer is durable, and the balance
-//! check and the hold are atomic because only this task changes balances.
-//! One billing process writes a database.
+//! Group commit: one task owns every change to the ledger. It applies each
+//! command to the in-memory [`Book`] (a cache of the database, loaded
+//! lazily) as it arrives, and writes what was applied in one transaction
+//! with one multi-row statement per table, while it goes on applying the
+//! next commands (one write in flight at a time). The balance check and the
+//! hold are atomic because only this task changes balances. One billing
+//! process writes a database.
+//!
+//! A hold is answered as soon as it is applied: it is on every request's
+//! path, and waiting for a disk sync there is what made a gateway slow. If
+//! the ledger dies before the hold is written, the request's settlement
+//! (which names the account and what Reserve covered) charges it all the
+//! same. Everything else — settlements, grants, releases — is answered only
+//! once written.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,9 +24,12 @@ use prost::Message;
 use sqlx::Row;
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::book::{AccountBalance, Book, Changes, Entry, Hold, HoldRequest, HoldState, PlanUsage};
+use crate::book::{AccountBalance, Book, Changes, Entry, Hold, HoldRequest, HoldState, PlanUsage, Unheld};
 use crate::error::BillingError;
 use crate::plans::{Plans, month_of};
+
+/// Commands that start a write before the write interval is up.
+const EAGER_BATCH: usize = 512;
 
 /// Commands taken into one transaction at most (bounded by the bind
 /// parameters a statement may carry, 32,766 in SQLite: 11 per usage row).
@@ -28,8 +37,15 @@ const MAX_BATCH: usize = 2048;
 
 type Reply<T> = oneshot::Sender<Result<T, BillingError>>;
 
+#[derive(Clone)]
 pub struct OwnedSettlement {
     pub request_id: String,
+    /// Whose hold it was, for a hold that never reached the database; empty
+    /// when the caller does not say.
+    pub account_id: String,
+    pub key_id: String,
+    /// What Reserve said the plan covered.
+    pub covered_tokens: i64,
     pub cost_nanos: i64,
     pub model: String,
     pub provider: String,
@@ -56,7 +72,9 @@ pub enum Command {
         max_tokens: i64,
         key_limit: Option<i64>,
         catalog_plans: Vec<String>,
-        reply: Reply<(i64, i64)>,
+        /// The caller minted the id for this call: no earlier hold to find.
+        new_request: bool,
+        reply: Reply<Reserved>,
     },
     SetPlan {
         account_id: String,
@@ -74,11 +92,25 @@ pub enum Command {
     Expire {
         reply: Reply<u64>,
     },
+    /// Answered once everything applied before it is written.
+    Flush {
+        reply: Reply<()>,
+    },
     /// The outbox rows up to this one were published.
     ForgetOutbox {
         through_seq: i64,
         reply: Reply<()>,
     },
+}
+
+/// What a hold took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reserved {
+    pub held: i64,
+    /// The account's available credit after it.
+    pub available: i64,
+    /// Tokens the plan includes, charged nothing at settlement.
+    pub covered_tokens: i64,
 }
 
 /// An answer computed while applying a batch, sent once it committed.
@@ -96,6 +128,7 @@ fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, BillingError>) -
     })
 }
 
+#[derive(Clone)]
 struct GrantRow {
     idempotency_key: String,
     account_id: String,
@@ -104,6 +137,7 @@ struct GrantRow {
 }
 
 /// An event written to the outbox in the same transaction as its fact.
+#[derive(Clone)]
 struct OutboxEvent {
     subject: &'static str,
     dedupe_id: String,
@@ -119,12 +153,71 @@ struct Alerted {
     exhausted: bool,
 }
 
+#[derive(Clone)]
 struct UsageRow {
     settlement: OwnedSettlement,
     account_id: String,
     key_id: String,
     /// What was charged: the full cost less the share included tokens paid.
     cost: i64,
+}
+
+/// Commands applied to the book but not yet written, and the answers that
+/// wait for their write.
+#[derive(Default)]
+struct Unwritten {
+    commands: usize,
+    changes: Changes,
+    grants: Vec<GrantRow>,
+    /// Grant keys among `grants`, so a repeat before the write grants once.
+    granted_keys: HashSet<String>,
+    usage: Vec<UsageRow>,
+    outbox: Vec<OutboxEvent>,
+    published_through: Option<i64>,
+    answers: Vec<Answer>,
+}
+
+impl Unwritten {
+    fn is_empty(&self) -> bool {
+        self.commands == 0
+    }
+}
+
+/// The batch being written.
+struct Writing {
+    done: tokio::task::JoinHandle<Result<(), BillingError>>,
+    answers: Vec<Answer>,
+    /// Holds the batch created or changed: closed ones leave memory once
+    /// written.
+    closed_candidates: Vec<String>,
+    has_outbox: bool,
+}
+
+/// Resolves when the write in flight ends (never when there is none).
+async fn written(writing: &mut Option<Writing>) -> Result<(), String> {
+    match writing {
+        Some(batch) => match (&mut batch.done).await {
+            Ok(result) => result.map_err(|err| err.to_string()),
+            Err(err) => Err(format!("the ledger write stopped: {err}")),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// One batch's rows as they stood when it was taken to be written, owned,
+/// so the next batch is applied while this one is written.
+struct Rows {
+    now: i64,
+    grants: Vec<GrantRow>,
+    new_holds: Vec<(String, Hold)>,
+    /// Request ids by the state their hold moved to.
+    changed_holds: Vec<(&'static str, Vec<String>)>,
+    usage: Vec<UsageRow>,
+    outbox: Vec<OutboxEvent>,
+    published_through: Option<i64>,
+    journal: Vec<(String, String, i64)>,
+    plans: Vec<(String, PlanUsage)>,
+    accounts: Vec<(String, AccountBalance)>,
 }
 
 pub struct Writer {
@@ -137,6 +230,8 @@ pub struct Writer {
     outbox_enabled: bool,
     outbox_ready: Arc<Notify>,
     alerted: std::collections::HashMap<String, Alerted>,
+    /// The least time between the starts of two writes.
+    pub write_interval: std::time::Duration,
 }
 
 impl Writer {
@@ -157,6 +252,7 @@ impl Writer {
             outbox_enabled,
             outbox_ready,
             alerted: std::collections::HashMap::new(),
+            write_interval: std::time::Duration::ZERO,
         }
     }
 
@@ -192,19 +288,86 @@ impl Writer {
     }
 
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        while let Some(first) = commands.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match commands.try_recv() {
-                    Ok(command) => batch.push(command),
-                    Err(_) => break,
+        let mut unwritten = Unwritten::default();
+        let mut writing: Option<Writing> = None;
+        let mut open = true;
+        let mut next_write = tokio::time::Instant::now();
+        loop {
+            let due = unwritten.commands >= EAGER_BATCH || !open || tokio::time::Instant::now() >= next_write;
+            if writing.is_none() && !unwritten.is_empty() && due {
+                next_write = tokio::time::Instant::now() + self.write_interval;
+                let batch = std::mem::take(&mut unwritten);
+                let rows = self.rows(&batch);
+                writing = Some(Writing {
+                    done: tokio::spawn(write_rows(self.pool.clone(), rows)),
+                    answers: batch.answers,
+                    closed_candidates: [batch.changes.new_holds, batch.changes.changed_holds].concat(),
+                    has_outbox: !batch.outbox.is_empty(),
+                });
+            }
+            if !open && writing.is_none() {
+                return;
+            }
+            let waiting = writing.is_none() && !unwritten.is_empty();
+            tokio::select! {
+                () = tokio::time::sleep_until(next_write), if waiting => {}
+                written = written(&mut writing) => {
+                    let Some(batch) = writing.take() else { continue };
+                    self.written(written, batch, &mut unwritten).await;
+                }
+                first = commands.recv(), if open && unwritten.commands < MAX_BATCH => {
+                    let Some(first) = first else {
+                        open = false;
+                        continue;
+                    };
+                    let mut batch = vec![first];
+                    while unwritten.commands + batch.len() < MAX_BATCH {
+                        match commands.try_recv() {
+                            Ok(command) => batch.push(command),
+                            Err(_) => break,
+                        }
+                    }
+                    self.apply(batch, &mut unwritten).await;
                 }
             }
-            self.process(batch).await;
         }
     }
 
-    async fn process(&mut self, batch: Vec<Command>) {
+    /// A write finished: answers its callers, or on failure fails them and
+    /// everything applied since, and starts again from the database.
+    async fn written(&mut self, result: Result<(), String>, batch: Writing, unwritten: &mut Unwritten) {
+        match result {
+            Ok(()) => {
+                for answer in batch.answers {
+                    answer(None);
+                }
+                if batch.has_outbox {
+                    self.outbox_ready.notify_one();
+                }
+                // A hold the next batch changes stays until that is written.
+                let written: Vec<String> =
+                    batch.closed_candidates.into_iter().filter(|id| !unwritten.changes.touches_hold(id)).collect();
+                self.book.forget_closed(&written);
+            }
+            Err(reason) => {
+                tracing::error!(error = %reason, "ledger batch not written; reloading state from the database");
+                // Alerts decided in these batches were not written.
+                self.alerted.clear();
+                let later = std::mem::take(unwritten);
+                for answer in batch.answers.into_iter().chain(later.answers) {
+                    answer(Some(&reason));
+                }
+                // The in-memory book ran ahead of the database: start again
+                // from what the database holds.
+                if let Err(err) = self.load_open_holds().await {
+                    tracing::error!(error = %err, "reloading open holds failed");
+                }
+            }
+        }
+    }
+
+    /// Applies `batch` to the book, adding its changes to `unwritten`.
+    async fn apply(&mut self, batch: Vec<Command>, unwritten: &mut Unwritten) {
         let existing_grants = match self.prefetch(&batch).await {
             Ok(existing) => existing,
             Err(err) => {
@@ -216,17 +379,14 @@ impl Writer {
             }
         };
         let now = now_unix_ms();
-        let mut changes = Changes::default();
-        let (mut grants, mut usage, mut answers) = (Vec::new(), Vec::new(), Vec::with_capacity(batch.len()));
-        let mut outbox = Vec::new();
-        let mut granted_keys: HashSet<String> = HashSet::new();
-        let mut published_through: Option<i64> = None;
+        unwritten.commands += batch.len();
+        let Unwritten { changes, grants, usage, outbox, published_through, answers, granted_keys, .. } = unwritten;
         for command in batch {
             answers.push(match command {
                 Command::Grant { account_id, amount, idempotency_key, reason, reply } => {
                     if !existing_grants.contains(&idempotency_key) && granted_keys.insert(idempotency_key.clone()) {
-                        self.book.grant(&mut changes, &account_id, amount, &idempotency_key);
-                        self.announce(&mut outbox, CREDIT_GRANTED, || {
+                        self.book.grant(changes, &account_id, amount, &idempotency_key);
+                        self.announce(outbox, CREDIT_GRANTED, || {
                             let event = self.credit_event(&account_id, amount, &reason, "", now);
                             (format!("credit.granted:{idempotency_key}"), event.encode_to_vec())
                         });
@@ -243,11 +403,17 @@ impl Writer {
                     max_tokens,
                     key_limit,
                     catalog_plans,
+                    new_request,
                     reply,
                 } => {
+                    let reserved = |hold: &Hold, available| Reserved {
+                        held: hold.amount,
+                        available,
+                        covered_tokens: hold.covered_tokens,
+                    };
                     let result = match self.book.holds.get(&request_id) {
                         // A repeat returns the first hold.
-                        Some(hold) => Ok((hold.amount, self.book.account(&hold.account_id).available())),
+                        Some(hold) => Ok(reserved(hold, self.book.account(&hold.account_id).available())),
                         None => {
                             let request = HoldRequest {
                                 request_id: &request_id,
@@ -258,35 +424,56 @@ impl Writer {
                                 max_tokens,
                                 key_limit,
                                 catalog_plans: &catalog_plans,
+                                new_request,
                             };
                             let expires_at = now.saturating_add(self.hold_ttl_ms);
-                            let held = self.book.reserve(&mut changes, &self.plans, &request, now, expires_at);
+                            let held = self.book.reserve(changes, &self.plans, &request, now, expires_at);
                             if let Err(BillingError::InsufficientCredit { .. }) = held {
-                                self.alert(&account_id, &request_id, true, now, &mut outbox);
+                                self.alert(&account_id, &request_id, true, now, outbox);
                             }
-                            held
+                            held.map(|(_, available)| reserved(&self.book.holds[&request_id], available))
                         }
                     };
-                    answer(reply, result)
+                    // Answered now, not once written: see the module's notes.
+                    answer(reply, result)(None);
+                    continue;
                 }
                 Command::SetPlan { account_id, plan_id, reply } => {
-                    self.book.set_plan(&mut changes, &account_id, &plan_id, month_of(now));
+                    self.book.set_plan(changes, &account_id, &plan_id, month_of(now));
                     answer(reply, Ok(()))
                 }
                 Command::Settle { settlement, reply } => {
                     let tokens = i64::from(settlement.prompt_tokens) + i64::from(settlement.completion_tokens);
-                    let settled =
-                        self.book.settle(&mut changes, &settlement.request_id, settlement.cost_nanos, tokens, now);
+                    let settled = self
+                        .book
+                        .settle(changes, &settlement.request_id, settlement.cost_nanos, tokens, now)
+                        .or_else(|| {
+                            // A hold that never reached the database.
+                            (!settlement.account_id.is_empty()).then(|| {
+                                self.book.settle_unheld(
+                                    changes,
+                                    &settlement.request_id,
+                                    Unheld {
+                                        account_id: &settlement.account_id,
+                                        key_id: &settlement.key_id,
+                                        full_cost: settlement.cost_nanos,
+                                        tokens,
+                                        covered_tokens: settlement.covered_tokens,
+                                        now,
+                                    },
+                                )
+                            })
+                        });
                     let result = match settled {
                         None => Err(BillingError::UnknownHold(settlement.request_id.clone())),
                         Some((charged, first_time)) => {
                             if first_time && let Some(hold) = self.book.holds.get(&settlement.request_id) {
                                 let (account_id, key_id) = (hold.account_id.clone(), hold.key_id.clone());
                                 let record = UsageRow { settlement, account_id, key_id, cost: charged };
-                                self.announce(&mut outbox, USAGE_SETTLED, || {
+                                self.announce(outbox, USAGE_SETTLED, || {
                                     (record.settlement.request_id.clone(), usage_event(&record, now).encode_to_vec())
                                 });
-                                self.alert(&record.account_id, &record.settlement.request_id, false, now, &mut outbox);
+                                self.alert(&record.account_id, &record.settlement.request_id, false, now, outbox);
                                 usage.push(record);
                             }
                             Ok(charged)
@@ -295,44 +482,58 @@ impl Writer {
                     answer(reply, result)
                 }
                 Command::Release { request_id, reply } => {
-                    self.book.unhold(&mut changes, &request_id, HoldState::Released);
+                    self.book.unhold(changes, &request_id, HoldState::Released);
                     answer(reply, Ok(()))
                 }
                 Command::Expire { reply } => {
                     let lapsed = self.book.lapsed(now);
                     for request_id in &lapsed {
-                        self.book.unhold(&mut changes, request_id, HoldState::Expired);
+                        self.book.unhold(changes, request_id, HoldState::Expired);
                     }
                     answer(reply, Ok(lapsed.len() as u64))
                 }
+                Command::Flush { reply } => answer(reply, Ok(())),
                 Command::ForgetOutbox { through_seq, reply } => {
-                    published_through = published_through.max(Some(through_seq));
+                    *published_through = (*published_through).max(Some(through_seq));
                     answer(reply, Ok(()))
                 }
             });
         }
-        let failed = match self.write(&changes, &grants, &usage, &outbox, published_through, now).await {
-            Ok(()) => None,
-            Err(err) => {
-                // Alerts decided in this batch were not written.
-                self.alerted.clear();
-                tracing::error!(error = %err, "ledger batch not written; reloading state from the database");
-                // The in-memory book ran ahead of the database: start again
-                // from what the database holds.
-                if let Err(err) = self.load_open_holds().await {
-                    tracing::error!(error = %err, "reloading open holds failed");
-                }
-                Some(err.to_string())
-            }
-        };
-        for answer in answers {
-            answer(failed.as_deref());
-        }
-        if failed.is_none() {
-            if !outbox.is_empty() {
-                self.outbox_ready.notify_one();
-            }
-            self.book.forget_closed(&changes.changed_holds);
+    }
+
+    /// The rows `batch` changed, as they stand in the book now.
+    fn rows(&self, batch: &Unwritten) -> Rows {
+        let book = &self.book;
+        let now = now_unix_ms();
+        let changes = &batch.changes;
+        let hold_row = |id: &String| Some((id.clone(), book.holds.get(id)?.clone()));
+        let changed_holds = ["settled", "released", "expired"]
+            .into_iter()
+            .map(|state| {
+                let ids = changes
+                    .changed_holds
+                    .iter()
+                    .filter(|id| book.holds.get(*id).is_some_and(|hold| hold.state.as_str() == state))
+                    .cloned()
+                    .collect();
+                (state, ids)
+            })
+            .collect();
+        Rows {
+            now,
+            grants: batch.grants.clone(),
+            new_holds: changes.new_holds.iter().filter_map(hold_row).collect(),
+            changed_holds,
+            usage: batch.usage.clone(),
+            outbox: batch.outbox.clone(),
+            published_through: batch.published_through,
+            journal: compound_entries(&changes.entries, now),
+            plans: changes
+                .plan_accounts
+                .iter()
+                .map(|id| (id.clone(), book.plan_usage.get(id).cloned().unwrap_or_default()))
+                .collect(),
+            accounts: changes.accounts.iter().map(|id| (id.clone(), book.account(id))).collect(),
         }
     }
 
@@ -405,8 +606,10 @@ impl Writer {
         let mut limit_keys = Vec::new();
         for command in batch {
             match command {
-                Command::Reserve { request_id, key_id, key_limit, .. } => {
-                    hold_ids.push(request_id.clone());
+                Command::Reserve { request_id, key_id, key_limit, new_request, .. } => {
+                    if !new_request {
+                        hold_ids.push(request_id.clone());
+                    }
                     if key_limit.is_some() && !self.book.key_spend.contains_key(key_id) {
                         limit_keys.push(key_id.clone());
                     }
@@ -414,7 +617,10 @@ impl Writer {
                 Command::Settle { settlement, .. } => hold_ids.push(settlement.request_id.clone()),
                 Command::Release { request_id, .. } => hold_ids.push(request_id.clone()),
                 Command::Grant { idempotency_key, .. } => grant_keys.push(idempotency_key.clone()),
-                Command::Expire { .. } | Command::SetPlan { .. } | Command::ForgetOutbox { .. } => {}
+                Command::Expire { .. }
+                | Command::SetPlan { .. }
+                | Command::Flush { .. }
+                | Command::ForgetOutbox { .. } => {}
             }
         }
         hold_ids.retain(|id| !self.book.holds.contains_key(id));
@@ -427,6 +633,10 @@ impl Writer {
                 Command::Grant { account_id, .. }
                 | Command::Reserve { account_id, .. }
                 | Command::SetPlan { account_id, .. } => Some(account_id.clone()),
+                // Needed only when its hold is unknown; loading is cheap.
+                Command::Settle { settlement, .. } if !settlement.account_id.is_empty() => {
+                    Some(settlement.account_id.clone())
+                }
                 _ => None,
             })
             .filter(|account| !self.book.accounts.contains_key(account))
@@ -549,153 +759,139 @@ impl Writer {
              (SELECT COALESCE(SUM(amount_nanos), 0) FROM holds WHERE key_id = $1 AND state = 'held') AS BIGINT)";
         Ok(on_pool!(&self.pool, pool => sqlx::query(SQL).bind(key_id).fetch_one(pool).await?.try_get(0)?))
     }
+}
 
-    /// Writes one batch's changes in one transaction.
-    async fn write(
-        &self,
-        changes: &Changes,
-        grants: &[GrantRow],
-        usage: &[UsageRow],
-        outbox: &[OutboxEvent],
-        published_through: Option<i64>,
-        now: i64,
-    ) -> Result<(), BillingError> {
-        if outbox.is_empty()
-            && published_through.is_none()
-            && changes.entries.is_empty()
-            && changes.changed_holds.is_empty()
-            && changes.new_holds.is_empty()
-            && changes.plan_accounts.is_empty()
-        {
-            return Ok(());
-        }
-        let book = &self.book;
-        on_pool!(&self.pool, pool => {
-            let mut tx = pool.begin().await?;
-            if !grants.is_empty() {
-                let mut query = sqlx::QueryBuilder::new(
-                    "INSERT INTO grants (idempotency_key, account_id, amount_nanos, reason, created_at) ",
-                );
-                query.push_values(grants, |mut row, grant| {
-                    row.push_bind(grant.idempotency_key.clone())
-                        .push_bind(grant.account_id.clone())
-                        .push_bind(grant.amount)
-                        .push_bind(grant.reason.clone())
-                        .push_bind(now);
-                });
-                query.build().execute(&mut *tx).await?;
-            }
-            if !changes.new_holds.is_empty() {
-                let mut query = sqlx::QueryBuilder::new(
-                    "INSERT INTO holds (request_id, account_id, key_id, amount_nanos, state, created_at, expires_at, \
-                     covered_tokens) ",
-                );
-                query.push_values(changes.new_holds.iter().filter_map(|id| Some((id, book.holds.get(id)?))), |mut row, (id, hold)| {
-                    row.push_bind(id.clone())
-                        .push_bind(hold.account_id.clone())
-                        .push_bind(hold.key_id.clone())
-                        .push_bind(hold.amount)
-                        .push_bind(hold.state.as_str())
-                        .push_bind(hold.created_at)
-                        .push_bind(hold.expires_at)
-                        .push_bind(hold.covered_tokens);
-                });
-                query.build().execute(&mut *tx).await?;
-            }
-            for state in ["settled", "released", "expired"] {
-                let ids: Vec<String> = changes
-                    .changed_holds
-                    .iter()
-                    .filter(|id| book.holds.get(*id).is_some_and(|hold| hold.state.as_str() == state))
-                    .cloned()
-                    .collect();
-                if ids.is_empty() {
-                    continue;
-                }
-                // `state` is one of three constants, never input.
-                let mut query = in_list(&format!("UPDATE holds SET state = '{state}' WHERE request_id IN "), &ids);
-                query.build().execute(&mut *tx).await?;
-            }
-            if !usage.is_empty() {
-                let mut query = sqlx::QueryBuilder::new(
-                    "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, prompt_tokens, \
-                     completion_tokens, cost_nanos, latency_ms, created_at, end_user) ",
-                );
-                query.push_values(usage, |mut row, record| {
-                    let s = &record.settlement;
-                    row.push_bind(s.request_id.clone())
-                        .push_bind(record.account_id.clone())
-                        .push_bind(record.key_id.clone())
-                        .push_bind(s.model.clone())
-                        .push_bind(s.provider.clone())
-                        .push_bind(i64::from(s.prompt_tokens))
-                        .push_bind(i64::from(s.completion_tokens))
-                        .push_bind(record.cost)
-                        .push_bind(i64::from(s.latency_ms))
-                        .push_bind(now)
-                        .push_bind(s.end_user.clone());
-                });
-                query.build().execute(&mut *tx).await?;
-            }
-            if !outbox.is_empty() {
-                let mut query = sqlx::QueryBuilder::new("INSERT INTO outbox (subject, dedupe_id, payload, created_at) ");
-                query.push_values(outbox, |mut row, event| {
-                    row.push_bind(event.subject)
-                        .push_bind(event.dedupe_id.clone())
-                        .push_bind(event.payload.clone())
-                        .push_bind(now);
-                });
-                query.build().execute(&mut *tx).await?;
-            }
-            if let Some(seq) = published_through {
-                sqlx::query("DELETE FROM outbox WHERE seq <= $1").bind(seq).execute(&mut *tx).await?;
-            }
-            let journal = compound_entries(&changes.entries, now);
-            if !journal.is_empty() {
-                let mut query =
-                    sqlx::QueryBuilder::new("INSERT INTO entries (movement, book, amount_nanos, created_at) ");
-                query.push_values(journal, |mut row, (movement, book, amount)| {
-                    row.push_bind(movement).push_bind(book).push_bind(amount).push_bind(now);
-                });
-                query.build().execute(&mut *tx).await?;
-            }
-            if !changes.plan_accounts.is_empty() {
-                let mut query =
-                    sqlx::QueryBuilder::new("INSERT INTO account_plans (account_id, plan_id, month, tokens_used) ");
-                query.push_values(&changes.plan_accounts, |mut row, account_id| {
-                    let usage = book.plan_usage.get(account_id).cloned().unwrap_or_default();
-                    row.push_bind(account_id.clone())
-                        .push_bind(usage.plan_id)
-                        .push_bind(usage.month)
-                        .push_bind(usage.tokens_used);
-                });
-                query.push(
-                    " ON CONFLICT (account_id) DO UPDATE SET plan_id = excluded.plan_id, month = excluded.month, \
-                     tokens_used = excluded.tokens_used",
-                );
-                query.build().execute(&mut *tx).await?;
-            }
-            if !changes.accounts.is_empty() {
-                let mut query = sqlx::QueryBuilder::new(
-                    "INSERT INTO credit_accounts (account_id, granted_nanos, used_nanos, held_nanos) ",
-                );
-                query.push_values(&changes.accounts, |mut row, account_id| {
-                    let balance = book.account(account_id);
-                    row.push_bind(account_id.clone())
-                        .push_bind(balance.granted)
-                        .push_bind(balance.used)
-                        .push_bind(balance.held);
-                });
-                query.push(
-                    " ON CONFLICT (account_id) DO UPDATE SET granted_nanos = excluded.granted_nanos, \
-                     used_nanos = excluded.used_nanos, held_nanos = excluded.held_nanos",
-                );
-                query.build().execute(&mut *tx).await?;
-            }
-            tx.commit().await?;
-        });
-        Ok(())
+/// Writes one batch in one transaction.
+async fn write_rows(pool: Pool, rows: Rows) -> Result<(), BillingError> {
+    let Rows { now, grants, new_holds, changed_holds, usage, outbox, published_through, journal, plans, accounts } =
+        rows;
+    if grants.is_empty()
+        && new_holds.is_empty()
+        && changed_holds.iter().all(|(_, ids)| ids.is_empty())
+        && usage.is_empty()
+        && outbox.is_empty()
+        && published_through.is_none()
+        && journal.is_empty()
+        && plans.is_empty()
+        && accounts.is_empty()
+    {
+        return Ok(());
     }
+    on_pool!(&pool, pool => {
+        let mut tx = pool.begin().await?;
+        if !grants.is_empty() {
+            let mut query = sqlx::QueryBuilder::new(
+                "INSERT INTO grants (idempotency_key, account_id, amount_nanos, reason, created_at) ",
+            );
+            query.push_values(&grants, |mut row, grant| {
+                row.push_bind(grant.idempotency_key.clone())
+                    .push_bind(grant.account_id.clone())
+                    .push_bind(grant.amount)
+                    .push_bind(grant.reason.clone())
+                    .push_bind(now);
+            });
+            query.build().execute(&mut *tx).await?;
+        }
+        if !new_holds.is_empty() {
+            let mut query = sqlx::QueryBuilder::new(
+                "INSERT INTO holds (request_id, account_id, key_id, amount_nanos, state, created_at, expires_at, \
+                 covered_tokens) ",
+            );
+            query.push_values(&new_holds, |mut row, (id, hold)| {
+                row.push_bind(id.clone())
+                    .push_bind(hold.account_id.clone())
+                    .push_bind(hold.key_id.clone())
+                    .push_bind(hold.amount)
+                    .push_bind(hold.state.as_str())
+                    .push_bind(hold.created_at)
+                    .push_bind(hold.expires_at)
+                    .push_bind(hold.covered_tokens);
+            });
+            query.build().execute(&mut *tx).await?;
+        }
+        for (state, ids) in &changed_holds {
+            if ids.is_empty() {
+                continue;
+            }
+            // `state` is one of three constants, never input.
+            let mut query = in_list(&format!("UPDATE holds SET state = '{state}' WHERE request_id IN "), ids);
+            query.build().execute(&mut *tx).await?;
+        }
+        if !usage.is_empty() {
+            let mut query = sqlx::QueryBuilder::new(
+                "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, prompt_tokens, \
+                 completion_tokens, cost_nanos, latency_ms, created_at, end_user) ",
+            );
+            query.push_values(&usage, |mut row, record| {
+                let s = &record.settlement;
+                row.push_bind(s.request_id.clone())
+                    .push_bind(record.account_id.clone())
+                    .push_bind(record.key_id.clone())
+                    .push_bind(s.model.clone())
+                    .push_bind(s.provider.clone())
+                    .push_bind(i64::from(s.prompt_tokens))
+                    .push_bind(i64::from(s.completion_tokens))
+                    .push_bind(record.cost)
+                    .push_bind(i64::from(s.latency_ms))
+                    .push_bind(now)
+                    .push_bind(s.end_user.clone());
+            });
+            query.build().execute(&mut *tx).await?;
+        }
+        if !outbox.is_empty() {
+            let mut query = sqlx::QueryBuilder::new("INSERT INTO outbox (subject, dedupe_id, payload, created_at) ");
+            query.push_values(&outbox, |mut row, event| {
+                row.push_bind(event.subject)
+                    .push_bind(event.dedupe_id.clone())
+                    .push_bind(event.payload.clone())
+                    .push_bind(now);
+            });
+            query.build().execute(&mut *tx).await?;
+        }
+        if let Some(seq) = published_through {
+            sqlx::query("DELETE FROM outbox WHERE seq <= $1").bind(seq).execute(&mut *tx).await?;
+        }
+        if !journal.is_empty() {
+            let mut query = sqlx::QueryBuilder::new("INSERT INTO entries (movement, book, amount_nanos, created_at) ");
+            query.push_values(&journal, |mut row, (movement, book, amount)| {
+                row.push_bind(movement.clone()).push_bind(book.clone()).push_bind(*amount).push_bind(now);
+            });
+            query.build().execute(&mut *tx).await?;
+        }
+        if !plans.is_empty() {
+            let mut query =
+                sqlx::QueryBuilder::new("INSERT INTO account_plans (account_id, plan_id, month, tokens_used) ");
+            query.push_values(&plans, |mut row, (account_id, usage)| {
+                row.push_bind(account_id.clone())
+                    .push_bind(usage.plan_id.clone())
+                    .push_bind(usage.month)
+                    .push_bind(usage.tokens_used);
+            });
+            query.push(
+                " ON CONFLICT (account_id) DO UPDATE SET plan_id = excluded.plan_id, month = excluded.month, \
+                 tokens_used = excluded.tokens_used",
+            );
+            query.build().execute(&mut *tx).await?;
+        }
+        if !accounts.is_empty() {
+            let mut query = sqlx::QueryBuilder::new(
+                "INSERT INTO credit_accounts (account_id, granted_nanos, used_nanos, held_nanos) ",
+            );
+            query.push_values(&accounts, |mut row, (account_id, balance)| {
+                row.push_bind(account_id.clone())
+                    .push_bind(balance.granted)
+                    .push_bind(balance.used)
+                    .push_bind(balance.held);
+            });
+            query.push(
+                " ON CONFLICT (account_id) DO UPDATE SET granted_nanos = excluded.granted_nanos, \
+                 used_nanos = excluded.used_nanos, held_nanos = excluded.held_nanos",
+            );
+            query.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+    });
+    Ok(())
 }
 
 /// The batch's movements as one compound journal entry: each book's net
@@ -774,6 +970,7 @@ fn refuse(command: Command) -> Answer {
         Command::Settle { reply, .. } => answer(reply, unstarted()),
         Command::Release { reply, .. } => answer(reply, unstarted()),
         Command::Expire { reply } => answer(reply, unstarted()),
+        Command::Flush { reply } => answer(reply, unstarted()),
         Command::ForgetOutbox { reply, .. } => answer(reply, unstarted()),
     }
 }
