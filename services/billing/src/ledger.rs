@@ -698,6 +698,9 @@ mod tests {
                 Err(BillingError::InsufficientCredit { .. })
             ));
         }
+        // A refusal is answered before its alert is written; a balance
+        // read waits for that write.
+        ledger.balance("a").await.unwrap();
         let rows = ledger.outbox_batch(100).await.unwrap();
         assert_eq!(
             subjects(&rows),
