@@ -25,6 +25,6 @@ fn main() -> anyhow::Result<()> {
     let fds = protox::compile(&files, [&root])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("infermesh_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure().codec_path("crate::SmallBufferCodec").compile_fds(fds)?;
     Ok(())
 }

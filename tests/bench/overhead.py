@@ -168,31 +168,35 @@ while True:
         wait_for(lambda: "BASE " in tz_log.read_text(), "tensorzero")
         self.tensorzero_base = tz_log.read_text().split("BASE ", 1)[1].split()[0]
 
-        # LiteLLM's proxy with a master key.
-        self.litellm_key = "sk-" + secrets.token_hex(32)
-        ll_config = self.work / "litellm.yaml"
-        ll_config.write_text(f'''model_list:
+        # LiteLLM's proxy with a master key (slow to start: skipped when not measured).
+        self.litellm = None
+        if "litellm" in a.targets.split(","):
+            self.litellm_key = "sk-" + secrets.token_hex(32)
+            ll_config = self.work / "litellm.yaml"
+            ll_config.write_text(f'''model_list:
   - model_name: mock
     litellm_params:
       model: openai/mock
       api_base: {mock}
       api_key: none
 ''')
-        ll_port = free_port()
-        self.litellm = self.start("gateway", [a.litellm, "--config", str(ll_config), "--port", str(ll_port), "--num_workers", "1"],
-                                  env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": self.litellm_key,
-                                       "LITELLM_LOG": "ERROR"}, log="litellm")
-        self.litellm_base = f"http://127.0.0.1:{ll_port}"
-        wait_for(lambda: urllib.request.urlopen(f"{self.litellm_base}/health/liveliness", timeout=2).status == 200,
-                 "litellm", seconds=180)
+            ll_port = free_port()
+            self.litellm = self.start("gateway", [a.litellm, "--config", str(ll_config), "--port", str(ll_port), "--num_workers", "1"],
+                                      env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": self.litellm_key,
+                                           "LITELLM_LOG": "ERROR"}, log="litellm")
+            self.litellm_base = f"http://127.0.0.1:{ll_port}"
+            wait_for(lambda: urllib.request.urlopen(f"{self.litellm_base}/health/liveliness", timeout=2).status == 200,
+                     "litellm", seconds=180)
 
         self.targets = {
             "mock": (f"{mock}/chat/completions", "mock", None, None),
             "infermesh": (f"{base}/v1/chat/completions", "bench/mock", self.infermesh_key, self.infermesh.pid),
             "tensorzero": (f"{self.tensorzero_base}/chat/completions", "tensorzero::model_name::mock", None,
                            self.tensorzero.pid),
-            "litellm": (f"{self.litellm_base}/v1/chat/completions", "mock", self.litellm_key, self.litellm.pid),
         }
+        if self.litellm:
+            self.targets["litellm"] = (f"{self.litellm_base}/v1/chat/completions", "mock", self.litellm_key,
+                                       self.litellm.pid)
 
     def load(self, target, mode, rate, seconds):
         url, model, key, pid = self.targets[target]
@@ -210,7 +214,7 @@ while True:
         command.append(url)
         # The gateways not under test are paused, so their idle work
         # (LiteLLM's background loops) takes nothing from the one measured.
-        others = [p for p in (self.infermesh, self.tensorzero, self.litellm) if p.pid != pid]
+        others = [p for p in (self.infermesh, self.tensorzero, self.litellm) if p and p.pid != pid]
         for other in others:
             os.killpg(other.pid, signal.SIGSTOP)
         peak_rss = 0.0
@@ -283,6 +287,7 @@ def main():
     parser.add_argument("--oha", required=True)
     parser.add_argument("--nats-url", required=True)
     parser.add_argument("--rates", default="250,500,1000,2000,4000")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="a subset of " + ",".join(TARGETS))
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--out", default="tests/bench/results/overhead")
@@ -297,7 +302,7 @@ def main():
             failed = set()
             for rate in rates:
                 for target in TARGETS:
-                    if target in failed:
+                    if target in failed or target not in bench.targets:
                         continue
                     row = bench.load(target, mode, rate, args.seconds)
                     rows.append(row)
