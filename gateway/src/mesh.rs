@@ -146,6 +146,19 @@ impl Mesh {
         self.catalog.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
+    /// Waits (at most 5 s) until this gateway's catalogue `shows` a change
+    /// the registry confirmed, which reaches it on the catalogue stream a
+    /// moment later: a caller's next request then sees its own edit.
+    pub async fn until_catalog(&self, shows: impl Fn(&CatalogSnapshot) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.catalog.read().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref().is_some_and(&shows) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     fn with_catalog<T>(&self, f: impl FnOnce(&CatalogSnapshot) -> Result<T, MeshError>) -> Result<T, MeshError> {
         let guard = self.catalog.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         match guard.as_ref() {

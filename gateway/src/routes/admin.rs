@@ -250,6 +250,7 @@ pub async fn account_plan(
     State(state): State<AppState>,
     Path(account_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    state.mesh.settlements.written(Some(&account_id)).await;
     let request = GetAccountPlanRequest { account_id };
     let plan = state.mesh.billing.clone().get_account_plan(request).await.map_err(peer_error("billing"))?;
     Ok(Json(account_plan_json(&plan.into_inner())))

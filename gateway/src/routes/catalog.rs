@@ -55,8 +55,9 @@ pub async fn put_model(
         return Err(ApiError::new(ErrorKind::InvalidRequest, "the body must be a JSON object describing the model"));
     }
     let request = PutModelRequest { id, spec_json: spec.to_string() };
-    let model = state.mesh.registry.clone().put_model(request).await.map_err(peer_error("registry"))?;
-    Ok(Json(admin_model_json(&model.into_inner())))
+    let model = state.mesh.registry.clone().put_model(request).await.map_err(peer_error("registry"))?.into_inner();
+    state.mesh.until_catalog(|catalog| catalog.models.contains(&model)).await;
+    Ok(Json(admin_model_json(&model)))
 }
 
 pub async fn delete_model(
@@ -66,6 +67,7 @@ pub async fn delete_model(
 ) -> Result<Json<Value>, ApiError> {
     let request = DeleteModelRequest { id: id.clone() };
     state.mesh.registry.clone().delete_model(request).await.map_err(peer_error("registry"))?;
+    state.mesh.until_catalog(|catalog| catalog.models.iter().all(|model| model.id != id)).await;
     Ok(Json(json!({"id": id, "object": "model", "deleted": true})))
 }
 

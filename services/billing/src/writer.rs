@@ -37,7 +37,6 @@ const MAX_BATCH: usize = 2048;
 
 type Reply<T> = oneshot::Sender<Result<T, BillingError>>;
 
-#[derive(Clone)]
 pub struct OwnedSettlement {
     pub request_id: String,
     /// Whose hold it was, for a hold that never reached the database; empty
@@ -128,7 +127,6 @@ fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, BillingError>) -
     })
 }
 
-#[derive(Clone)]
 struct GrantRow {
     idempotency_key: String,
     account_id: String,
@@ -137,7 +135,6 @@ struct GrantRow {
 }
 
 /// An event written to the outbox in the same transaction as its fact.
-#[derive(Clone)]
 struct OutboxEvent {
     subject: &'static str,
     dedupe_id: String,
@@ -153,7 +150,6 @@ struct Alerted {
     exhausted: bool,
 }
 
-#[derive(Clone)]
 struct UsageRow {
     settlement: OwnedSettlement,
     account_id: String,
@@ -296,13 +292,14 @@ impl Writer {
             let due = unwritten.commands >= EAGER_BATCH || !open || tokio::time::Instant::now() >= next_write;
             if writing.is_none() && !unwritten.is_empty() && due {
                 next_write = tokio::time::Instant::now() + self.write_interval;
-                let batch = std::mem::take(&mut unwritten);
-                let rows = self.rows(&batch);
+                let mut batch = std::mem::take(&mut unwritten);
+                let has_outbox = !batch.outbox.is_empty();
+                let rows = self.rows(&mut batch);
                 writing = Some(Writing {
                     done: tokio::spawn(write_rows(self.pool.clone(), rows)),
                     answers: batch.answers,
                     closed_candidates: [batch.changes.new_holds, batch.changes.changed_holds].concat(),
-                    has_outbox: !batch.outbox.is_empty(),
+                    has_outbox,
                 });
             }
             if !open && writing.is_none() {
@@ -501,8 +498,9 @@ impl Writer {
         }
     }
 
-    /// The rows `batch` changed, as they stand in the book now.
-    fn rows(&self, batch: &Unwritten) -> Rows {
+    /// The rows `batch` changed, as they stand in the book now; its new
+    /// rows move into them.
+    fn rows(&self, batch: &mut Unwritten) -> Rows {
         let book = &self.book;
         let now = now_unix_ms();
         let changes = &batch.changes;
@@ -521,11 +519,11 @@ impl Writer {
             .collect();
         Rows {
             now,
-            grants: batch.grants.clone(),
+            grants: std::mem::take(&mut batch.grants),
             new_holds: changes.new_holds.iter().filter_map(hold_row).collect(),
             changed_holds,
-            usage: batch.usage.clone(),
-            outbox: batch.outbox.clone(),
+            usage: std::mem::take(&mut batch.usage),
+            outbox: std::mem::take(&mut batch.outbox),
             published_through: batch.published_through,
             journal: compound_entries(&changes.entries, now),
             plans: changes
