@@ -292,7 +292,7 @@ impl Admission {
                 model: model.id.clone(),
                 max_tokens: u64::from(estimate),
                 catalog_plans: model.plans.clone(),
-                new_request: fresh_request_id,
+                fresh_request_id,
             })
             .await;
         let covered_tokens = match reserved {

@@ -72,7 +72,7 @@ pub async fn run(args: BillingBenchArgs) -> Result<(), CliError> {
                         max_tokens: 30,
                         key_limit: None,
                         catalog_plans: &[],
-                        new_request: true,
+                        fresh_request_id: true,
                     })
                     .await?;
                 let settlement = Settlement {

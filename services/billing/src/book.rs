@@ -110,7 +110,7 @@ pub struct HoldRequest<'a> {
     pub catalog_plans: &'a [String],
     /// The caller minted `request_id` for this call: no earlier hold of it
     /// exists, so the ledger need not look for one.
-    pub new_request: bool,
+    pub fresh_request_id: bool,
 }
 
 /// One side of a movement.
@@ -433,7 +433,7 @@ mod tests {
             max_tokens: 100,
             key_limit,
             catalog_plans: &[],
-            new_request: false,
+            fresh_request_id: false,
         }
     }
 
@@ -501,7 +501,7 @@ mod tests {
             max_tokens,
             key_limit: None,
             catalog_plans: &[],
-            new_request: false,
+            fresh_request_id: false,
         };
         // The catalogue may list a plan for a model its patterns leave out.
         let listed = ["free".to_owned()];

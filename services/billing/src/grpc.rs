@@ -58,7 +58,7 @@ impl BillingService for BillingGrpc {
             model,
             max_tokens,
             catalog_plans,
-            new_request,
+            fresh_request_id,
         } = request.into_inner();
         let reserved = self
             .ledger
@@ -71,7 +71,7 @@ impl BillingService for BillingGrpc {
                 max_tokens: i64::try_from(max_tokens).unwrap_or(i64::MAX),
                 key_limit: key_limit_nanos,
                 catalog_plans: &catalog_plans,
-                new_request,
+                fresh_request_id,
             })
             .await?;
         Ok(Response::new(ReserveResponse {

@@ -226,7 +226,7 @@ impl Ledger {
             max_tokens: request.max_tokens,
             key_limit: request.key_limit,
             catalog_plans: request.catalog_plans.to_vec(),
-            new_request: request.new_request,
+            fresh_request_id: request.fresh_request_id,
             reply,
         })
         .await
@@ -476,7 +476,7 @@ mod tests {
             max_tokens: 100,
             key_limit,
             catalog_plans: &[],
-            new_request: false,
+            fresh_request_id: false,
         }
     }
 

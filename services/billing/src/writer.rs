@@ -72,7 +72,7 @@ pub enum Command {
         key_limit: Option<i64>,
         catalog_plans: Vec<String>,
         /// The caller minted the id for this call: no earlier hold to find.
-        new_request: bool,
+        fresh_request_id: bool,
         reply: Reply<Reserved>,
     },
     SetPlan {
@@ -400,7 +400,7 @@ impl Writer {
                     max_tokens,
                     key_limit,
                     catalog_plans,
-                    new_request,
+                    fresh_request_id,
                     reply,
                 } => {
                     let reserved = |hold: &Hold, available| Reserved {
@@ -421,7 +421,7 @@ impl Writer {
                                 max_tokens,
                                 key_limit,
                                 catalog_plans: &catalog_plans,
-                                new_request,
+                                fresh_request_id,
                             };
                             let expires_at = now.saturating_add(self.hold_ttl_ms);
                             let held = self.book.reserve(changes, &self.plans, &request, now, expires_at);
@@ -604,8 +604,8 @@ impl Writer {
         let mut limit_keys = Vec::new();
         for command in batch {
             match command {
-                Command::Reserve { request_id, key_id, key_limit, new_request, .. } => {
-                    if !new_request {
+                Command::Reserve { request_id, key_id, key_limit, fresh_request_id, .. } => {
+                    if !fresh_request_id {
                         hold_ids.push(request_id.clone());
                     }
                     if key_limit.is_some() && !self.book.key_spend.contains_key(key_id) {
