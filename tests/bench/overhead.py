@@ -322,7 +322,7 @@ def main():
     lines = ["# Gateway overhead", "",
              f"{os.cpu_count()} cores ({cpu}); {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
              f"`oha` at constant rates, {args.seconds} s per run, {args.connections} connections, 1 s timeout, "
-             "latency correction on; `oha` and the mock on the first core, the gateway under test on the last "
+             "latency correction on; `oha`, the mock and NATS on the first core, the gateway under test on the last "
              "(the other gateways paused meanwhile). "
              "Reproduce: `./tests/bench/overhead.sh`.", "",
              "- **mock**: `infermesh mock-upstream`, an instant OpenAI-compatible answer (the floor).",

@@ -22,8 +22,9 @@ nats_server=$(command -v nats-server || echo "$PWD/.venv/bin/nats-server")
 [ -x "$nats_server" ] || { echo "nats-server is missing: run scripts/setup.sh" >&2; exit 1; }
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-last=$(( $(nproc) - 1 ))
-taskset -c "$last" "$nats_server" -a 127.0.0.1 -p "$port" -js -sd "$work/nats" >/dev/null 2>&1 &
+# NATS is infrastructure outside the gateway (`up` dials it), like the
+# mock: it shares the first core with them, not the gateway's.
+taskset -c 0 "$nats_server" -a 127.0.0.1 -p "$port" -js -sd "$work/nats" >/dev/null 2>&1 &
 nats_pid=$!
 trap 'kill $nats_pid 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 sleep 1
