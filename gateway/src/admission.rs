@@ -390,7 +390,7 @@ impl Admission {
         });
         let bill = self.bill();
         let settled = bill.charge(usage);
-        tokio::spawn(settle_in_background(bill, usage));
+        tokio::spawn(tracing::Instrument::instrument(settle_in_background(bill, usage), tracing::Span::current()));
         metrics::histogram!("infermesh_gateway_overhead_seconds").record(self.overhead().as_secs_f64());
         settled
     }
@@ -449,9 +449,17 @@ impl Bill {
 }
 
 async fn settle_in_background(bill: Bill, usage: Usage) {
-    let request_id = bill.request_id.clone();
+    let (request_id, told) = (bill.request_id.clone(), bill.charge(usage).cost_nanos);
     match settle_task(bill, usage).await {
-        Ok(settled) => tracing::debug!(request_id, cost_nanos = settled.cost_nanos, "settled"),
+        Ok(settled) if settled.cost_nanos == told => tracing::debug!(request_id, cost_nanos = told, "settled"),
+        // The hold lapsed before the settlement (its covered tokens went
+        // back to the plan): the caller was told less than was charged.
+        Ok(settled) => tracing::warn!(
+            request_id,
+            told_nanos = told,
+            charged_nanos = settled.cost_nanos,
+            "the ledger charged other than the response said"
+        ),
         Err(err) => tracing::error!(
             request_id,
             error = %err.0.message,
