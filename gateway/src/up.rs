@@ -40,6 +40,11 @@ pub struct UpArgs {
     /// TOML with the model catalogue (`[[models]]`); the two defaults when unset.
     #[arg(long, env = "INFERMESH_CONFIG")]
     pub config: Option<PathBuf>,
+    /// How often the ledger writes the holds and settlements it applied
+    /// (one transaction each time); settlements are acknowledged once written.
+    #[arg(long = "ledger-write-interval-ms", env = "INFERMESH_LEDGER_WRITE_INTERVAL_MS",
+          default_value_t = infermesh_billing::ledger::DEFAULT_WRITE_INTERVAL_MS)]
+    pub ledger_write_interval_ms: u64,
     #[command(flatten)]
     pub limits: infermesh_auth::TierLimits,
     #[command(flatten)]
@@ -162,7 +167,7 @@ pub async fn run(args: UpArgs) -> Result<(), CliError> {
         hold_ttl_secs: infermesh_billing::ledger::DEFAULT_HOLD_TTL_SECS,
         plans: args.config.clone(),
         low_credit_percent: infermesh_billing::ledger::DEFAULT_LOW_CREDIT_PERCENT,
-        write_interval_ms: infermesh_billing::ledger::DEFAULT_WRITE_INTERVAL_MS,
+        write_interval_ms: args.ledger_write_interval_ms,
     };
     let s = stop.clone();
     services.spawn(async move {
