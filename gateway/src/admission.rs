@@ -280,10 +280,11 @@ impl Admission {
         }
         let hold =
             charge_nanos(&model, u64::from(estimated_prompt_tokens), u64::from(max_output_tokens), byok_fee_percent);
-        let reserved = mesh
-            .billing
-            .clone()
-            .reserve(ReserveRequest {
+        let reserved = infermesh_service::call_peer!(
+            mesh.billing_in_process,
+            mesh.billing.clone(),
+            reserve,
+            ReserveRequest {
                 request_id: request_id.clone(),
                 account_id: key.account_id.clone(),
                 key_id: key.key_id.clone(),
@@ -293,10 +294,10 @@ impl Admission {
                 max_tokens: u64::from(estimate),
                 catalog_plans: model.plans.clone(),
                 fresh_request_id,
-            })
-            .await;
+            }
+        );
         let covered_tokens = match reserved {
-            Ok(reserved) => reserved.into_inner().covered_tokens,
+            Ok(reserved) => reserved.covered_tokens,
             Err(status) => {
                 let _ = mesh
                     .ratelimit
@@ -531,8 +532,8 @@ async fn settle_durably(mesh: &Mesh, request: SettleRequest) -> Result<SettleRes
     let deadline = Instant::now() + SETTLE_RETRY_FOR;
     let mut pause = Duration::from_millis(50);
     loop {
-        match mesh.billing.clone().settle(request.clone()).await {
-            Ok(response) => return Ok(response.into_inner()),
+        match infermesh_service::call_peer!(mesh.billing_in_process, mesh.billing.clone(), settle, request.clone()) {
+            Ok(response) => return Ok(response),
             Err(status)
                 if matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled)
                     && Instant::now() + pause < deadline =>
@@ -562,8 +563,10 @@ impl Drop for Admission {
         } else {
             let (mesh, request_id, key_id) = (self.mesh.clone(), self.request_id.clone(), self.key.key_id.clone());
             tokio::spawn(async move {
-                let mut billing = mesh.billing.clone();
-                let release = billing.release(ReleaseRequest { request_id: request_id.clone() });
+                let request = ReleaseRequest { request_id: request_id.clone() };
+                let release = async {
+                    infermesh_service::call_peer!(mesh.billing_in_process, mesh.billing.clone(), release, request)
+                };
                 let unlimit = mesh.ratelimit.release(ReleaseAdmissionRequest { key_id, request_id });
                 let (released, _) = tokio::join!(release, unlimit);
                 if let Err(status) = released {

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use infermesh_proto::v1::auth_service_client::AuthServiceClient;
 use infermesh_proto::v1::billing_service_client::BillingServiceClient;
+use infermesh_proto::v1::billing_service_server::BillingService;
 use infermesh_proto::v1::jobs_service_client::JobsServiceClient;
 use infermesh_proto::v1::registry_service_client::RegistryServiceClient;
 use infermesh_proto::v1::worker_service_client::WorkerServiceClient;
 use infermesh_proto::v1::{CatalogSnapshot, KeyInfo, Model, VerifyKeyRequest, WatchCatalogRequest, Worker};
-use infermesh_service::{BootstrapError, CancellationToken, ErrorKind, MeshError, TracedChannel};
+use infermesh_service::{BootstrapError, CancellationToken, ErrorKind, InProcess, MeshError, TracedChannel};
 use sha2::{Digest, Sha256};
 
 use crate::ratelimit_shards::RateLimitShards;
@@ -32,6 +33,9 @@ pub struct PeerAddresses {
 pub struct Mesh {
     pub auth: AuthServiceClient<TracedChannel>,
     pub billing: BillingServiceClient<TracedChannel>,
+    /// Billing's handlers while it serves in this process, for the calls on
+    /// every request's path (see [`infermesh_service::call_peer!`]).
+    pub billing_in_process: InProcess<dyn BillingService>,
     pub registry: RegistryServiceClient<TracedChannel>,
     pub ratelimit: RateLimitShards,
     pub jobs: Option<JobsServiceClient<TracedChannel>>,
@@ -71,6 +75,7 @@ impl Mesh {
         Ok(Arc::new(Mesh {
             auth: AuthServiceClient::new(infermesh_service::channel(&peers.auth)?),
             billing: BillingServiceClient::new(infermesh_service::channel(&peers.billing)?),
+            billing_in_process: infermesh_service::in_process(&peers.billing)?,
             registry: RegistryServiceClient::new(infermesh_service::channel(&peers.registry)?),
             ratelimit: if rate_limits {
                 RateLimitShards::connect(&peers.ratelimit)?

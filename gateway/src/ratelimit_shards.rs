@@ -14,13 +14,15 @@
 use std::future::Future;
 
 use infermesh_proto::v1::rate_limit_service_client::RateLimitServiceClient;
+use infermesh_proto::v1::rate_limit_service_server::RateLimitService;
 use infermesh_proto::v1::{AcquireRequest, AcquireResponse, CommitRequest, ReleaseAdmissionRequest};
-use infermesh_service::{BootstrapError, TracedChannel};
+use infermesh_service::{BootstrapError, InProcess, TracedChannel};
 use tonic::{Code, Status};
 
 struct Replica {
     address: String,
     client: RateLimitServiceClient<TracedChannel>,
+    in_process: InProcess<dyn RateLimitService>,
 }
 
 pub struct RateLimitShards {
@@ -35,6 +37,7 @@ impl RateLimitShards {
                 Ok(Replica {
                     address: address.to_owned(),
                     client: RateLimitServiceClient::new(infermesh_service::channel(address)?),
+                    in_process: infermesh_service::in_process(address)?,
                 })
             })
             .collect::<Result<Vec<_>, BootstrapError>>()?;
@@ -55,9 +58,9 @@ impl RateLimitShards {
             return Ok(AcquireResponse { allowed: true, ..AcquireResponse::default() });
         }
         let key_id = request.key_id.clone();
-        self.on_owner(&key_id, |mut client| {
+        self.on_owner(&key_id, |replica| {
             let request = request.clone();
-            async move { client.acquire(request).await }
+            async move { infermesh_service::call_peer!(replica.in_process, replica.client.clone(), acquire, request) }
         })
         .await
     }
@@ -67,9 +70,9 @@ impl RateLimitShards {
             return Ok(());
         }
         let key_id = request.key_id.clone();
-        self.on_owner(&key_id, |mut client| {
+        self.on_owner(&key_id, |replica| {
             let request = request.clone();
-            async move { client.commit(request).await }
+            async move { infermesh_service::call_peer!(replica.in_process, replica.client.clone(), commit, request) }
         })
         .await
         .map(drop)
@@ -80,9 +83,9 @@ impl RateLimitShards {
             return Ok(());
         }
         let key_id = request.key_id.clone();
-        self.on_owner(&key_id, |mut client| {
+        self.on_owner(&key_id, |replica| {
             let request = request.clone();
-            async move { client.release(request).await }
+            async move { infermesh_service::call_peer!(replica.in_process, replica.client.clone(), release, request) }
         })
         .await
         .map(drop)
@@ -90,15 +93,15 @@ impl RateLimitShards {
 
     /// Calls the key's owner, or the next replica in its ranking while the
     /// one before is unreachable.
-    async fn on_owner<T, Call, Reply>(&self, key_id: &str, call: Call) -> Result<T, Status>
+    async fn on_owner<'a, T, Call, Reply>(&'a self, key_id: &str, call: Call) -> Result<T, Status>
     where
-        Call: Fn(RateLimitServiceClient<TracedChannel>) -> Reply,
-        Reply: Future<Output = Result<tonic::Response<T>, Status>>,
+        Call: Fn(&'a Replica) -> Reply,
+        Reply: Future<Output = Result<T, Status>>,
     {
         let mut unreachable = None;
         for replica in self.ranked(key_id) {
-            match call(replica.client.clone()).await {
-                Ok(response) => return Ok(response.into_inner()),
+            match call(replica).await {
+                Ok(response) => return Ok(response),
                 Err(status) if status.code() == Code::Unavailable => {
                     tracing::warn!(replica = %replica.address, "ratelimit replica unreachable; trying the next");
                     unreachable = Some(status);

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use error::{ErrorKind, MeshError};
 use infermesh_telemetry::PropagateTrace;
-pub use local::MeshChannel;
+pub use local::{InProcess, MeshChannel, Provided, provide};
 use tokio::net::TcpListener;
 pub use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
@@ -41,13 +41,25 @@ pub type TracedChannel = InterceptedService<MeshChannel, PropagateTrace>;
 /// `host:port` or a full `http://` URI; in-process while the peer serves in
 /// this process (see [`MeshChannel`]).
 pub fn channel(address: &str) -> Result<TracedChannel, BootstrapError> {
-    let uri = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
-    let endpoint = Endpoint::from_shared(uri.clone())
-        .map_err(|err| BootstrapError::PeerAddress { address: address.to_owned(), reason: err.to_string() })?;
-    let authority = endpoint.uri().authority().map_or_else(|| address.to_owned(), ToString::to_string);
+    let (endpoint, authority) = endpoint(address)?;
     let channel =
         MeshChannel::new(&authority, endpoint.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true).connect_lazy());
     Ok(InterceptedService::new(channel, PropagateTrace))
+}
+
+/// The handlers of type `H` that the peer at `address` [`provide`]s while
+/// it serves in this process (see [`call_peer!`]).
+pub fn in_process<H: ?Sized + Send + Sync + 'static>(address: &str) -> Result<InProcess<H>, BootstrapError> {
+    Ok(InProcess::new(&endpoint(address)?.1))
+}
+
+/// `address` (`host:port` or a URI) as an endpoint, and its `host:port`.
+fn endpoint(address: &str) -> Result<(Endpoint, String), BootstrapError> {
+    let uri = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|err| BootstrapError::PeerAddress { address: address.to_owned(), reason: err.to_string() })?;
+    let authority = endpoint.uri().authority().map_or_else(|| address.to_owned(), ToString::to_string);
+    Ok((endpoint, authority))
 }
 
 #[derive(Debug, Clone, Copy)]

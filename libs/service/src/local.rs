@@ -9,8 +9,16 @@
 //! serves; a [`MeshChannel`] dialled to that address uses them while they
 //! are registered and TCP otherwise, so processes on other hosts, or a peer
 //! that is restarted elsewhere, behave exactly as before.
+//!
+//! The calls on every request's path (rate-limit acquire and commit, credit
+//! reserve and settle) go one step further: a service also [`provide`]s its
+//! handlers, and [`call_peer!`](crate::call_peer) calls the handler itself,
+//! with no protobuf encoding, HTTP headers or routing between (together
+//! ~40 µs of CPU per request on 2 vCPUs at 1,000 RPS).
 
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock, RwLock};
 use std::task::{Context, Poll};
@@ -70,6 +78,91 @@ fn local_service(name: &str) -> Option<LocalService> {
     LOCAL_SERVICES.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
 }
 
+type AnyHandlers = Arc<dyn Any + Send + Sync>;
+
+static LOCAL_HANDLERS: LazyLock<RwLock<HashMap<String, HashMap<TypeId, AnyHandlers>>>> =
+    LazyLock::new(Default::default);
+
+/// Keeps a service's handlers callable in-process until dropped.
+#[must_use = "the handlers are callable in-process only while this is kept"]
+pub struct Provided {
+    names: Vec<String>,
+    handlers: TypeId,
+}
+
+impl Drop for Provided {
+    fn drop(&mut self) {
+        let mut services = LOCAL_HANDLERS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for name in &self.names {
+            if let Some(by_type) = services.get_mut(name) {
+                by_type.remove(&self.handlers);
+                if by_type.is_empty() {
+                    services.remove(name);
+                }
+            }
+        }
+    }
+}
+
+/// Makes `handlers` (a service's generated trait object, such as
+/// `dyn BillingService`) callable by [`InProcess`] peers dialled to
+/// `address`, until the returned guard drops.
+pub fn provide<H: ?Sized + Send + Sync + 'static>(address: SocketAddr, handlers: Arc<H>) -> Provided {
+    let names = names_of(address);
+    let handlers_type = TypeId::of::<H>();
+    let any: AnyHandlers = Arc::new(handlers);
+    let mut services = LOCAL_HANDLERS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for name in &names {
+        services.entry(name.clone()).or_default().insert(handlers_type, any.clone());
+    }
+    Provided { names, handlers: handlers_type }
+}
+
+/// A peer's handlers of type `H`, found while the peer serves in this
+/// process; looked up on every call, so a peer that stops or moves is
+/// reached over gRPC from then on.
+pub struct InProcess<H: ?Sized> {
+    /// `host:port`, as servers register themselves.
+    name: Arc<str>,
+    handlers: PhantomData<fn() -> Arc<H>>,
+}
+
+impl<H: ?Sized> Clone for InProcess<H> {
+    fn clone(&self) -> Self {
+        InProcess { name: self.name.clone(), handlers: PhantomData }
+    }
+}
+
+impl<H: ?Sized + Send + Sync + 'static> InProcess<H> {
+    pub(crate) fn new(name: &str) -> InProcess<H> {
+        InProcess { name: name.into(), handlers: PhantomData }
+    }
+
+    pub fn handlers(&self) -> Option<Arc<H>> {
+        let services = LOCAL_HANDLERS.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        services.get(&*self.name)?.get(&TypeId::of::<H>())?.downcast_ref::<Arc<H>>().cloned()
+    }
+}
+
+/// Calls `$method` with `$request` on a peer: on its handlers when
+/// `$in_process` finds them (in a `grpc.server` span, as the server would
+/// open), else through `$client`, which is only evaluated then. Evaluates
+/// to `Result<Response, tonic::Status>`.
+#[macro_export]
+macro_rules! call_peer {
+    ($in_process:expr, $client:expr, $method:ident, $request:expr) => {{
+        let request = $request;
+        match $in_process.handlers() {
+            Some(handlers) => {
+                let span = ::tracing::info_span!("grpc.server", rpc = stringify!($method), in_process = true);
+                ::tracing::Instrument::instrument(handlers.$method(::tonic::Request::new(request)), span).await
+            }
+            None => $client.$method(request).await,
+        }
+        .map(::tonic::Response::into_inner)
+    }};
+}
+
 /// A channel to one peer: in-process while the peer serves in this
 /// process, HTTP/2 over TCP otherwise. Chosen per call, in `poll_ready`.
 #[derive(Clone)]
@@ -115,6 +208,29 @@ impl Service<http::Request<Body>> for MeshChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    trait Greeter: Send + Sync {
+        fn greet(&self) -> String;
+    }
+
+    struct English;
+
+    impl Greeter for English {
+        fn greet(&self) -> String {
+            "hello".into()
+        }
+    }
+
+    #[test]
+    fn provided_handlers_are_found_by_any_name_of_the_address_until_the_guard_drops() {
+        let greeter = InProcess::<dyn Greeter>::new("localhost:7101");
+        assert!(greeter.handlers().is_none());
+        let provided = provide::<dyn Greeter>("127.0.0.1:7101".parse().unwrap(), Arc::new(English));
+        assert_eq!(greeter.handlers().map(|h| h.greet()).as_deref(), Some("hello"));
+        assert!(InProcess::<dyn Greeter>::new("127.0.0.1:7102").handlers().is_none());
+        drop(provided);
+        assert!(greeter.handlers().is_none());
+    }
 
     #[test]
     fn a_server_on_every_interface_answers_to_loopback_names() {

@@ -13,9 +13,10 @@ pub mod plans;
 pub mod writer;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use infermesh_proto::v1::billing_service_server::BillingServiceServer;
+use infermesh_proto::v1::billing_service_server::{BillingService, BillingServiceServer};
 use infermesh_service::{BootstrapError, CancellationToken};
 use tokio::net::TcpListener;
 
@@ -100,7 +101,12 @@ pub async fn run(
     }
     tokio::spawn(expire_holds_forever(ledger.clone(), background.clone()));
     let _stop_background = background.drop_guard();
-    let routes = tonic::service::Routes::new(BillingServiceServer::new(grpc::BillingGrpc::new(ledger)));
+    let handlers = Arc::new(grpc::BillingGrpc::new(ledger));
+    let _in_process = infermesh_service::provide::<dyn BillingService>(
+        listener.local_addr().map_err(BootstrapError::from)?,
+        handlers.clone(),
+    );
+    let routes = tonic::service::Routes::new(BillingServiceServer::from_arc(handlers));
     infermesh_service::serve_grpc(listener, routes, &["infermesh.v1.BillingService"], shutdown).await?;
     Ok(())
 }

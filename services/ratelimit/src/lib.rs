@@ -11,12 +11,15 @@ pub mod grpc;
 pub mod limiter;
 
 use std::future::Future;
+use std::sync::Arc;
 
-use infermesh_proto::v1::rate_limit_service_server::RateLimitServiceServer;
+use infermesh_proto::v1::rate_limit_service_server::{RateLimitService, RateLimitServiceServer};
 use infermesh_service::BootstrapError;
 use tokio::net::TcpListener;
 
 pub async fn run(listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), BootstrapError> {
-    let routes = tonic::service::Routes::new(RateLimitServiceServer::new(grpc::RateLimitGrpc::default()));
+    let handlers = Arc::new(grpc::RateLimitGrpc::default());
+    let _in_process = infermesh_service::provide::<dyn RateLimitService>(listener.local_addr()?, handlers.clone());
+    let routes = tonic::service::Routes::new(RateLimitServiceServer::from_arc(handlers));
     infermesh_service::serve_grpc(listener, routes, &["infermesh.v1.RateLimitService"], shutdown).await
 }
