@@ -79,9 +79,12 @@ impl Pool {
                 .synchronous(options.sqlite_synchronous)
                 .busy_timeout(Duration::from_secs(5))
                 // Pages through the OS page cache rather than a read() per
-                // page once a table outgrows SQLite's own small cache.
+                // page once a table outgrows SQLite's own small cache, which
+                // stays small (2 MiB per connection): with the file mapped,
+                // a bigger one saved no measurable CPU and cost the gateway
+                // ~15 MiB of resident memory under load.
                 .pragma("mmap_size", "268435456")
-                .pragma("cache_size", "-16384")
+                .pragma("cache_size", "-2048")
                 .pragma("temp_store", "memory")
                 .thread_name(|id| format!("{SQLITE_THREAD_PREFIX}{id}"));
             let connect =
