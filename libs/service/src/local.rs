@@ -30,22 +30,6 @@ use tower::{BoxError, Service, ServiceExt};
 
 type LocalService = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError>;
 
-static LOCAL_SERVICES: LazyLock<RwLock<HashMap<String, LocalService>>> = LazyLock::new(Default::default);
-
-/// Keeps a server's routes reachable in-process until dropped.
-pub(crate) struct Registration {
-    names: Vec<String>,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let mut services = LOCAL_SERVICES.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for name in &self.names {
-            services.remove(name);
-        }
-    }
-}
-
 /// The names a caller may dial for `address`: a server bound to every
 /// interface is also this host's loopback.
 fn names_of(address: SocketAddr) -> Vec<String> {
@@ -59,32 +43,30 @@ fn names_of(address: SocketAddr) -> Vec<String> {
     names
 }
 
-pub(crate) fn register<S>(address: SocketAddr, service: S) -> Registration
+/// Makes a server's routes reachable in-process by [`MeshChannel`]s
+/// dialled to `address`, until the returned guard drops.
+pub(crate) fn register<S>(address: SocketAddr, service: S) -> Provided
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    let service = BoxCloneSyncService::new(service.map_err(Into::into));
-    let names = names_of(address);
-    let mut services = LOCAL_SERVICES.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-    for name in &names {
-        services.insert(name.clone(), service.clone());
-    }
-    Registration { names }
+    provide::<LocalService>(address, Arc::new(BoxCloneSyncService::new(service.map_err(Into::into))))
 }
 
 fn local_service(name: &str) -> Option<LocalService> {
-    LOCAL_SERVICES.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(name).cloned()
+    lookup::<LocalService>(name).map(|routes| (*routes).clone())
 }
 
 type AnyHandlers = Arc<dyn Any + Send + Sync>;
 
-static LOCAL_HANDLERS: LazyLock<RwLock<HashMap<String, HashMap<TypeId, AnyHandlers>>>> =
-    LazyLock::new(Default::default);
+/// What servers of this process offer in-process, by the names they are
+/// dialled at and the type offered: their routes ([`LocalService`]) and the
+/// handlers of the calls on every request's path.
+static IN_PROCESS: LazyLock<RwLock<HashMap<String, HashMap<TypeId, AnyHandlers>>>> = LazyLock::new(Default::default);
 
-/// Keeps a service's handlers callable in-process until dropped.
-#[must_use = "the handlers are callable in-process only while this is kept"]
+/// Keeps what a server offers in-process reachable until dropped.
+#[must_use = "what is provided is reachable in-process only while this is kept"]
 pub struct Provided {
     names: Vec<String>,
     handlers: TypeId,
@@ -92,7 +74,7 @@ pub struct Provided {
 
 impl Drop for Provided {
     fn drop(&mut self) {
-        let mut services = LOCAL_HANDLERS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut services = IN_PROCESS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         for name in &self.names {
             if let Some(by_type) = services.get_mut(name) {
                 by_type.remove(&self.handlers);
@@ -111,7 +93,7 @@ pub fn provide<H: ?Sized + Send + Sync + 'static>(address: SocketAddr, handlers:
     let names = names_of(address);
     let handlers_type = TypeId::of::<H>();
     let any: AnyHandlers = Arc::new(handlers);
-    let mut services = LOCAL_HANDLERS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut services = IN_PROCESS.write().unwrap_or_else(std::sync::PoisonError::into_inner);
     for name in &names {
         services.entry(name.clone()).or_default().insert(handlers_type, any.clone());
     }
@@ -139,9 +121,13 @@ impl<H: ?Sized + Send + Sync + 'static> InProcess<H> {
     }
 
     pub fn handlers(&self) -> Option<Arc<H>> {
-        let services = LOCAL_HANDLERS.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        services.get(&*self.name)?.get(&TypeId::of::<H>())?.downcast_ref::<Arc<H>>().cloned()
+        lookup::<H>(&self.name)
     }
+}
+
+fn lookup<H: ?Sized + Send + Sync + 'static>(name: &str) -> Option<Arc<H>> {
+    let services = IN_PROCESS.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+    services.get(name)?.get(&TypeId::of::<H>())?.downcast_ref::<Arc<H>>().cloned()
 }
 
 /// Calls `$method` with `$request` on a peer: on its handlers when
