@@ -1,15 +1,19 @@
 //! The HTTP router and its middleware stack.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use infermesh_service::ErrorKind;
+use infermesh_service::{ErrorKind, MeshError};
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
 use crate::mesh::Mesh;
@@ -38,14 +42,16 @@ pub struct AppState {
 /// 1. metrics + trace: an `http.request` span per request (the root of
 ///    the trace every gRPC hop joins) and request count/latency by route
 ///    and status;
-/// 2. body limit: `RawBody` refuses bodies over `max_body_bytes` with a
+/// 2. in-flight limit: beyond `max_concurrent_requests` (0: none) a request
+///    is refused with a 503 and `Retry-After` before any work is done;
+/// 3. body limit: `RawBody` refuses bodies over `max_body_bytes` with a
 ///    413 in OpenAI's shape (every handler reads its body through it).
 ///
 /// Client routes authenticate inside their handlers (deny by default:
 /// every handler but the open ones below calls `authenticate` first).
 /// Open routes: `/health`, `/readyz`, `/metrics`, `/v1/auth/signup`.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    Router::new()
+pub fn router(state: AppState, max_body_bytes: usize, max_concurrent_requests: usize) -> Router {
+    let router = Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
@@ -79,9 +85,72 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::disable())
-        .layer(axum::Extension(MaxBodyBytes(max_body_bytes)))
-        .layer(middleware::from_fn(observe))
-        .with_state(state)
+        .layer(axum::Extension(MaxBodyBytes(max_body_bytes)));
+    let router = if max_concurrent_requests > 0 {
+        let in_flight =
+            InFlight { permits: Arc::new(Semaphore::new(max_concurrent_requests)), max: max_concurrent_requests };
+        router.layer(middleware::from_fn_with_state(in_flight, limit_in_flight))
+    } else {
+        router
+    };
+    router.layer(middleware::from_fn(observe)).with_state(state)
+}
+
+/// The requests being served, bounded. Under a flood, a request refused at
+/// once costs the gateway almost nothing and tells the client when to come
+/// back; one queued behind thousands would time out after using memory and
+/// CPU, and make every other request late too.
+#[derive(Clone)]
+struct InFlight {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+/// Routes a load balancer or scraper must reach while the gateway is busy.
+const NEVER_REFUSED: [&str; 3] = ["/health", "/readyz", "/metrics"];
+
+async fn limit_in_flight(State(in_flight): State<InFlight>, request: Request, next: Next) -> Response {
+    if NEVER_REFUSED.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let Ok(permit) = in_flight.permits.try_acquire_owned() else {
+        return ApiError(
+            MeshError::new(
+                ErrorKind::ModelUnavailable,
+                format!("this gateway is serving its limit of {} requests at once; retry shortly", in_flight.max),
+            )
+            .with_retry_after_ms(1000),
+        )
+        .into_response();
+    };
+    next.run(request).await.map(|body| Body::new(HoldsPermit { body, _permit: permit }))
+}
+
+/// A response body that keeps its request's in-flight permit until it is
+/// sent or dropped: a stream is in flight until its last event.
+struct HoldsPermit {
+    body: Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for HoldsPermit {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 async fn not_found(request: Request) -> Response {

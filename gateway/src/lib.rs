@@ -22,6 +22,7 @@ pub mod mesh;
 pub mod mock_upstream;
 pub mod openai;
 pub mod ratelimit_shards;
+pub mod raw_json;
 pub mod routes;
 pub mod up;
 pub mod upstream;
@@ -41,6 +42,12 @@ pub struct GatewayConfig {
     /// Largest accepted request body, in bytes.
     #[arg(long = "max-body-bytes", env = "INFERMESH_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Requests this gateway serves at once (a stream counts until its last
+    /// event); beyond it a request is refused at once with a 503 and
+    /// `Retry-After` instead of queueing toward a timeout. Health and
+    /// metrics routes are never refused. 0: no limit.
+    #[arg(long = "max-concurrent-requests", env = "INFERMESH_MAX_CONCURRENT_REQUESTS", default_value_t = 1024)]
+    pub max_concurrent_requests: usize,
     /// Free credit for a new account, in dollars.
     #[arg(long = "signup-credit", env = "INFERMESH_SIGNUP_CREDIT", default_value_t = 1.0)]
     pub signup_credit: f64,
@@ -130,7 +137,7 @@ pub async fn run(
         let runner = job_runner::JobRunner::new(state.clone(), jobs, config.job_runner_slots);
         tokio::spawn(runner.run(stop.clone()));
     }
-    let router = app::router(state, config.max_body_bytes);
+    let router = app::router(state, config.max_body_bytes, config.max_concurrent_requests);
     let _stop = stop.drop_guard();
     // Streams write one small SSE event per token: without TCP_NODELAY,
     // Nagle's algorithm holds each behind the client's delayed ACK.

@@ -13,19 +13,23 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::{HeaderValue, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use infermesh_proto::v1::{Backend, Usage};
 use infermesh_service::{ErrorKind, MeshError};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::admission::Admission;
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::raw_json::{Null, ObjectWriter, RawObject, into_text, write_array};
 use crate::routes::generate::{Failed, Flavor, Generation, usage_json};
 use crate::routes::{unix_now, with_headers};
+
+const JSON_CONTENT_TYPE: &str = "application/json";
 
 /// The most of an upstream's error body quoted back to the client.
 const QUOTED_ERROR_CHARS: usize = 300;
@@ -69,34 +73,102 @@ fn openai_finish_reason(native: &str) -> &'static str {
     }
 }
 
-/// Rewrites each choice's finish reason to OpenAI's, keeping the raw one.
-fn normalize_choices(choices: &mut Value) {
-    let Some(choices) = choices.as_array_mut() else { return };
-    for choice in choices {
-        let Some(native) = choice.get("finish_reason").and_then(Value::as_str).map(str::to_owned) else { continue };
-        if choice.get("native_finish_reason").is_none_or(Value::is_null) {
-            choice["native_finish_reason"] = json!(native);
+/// The members of an upstream's answer or chunk that we write ourselves.
+const OUR_MEMBERS: [&str; 7] = ["id", "object", "created", "model", "provider", "choices", "usage"];
+
+/// Writes a choice with OpenAI's finish reason, keeping the raw one in
+/// `native_finish_reason`; the rest as it came.
+fn write_choice(out: &mut Vec<u8>, choice: &RawObject) {
+    let mut writer = ObjectWriter::open(out);
+    let Some(native) = choice.get_as::<String>("finish_reason") else {
+        for (name, value) in choice.others(&[]) {
+            writer.raw(name, value);
         }
-        choice["finish_reason"] = json!(openai_finish_reason(&native));
+        writer.close();
+        return;
+    };
+    for (name, value) in choice.others(&["finish_reason", "native_finish_reason"]) {
+        writer.raw(name, value);
+    }
+    writer.value("finish_reason", openai_finish_reason(&native));
+    match choice.get("native_finish_reason").filter(|_| choice.has("native_finish_reason")) {
+        Some(upstream_native) => writer.raw("native_finish_reason", upstream_native),
+        None => writer.value("native_finish_reason", &native),
+    };
+    writer.close();
+}
+
+fn write_choices(out: &mut Vec<u8>, choices: &[RawObject]) {
+    write_array(out, choices, write_choice);
+}
+
+#[derive(serde::Deserialize)]
+struct UsageCounts {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+fn usage_of(object: &RawObject) -> Option<Usage> {
+    let counts: UsageCounts = object.get_as("usage")?;
+    Some(Usage { prompt_tokens: counts.prompt_tokens, completion_tokens: counts.completion_tokens })
+}
+
+/// The choices of an answer or chunk; `None` when it has no array of them.
+fn choices_of<'a>(object: &RawObject<'a>) -> Option<Vec<RawObject<'a>>> {
+    Some(object.array("choices")?.into_iter().filter_map(RawObject::of).collect())
+}
+
+/// The client's request as an upstream takes it: its own model id, and in
+/// a stream the usage chunk, which is what the request is charged on.
+fn upstream_body(sent: &[u8], model: &str, stream: bool) -> serde_json::Result<Vec<u8>> {
+    let request = RawObject::parse(sent)?;
+    let mut out = Vec::with_capacity(sent.len() + 64);
+    let mut writer = ObjectWriter::open(&mut out);
+    for (name, value) in request.others(&["model", "stream_options"]) {
+        writer.raw(name, value);
+    }
+    writer.value("model", model);
+    if stream {
+        writer.with("stream_options", |out| out.extend_from_slice(br#"{"include_usage":true}"#));
+    }
+    writer.close();
+    Ok(out)
+}
+
+/// One chunk of an upstream's stream, read as far as the relay needs.
+struct Chunk<'a> {
+    object: RawObject<'a>,
+    choices: Vec<RawObject<'a>>,
+}
+
+impl<'a> Chunk<'a> {
+    fn parse(data: &'a str) -> Option<Self> {
+        let object = RawObject::parse(data.as_bytes()).ok()?;
+        let choices = choices_of(&object).unwrap_or_default();
+        Some(Chunk { object, choices })
+    }
+
+    fn error_message(&self) -> Option<String> {
+        RawObject::of(self.object.get("error")?)?.get_as("message")
+    }
+
+    /// How many of its choices carry text.
+    fn texts(&self) -> usize {
+        self.choices.iter().filter(|choice| carries_text(choice)).count()
+    }
+
+    /// Whether it carries output: text, a tool call, or a choice's end.
+    fn carries_output(&self) -> bool {
+        self.choices.iter().any(|choice| {
+            carries_text(choice)
+                || RawObject::of_member(choice, "delta").is_some_and(|delta| delta.has("tool_calls"))
+                || choice.has("finish_reason")
+        })
     }
 }
 
-fn usage_of(body: &Value) -> Option<Usage> {
-    let usage = body.get("usage")?;
-    let count = |field: &str| usage.get(field).and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok());
-    Some(Usage { prompt_tokens: count("prompt_tokens")?, completion_tokens: count("completion_tokens")? })
-}
-
-/// Whether a chunk carries output: text, or a choice's end.
-fn carries_output(chunk: &Value) -> bool {
-    chunk.get("choices").and_then(Value::as_array).is_some_and(|choices| {
-        choices.iter().any(|choice| {
-            let text = choice.pointer("/delta/content").or_else(|| choice.get("text")).and_then(Value::as_str);
-            text.is_some_and(|t| !t.is_empty())
-                || choice.pointer("/delta/tool_calls").is_some()
-                || choice.get("finish_reason").is_some_and(|r| !r.is_null())
-        })
-    })
+fn carries_text(choice: &RawObject) -> bool {
+    choice.has_text("text") || RawObject::of_member(choice, "delta").is_some_and(|delta| delta.has_text("content"))
 }
 
 /// Serves `generation` through `backend`.
@@ -108,19 +180,18 @@ pub async fn serve(
 ) -> Result<Response, Failed> {
     let provider = backend.name.as_str();
     let timeout = Duration::from_millis(u64::from(backend.timeout_ms.max(1)));
-    let mut body: Value = serde_json::from_slice(&generation.body)
+    let body = upstream_body(&generation.body, &backend.model, generation.sampling.stream)
         .map_err(|err| Failed::Final(MeshError::new(ErrorKind::InvalidRequest, err.to_string())))?;
-    body["model"] = json!(backend.model);
-    if generation.sampling.stream {
-        // Usage is what the request is charged on.
-        body["stream_options"] = json!({"include_usage": true});
-    }
     let path = match generation.flavor {
         Flavor::Chat => "chat/completions",
         Flavor::Completion => "completions",
     };
     let key = api_key(backend, generation.provider_key.as_deref()).map_err(Failed::Next)?;
-    let mut request = state.upstream.post(format!("{}/{path}", backend.base_url)).json(&body);
+    let mut request = state
+        .upstream
+        .post(format!("{}/{path}", backend.base_url))
+        .header(header::CONTENT_TYPE, JSON_CONTENT_TYPE)
+        .body(body);
     if let Some(key) = key {
         request = request.bearer_auth(key);
     }
@@ -132,9 +203,9 @@ pub async fn serve(
     let status = response.status();
     if !status.is_success() {
         let text = tokio::time::timeout(timeout, response.text()).await.ok().and_then(Result::ok).unwrap_or_default();
-        let message = serde_json::from_str::<Value>(&text)
+        let message = RawObject::parse(text.as_bytes())
             .ok()
-            .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_owned))
+            .and_then(|answer| RawObject::of_member(&answer, "error")?.get_as::<String>("message"))
             .unwrap_or(text);
         let message: String = message.chars().take(QUOTED_ERROR_CHARS).collect();
         let err = upstream_error(provider, format_args!("answered {status}: {message}"));
@@ -165,13 +236,13 @@ pub async fn serve(
             if data == "[DONE]" {
                 return Err(Failed::Next(upstream_error(provider, "ended the stream before its first token")));
             }
-            let chunk: Value = serde_json::from_str(&data)
-                .map_err(|_| Failed::Next(upstream_error(provider, "sent a stream chunk that is not JSON")))?;
-            if let Some(message) = chunk.pointer("/error/message").and_then(Value::as_str) {
+            let chunk = Chunk::parse(&data)
+                .ok_or_else(|| Failed::Next(upstream_error(provider, "sent a stream chunk that is not JSON")))?;
+            if let Some(message) = chunk.error_message() {
                 return Err(Failed::Next(upstream_error(provider, format_args!("failed: {message}"))));
             }
-            let first_output = carries_output(&chunk);
-            opening.push(chunk);
+            let first_output = chunk.carries_output();
+            opening.push(data);
             if first_output {
                 break;
             }
@@ -197,35 +268,45 @@ pub async fn serve(
         }
         Ok(Ok(bytes)) => bytes,
     };
-    let mut answer: Value = serde_json::from_slice(&bytes)
+    let answer = RawObject::parse(&bytes)
         .map_err(|_| Failed::Next(upstream_error(provider, "answered with a body that is not JSON")))?;
-    if answer.get("choices").and_then(Value::as_array).is_none() {
-        return Err(Failed::Next(upstream_error(provider, "answered without `choices`")));
-    }
+    let choices =
+        choices_of(&answer).ok_or_else(|| Failed::Next(upstream_error(provider, "answered without `choices`")))?;
     admission.set_provider(provider);
     admission.work_started(prompt_estimate);
-    let headers = admission.rate_limit_headers();
+    let mut headers = admission.rate_limit_headers();
     let usage = usage_of(&answer);
     if usage.is_none() {
-        let text: usize = answer["choices"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.pointer("/message/content").or_else(|| c.get("text")).and_then(Value::as_str))
-            .map(str::len)
+        let text: usize = choices
+            .iter()
+            .filter_map(|choice| {
+                RawObject::of_member(choice, "message")
+                    .and_then(|message| message.get_as::<String>("content"))
+                    .or_else(|| choice.get_as::<String>("text"))
+            })
+            .map(|text| text.len())
             .sum();
         admission.add_completion_tokens(u32::try_from(text.div_ceil(4)).unwrap_or(u32::MAX));
     }
     let settled = admission.settle(usage);
-    normalize_choices(&mut answer["choices"]);
-    answer["id"] = json!(admission.request_id);
-    answer["object"] = json!(generation.flavor.object(false));
-    answer["model"] = json!(admission.model.id);
-    answer["provider"] = json!(provider);
-    answer["usage"] = usage_json(&settled);
-    let mut headers = headers;
+    let mut out = Vec::with_capacity(bytes.len() + 256);
+    let mut writer = ObjectWriter::open(&mut out);
+    writer
+        .value("id", &admission.request_id)
+        .value("object", generation.flavor.object(false))
+        .value("model", &admission.model.id)
+        .value("provider", provider);
+    if let Some(created) = answer.get("created") {
+        writer.raw("created", created);
+    }
+    for (name, value) in answer.others(&OUR_MEMBERS) {
+        writer.raw(name, value);
+    }
+    writer.with("choices", |out| write_choices(out, &choices)).value("usage", &usage_json(&settled));
+    writer.close();
     headers.push(admission.overhead_header());
-    Ok(with_headers(axum::Json(answer).into_response(), headers))
+    let json = [(header::CONTENT_TYPE, HeaderValue::from_static(JSON_CONTENT_TYPE))];
+    Ok(with_headers((json, out).into_response(), headers))
 }
 
 /// Carries an upstream's stream to the client in our shape.
@@ -241,38 +322,27 @@ struct Relay {
 impl Relay {
     /// One upstream chunk in our shape: our id, model and provider, and
     /// OpenAI's finish reasons; `None` for a chunk with no choices.
-    fn rewrite(&self, mut chunk: Value) -> Option<Value> {
-        if chunk.get("choices").and_then(Value::as_array).is_none_or(Vec::is_empty) {
+    fn rewrite(&self, chunk: &Chunk, size_hint: usize) -> Option<String> {
+        if chunk.choices.is_empty() {
             return None;
         }
-        normalize_choices(&mut chunk["choices"]);
-        chunk["id"] = json!(self.admission.request_id);
-        chunk["object"] = json!(self.flavor.object(true));
-        chunk["created"] = json!(self.created);
-        chunk["model"] = json!(self.admission.model.id);
-        chunk["provider"] = json!(self.provider);
-        if let Some(object) = chunk.as_object_mut() {
-            object.remove("usage");
+        let mut out = Vec::with_capacity(size_hint + 128);
+        let mut writer = ObjectWriter::open(&mut out);
+        writer
+            .value("id", &self.admission.request_id)
+            .value("object", self.flavor.object(true))
+            .value("created", &self.created)
+            .value("model", &self.admission.model.id)
+            .value("provider", &self.provider);
+        for (name, value) in chunk.object.others(&OUR_MEMBERS) {
+            writer.raw(name, value);
         }
+        writer.with("choices", |out| write_choices(out, &chunk.choices));
         if self.include_usage {
-            chunk["usage"] = Value::Null;
+            writer.value("usage", &Null);
         }
-        Some(chunk)
-    }
-
-    fn count_output(&self, chunk: &Value) {
-        let texts = chunk["choices"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| {
-                c.pointer("/delta/content")
-                    .or_else(|| c.get("text"))
-                    .and_then(Value::as_str)
-                    .is_some_and(|t| !t.is_empty())
-            })
-            .count();
-        self.admission.add_completion_tokens(u32::try_from(texts).unwrap_or(u32::MAX));
+        writer.close();
+        Some(into_text(out))
     }
 
     fn error_event(err: &MeshError) -> SseEvent {
@@ -281,7 +351,7 @@ impl Relay {
 
     fn stream(
         self,
-        opening: Vec<Value>,
+        opening: Vec<String>,
         mut events: impl Stream<Item = Result<String, reqwest::Error>> + Send + Unpin + 'static,
     ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
         async_stream::stream! {
@@ -289,10 +359,10 @@ impl Relay {
             let mut pending = opening.into_iter();
             let mut cut: Option<MeshError> = None;
             loop {
-                let chunk = if let Some(chunk) = pending.next() {
-                    chunk
+                let data = if let Some(data) = pending.next() {
+                    data
                 } else {
-                    let data = match self.admission.on_backend(tokio::time::timeout(self.timeout, events.next())).await {
+                    match self.admission.on_backend(tokio::time::timeout(self.timeout, events.next())).await {
                         Err(_) => {
                             cut = Some(upstream_timeout(&self.provider, self.timeout));
                             break;
@@ -306,28 +376,25 @@ impl Relay {
                             break;
                         }
                         Ok(Some(Ok(data))) => data,
-                    };
-                    if data == "[DONE]" {
-                        break;
-                    }
-                    match serde_json::from_str::<Value>(&data) {
-                        Ok(chunk) => chunk,
-                        Err(_) => {
-                            cut = Some(upstream_error(&self.provider, "sent a stream chunk that is not JSON"));
-                            break;
-                        }
                     }
                 };
-                if let Some(message) = chunk.pointer("/error/message").and_then(Value::as_str) {
+                if data == "[DONE]" {
+                    break;
+                }
+                let Some(chunk) = Chunk::parse(&data) else {
+                    cut = Some(upstream_error(&self.provider, "sent a stream chunk that is not JSON"));
+                    break;
+                };
+                if let Some(message) = chunk.error_message() {
                     cut = Some(upstream_error(&self.provider, format_args!("failed mid-stream: {message}")));
                     break;
                 }
-                if let Some(reported) = usage_of(&chunk) {
+                if let Some(reported) = usage_of(&chunk.object) {
                     usage = Some(reported);
                 }
-                self.count_output(&chunk);
-                if let Some(chunk) = self.rewrite(chunk) {
-                    yield Ok(SseEvent::default().data(chunk.to_string()));
+                self.admission.add_completion_tokens(u32::try_from(chunk.texts()).unwrap_or(u32::MAX));
+                if let Some(rewritten) = self.rewrite(&chunk, data.len()) {
+                    yield Ok(SseEvent::default().data(rewritten));
                 }
             }
             if let Some(err) = &cut {
@@ -355,7 +422,8 @@ impl Relay {
     }
 }
 
-/// The `data` of each server-sent event in a byte stream.
+/// The `data` of each server-sent event in a byte stream: its `data:`
+/// lines, joined by newlines.
 fn sse_data(
     bytes: impl Stream<Item = Result<Bytes, reqwest::Error>> + Send + 'static,
 ) -> impl Stream<Item = Result<String, reqwest::Error>> + Send + Unpin + 'static {
@@ -367,13 +435,19 @@ fn sse_data(
                 let event = buffer.split_to(end.0);
                 let _separator = buffer.split_to(end.1);
                 let text = String::from_utf8_lossy(&event);
-                let data: Vec<&str> = text
-                    .lines()
-                    .filter_map(|line| line.strip_prefix("data:"))
-                    .map(|data| data.strip_prefix(' ').unwrap_or(data))
-                    .collect();
-                if !data.is_empty() {
-                    yield Ok(data.join("\n"));
+                let mut data: Option<String> = None;
+                for line in text.lines().filter_map(|line| line.strip_prefix("data:")) {
+                    let line = line.strip_prefix(' ').unwrap_or(line);
+                    match &mut data {
+                        None => data = Some(line.to_owned()),
+                        Some(joined) => {
+                            joined.push('\n');
+                            joined.push_str(line);
+                        }
+                    }
+                }
+                if let Some(data) = data {
+                    yield Ok(data);
                 }
             }
             match bytes.next().await {
@@ -409,18 +483,50 @@ mod tests {
 
     #[test]
     fn finish_reasons_map_to_openai_and_keep_the_raw_one() {
-        let mut choices = json!([
+        let chunk = r#"{"id":"up","system_fingerprint":"fp","choices":[
             {"index": 0, "finish_reason": "max_tokens"},
-            {"index": 1, "finish_reason": "end_turn"},
+            {"index": 1, "finish_reason": "end_turn", "delta": {"content": ""}},
             {"index": 2, "finish_reason": "stop", "native_finish_reason": "eos"},
-            {"index": 3, "finish_reason": null},
-        ]);
-        normalize_choices(&mut choices);
+            {"index": 3, "finish_reason": null, "delta": {"content": "hi"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        let chunk = Chunk::parse(chunk).unwrap();
+        assert_eq!(chunk.texts(), 1);
+        assert!(chunk.carries_output());
+        assert_eq!(usage_of(&chunk.object), Some(Usage { prompt_tokens: 3, completion_tokens: 4 }));
+        let mut out = Vec::new();
+        write_choices(&mut out, &chunk.choices);
+        let choices: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(choices[0]["finish_reason"], "length");
         assert_eq!(choices[0]["native_finish_reason"], "max_tokens");
         assert_eq!(choices[1]["finish_reason"], "stop");
+        assert_eq!(choices[1]["delta"]["content"], "");
         assert_eq!(choices[2]["native_finish_reason"], "eos");
         assert!(choices[3]["finish_reason"].is_null());
+        assert!(choices[3].get("native_finish_reason").is_none());
+    }
+
+    #[test]
+    fn a_chunk_without_output_or_choices_is_told_apart() {
+        let opening = Chunk::parse(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#).unwrap();
+        assert!(!opening.carries_output());
+        let tool = Chunk::parse(r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0}]}}]}"#).unwrap();
+        assert!(tool.carries_output() && tool.texts() == 0);
+        let usage_only = Chunk::parse(r#"{"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#).unwrap();
+        assert!(usage_only.choices.is_empty());
+        let failed = Chunk::parse(r#"{"error":{"message":"overloaded"}}"#).unwrap();
+        assert_eq!(failed.error_message().as_deref(), Some("overloaded"));
+        assert!(Chunk::parse("not json").is_none());
+    }
+
+    #[test]
+    fn the_upstream_gets_its_model_id_and_a_stream_its_usage() {
+        let sent = br#"{"model":"ours/m","messages":[{"role":"user","content":"h\u00e9"}],"stream":true,"stream_options":{"include_usage":false}}"#;
+        let body: serde_json::Value = serde_json::from_slice(&upstream_body(sent, "theirs", true).unwrap()).unwrap();
+        assert_eq!(body["model"], "theirs");
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["messages"][0]["content"], "h\u{e9}");
+        let plain: serde_json::Value =
+            serde_json::from_slice(&upstream_body(br#"{"model":"m"}"#, "t", false).unwrap()).unwrap();
+        assert_eq!(plain, json!({"model": "t"}));
     }
 
     #[tokio::test]

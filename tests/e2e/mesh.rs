@@ -193,6 +193,51 @@ async fn a_full_batch_and_queue_answer_503_with_retry_after() {
     drop((running, queued));
 }
 
+/// Beyond `--max-concurrent-requests` the gateway refuses at once with a
+/// 503 and Retry-After in OpenAI's shape (a stream counts until it ends),
+/// health checks still answer, and a freed slot is taken again.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_beyond_the_in_flight_limit_are_refused_at_once_with_503() {
+    let data = tempfile::tempdir().unwrap();
+    let (_up, base) = start_up(data.path(), &["--max-concurrent-requests", "1"]).await;
+    let key = signup(&base, "flood@example.com").await;
+    let running = http()
+        .post(format!("{base}/v1/completions"))
+        .bearer_auth(&key)
+        .body(
+            r#"{"model":"infermesh/gemma-3-270m","prompt":"Count:","max_tokens":3000,"ignore_eos":true,"stream":true}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(running.status(), 200);
+    let mut running = running.bytes_stream();
+    running.next().await.expect("a first chunk").unwrap();
+
+    let refused = http().get(format!("{base}/v1/models")).bearer_auth(&key).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "model_unavailable", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("limit of 1 requests"), "{body}");
+    let health = http().get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    // Hanging up ends the stream, and with it the request's hold on the slot.
+    drop(running);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let again = http().get(format!("{base}/v1/models")).bearer_auth(&key).send().await.unwrap();
+        if again.status() == 200 {
+            break;
+        }
+        assert_eq!(again.status(), 503);
+        assert!(std::time::Instant::now() < deadline, "the slot was never freed");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// One worker serving two chat models (each with its own batch), and
 /// concurrent embedding requests batched together.
 #[tokio::test(flavor = "multi_thread")]
