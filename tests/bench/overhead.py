@@ -198,14 +198,14 @@ while True:
             self.targets["litellm"] = (f"{self.litellm_base}/v1/chat/completions", "mock", self.litellm_key,
                                        self.litellm.pid)
 
-    def load(self, target, mode, rate, seconds):
+    def load(self, target, mode, rate, seconds, connections=None):
         url, model, key, pid = self.targets[target]
         body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
         if mode == "stream":
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         command = self.pin("client") + [
-            self.args.oha, "-z", f"{seconds}s", "-q", str(rate), "-c", str(self.args.connections),
+            self.args.oha, "-z", f"{seconds}s", "-q", str(rate), "-c", str(connections or self.args.connections),
             "--latency-correction", "--no-tui", "-t", "1s", "--output-format", "json",
             "-m", "POST", "-H", "content-type: application/json", "-d", json.dumps(body),
         ]
@@ -238,7 +238,7 @@ while True:
         return {
             "target": target, "mode": mode, "rate": rate,
             "achieved": ok / seconds, "success": ok / total if total else 0.0, "ok": ok,
-            "codes": codes, "errors": errors,
+            "codes": codes, "errors": errors, "timeouts": int((out.get("errorDistribution") or {}).get("timeout", 0)),
             "p50": ms("p50"), "p99": ms("p99"), "p999": ms("p99.9"), "rss": peak_rss,
         }
 
@@ -290,6 +290,10 @@ def main():
     parser.add_argument("--targets", default=",".join(TARGETS), help="a subset of " + ",".join(TARGETS))
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--overload-rate", type=int, default=10000,
+                        help="past every target's capacity; 0 skips the overload runs")
+    parser.add_argument("--overload-connections", type=int, default=2048,
+                        help="more than infermesh's default --max-concurrent-requests (1024)")
     parser.add_argument("--out", default="tests/bench/results/overhead")
     args = parser.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
@@ -312,7 +316,16 @@ def main():
                     # Far past what it holds: higher rates only add timeouts.
                     if row["success"] < 0.5:
                         failed.add(target)
-        served = sum(r["ok"] for r in rows if r["target"] == "infermesh")
+        # Past capacity, from many clients at once: what a flood gets back.
+        overload = []
+        if args.overload_rate:
+            for target in ("infermesh", "tensorzero"):
+                if target in bench.targets:
+                    row = bench.load(target, "json", args.overload_rate, args.seconds, args.overload_connections)
+                    overload.append(row)
+                    print(f"overload {target:10} {row['codes']} {row['errors']} p99 {row['p99']:8.2f} ms "
+                          f"rss {row['rss']:.0f} MiB", file=sys.stderr, flush=True)
+        served = sum(r["ok"] for r in rows + overload if r["target"] == "infermesh")
         check = bench.billing_check(served)
     finally:
         bench.stop_all()
@@ -349,6 +362,21 @@ def main():
             lines.append(f"| {target} | {highest(rows, target, mode, floor, 1.0) or 'none'} | "
                          f"{highest(rows, target, mode, floor, 5.0) or 'none'} |")
         lines.append("")
+    if overload:
+        lines += ["## Above capacity", "",
+                  f"Non-streaming, {args.overload_rate} RPS offered over {args.overload_connections} connections "
+                  f"for {args.seconds} s (more than infermesh's default `--max-concurrent-requests` 1024). "
+                  "Refused = answered at once with 503 (infermesh: `Retry-After: 1`, OpenAI's error shape); "
+                  "timeouts = no answer within 1 s (a few come from the 2,048 connections opened at once: "
+                  "the mock alone loses ~100 that way).", "",
+                  "| target | 200 per s | refused (503/429) | timeouts | other errors | p50 ms | p99 ms | RSS MiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in overload:
+            refused = sum(int(v) for k, v in row["codes"].items() if k in ("503", "429"))
+            other = sum(v for k, v in row["errors"].items() if k != "timeout")
+            lines.append(f"| {row['target']} | {row['achieved']:.0f} | {refused} | {row['timeouts']} | {other} | "
+                         f"{row['p50']:.2f} | {row['p99']:.2f} | {row['rss']:.0f} |")
+        lines.append("")
     lines += ["## Billing after the run", "",
               f"infermesh answered {check['served']} requests with 200 (a few more completed as oha's clock ran out); "
               f"usage events in JetStream: {check['events']}; ledger revenue {check['revenue_nanos']} nano-dollars = "
@@ -366,7 +394,7 @@ def main():
     lines.append(f"overhead_p99_ms@1000rps infermesh={at_1000('infermesh')} tensorzero={at_1000('tensorzero')} "
                  f"litellm={at_1000('litellm')}")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
-    Path(args.out + ".json").write_text(json.dumps(rows, indent=1))
+    Path(args.out + ".json").write_text(json.dumps(rows + [dict(r, mode="overload") for r in overload], indent=1))
 
     import matplotlib
     matplotlib.use("Agg")
