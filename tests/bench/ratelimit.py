@@ -42,14 +42,28 @@ def start(binary, data_dir, limits_on):
 
 
 def acquire_quantiles(base):
-    """The gateway's infermesh_gateway_ratelimit_acquire_seconds summary, in ms."""
+    """Quantiles of the gateway's infermesh_gateway_ratelimit_acquire_seconds
+    histogram, in ms, interpolated within buckets as Prometheus's
+    histogram_quantile does."""
     with request(f"{base}/metrics") as response:
         text = response.read().decode()
-    found = {}
+    buckets = []
     for line in text.splitlines():
-        if line.startswith("infermesh_gateway_ratelimit_acquire_seconds{quantile="):
-            quantile = line.split('"')[1]
-            found[quantile] = float(line.split()[-1]) * 1000
+        if line.startswith("infermesh_gateway_ratelimit_acquire_seconds_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(bound), float(line.split()[-1])))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0
+    found = {}
+    for q in ("0.5", "0.99"):
+        rank = float(q) * total
+        lower, below = 0.0, 0.0
+        for bound, count in buckets:
+            if count >= rank and count > below:
+                upper = bound if bound != float("inf") else lower
+                found[q] = (lower + (upper - lower) * (rank - below) / (count - below)) * 1000
+                break
+            lower, below = bound, count
     return found
 
 

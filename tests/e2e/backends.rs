@@ -277,7 +277,11 @@ async fn upstream_providers_proxy_fall_back_and_bill() {
     assert!(overhead_ms > 0.0 && overhead_ms < took_ms, "overhead {overhead_ms} ms of {took_ms} ms");
     let relayed: Value = response.json().await.unwrap();
     let metrics = http().get(format!("{front}/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("infermesh_gateway_overhead_seconds"), "the overhead is a Prometheus histogram too");
+    assert!(
+        metrics.contains("# TYPE infermesh_gateway_overhead_seconds histogram")
+            && metrics.contains("infermesh_gateway_overhead_seconds_bucket{le=\"0.001\"}"),
+        "the overhead is a Prometheus histogram too, with sub-millisecond buckets: {metrics}"
+    );
     assert_eq!(relayed["provider"], "second-infermesh", "{relayed}");
     assert_eq!(relayed["model"], "acme/relay");
     assert!(relayed["id"].as_str().unwrap().starts_with("chatcmpl-") && relayed["id"] != direct["id"]);
