@@ -145,12 +145,8 @@ async fn credit_and_rate_limits_are_enforced_with_openai_errors() {
 
     assert_eq!(embed().await.unwrap().status(), 200);
     let limited = embed().await.unwrap();
-    assert_eq!(limited.status(), 429);
-    let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=60).contains(&retry_after), "{retry_after}");
     assert_eq!(limited.headers()["x-ratelimit-remaining-requests"], "0");
-    let body: Value = limited.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    refused_with_retry_after(limited, 429, "rate_limit_exceeded").await;
 
     // Oversized bodies are refused in OpenAI's shape.
     let huge = format!(r#"{{"model":"all-minilm-l6-v2","input":"{}"}}"#, "a".repeat(5 * 1024 * 1024));
@@ -184,12 +180,7 @@ async fn a_full_batch_and_queue_answer_503_with_retry_after() {
     running.next().await.expect("a first chunk").unwrap();
     let queued = long().await.unwrap();
     assert_eq!(queued.status(), 200);
-    let refused = long().await.unwrap();
-    assert_eq!(refused.status(), 503);
-    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=60).contains(&retry_after), "{retry_after}");
-    let body: Value = refused.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "model_unavailable", "{body}");
+    refused_with_retry_after(long().await.unwrap(), 503, "model_unavailable").await;
     drop((running, queued));
 }
 
@@ -215,11 +206,7 @@ async fn requests_beyond_the_in_flight_limit_are_refused_at_once_with_503() {
     running.next().await.expect("a first chunk").unwrap();
 
     let refused = http().get(format!("{base}/v1/models")).bearer_auth(&key).send().await.unwrap();
-    assert_eq!(refused.status(), 503);
-    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=60).contains(&retry_after), "{retry_after}");
-    let body: Value = refused.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "model_unavailable", "{body}");
+    let body = refused_with_retry_after(refused, 503, "model_unavailable").await;
     assert!(body["error"]["message"].as_str().unwrap().contains("limit of 1 requests"), "{body}");
     let health = http().get(format!("{base}/health")).send().await.unwrap();
     assert_eq!(health.status(), 200);
@@ -368,10 +355,7 @@ async fn a_signup_flood_from_one_address_is_refused_with_429() {
     signup(&base, "second@example.com").await;
     let response =
         http().post(format!("{base}/v1/auth/signup")).body(r#"{"email":"third@example.com"}"#).send().await.unwrap();
-    assert_eq!(response.status(), 429);
-    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
-    let body: Value = response.json().await.unwrap();
+    let body = refused_with_retry_after(response, 429, "rate_limit_exceeded").await;
     assert_eq!(body["error"]["type"], "rate_limit_exceeded", "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("sign-ups"), "{body}");
     // The limit is checked before anything else: even a duplicate email
@@ -517,4 +501,15 @@ async fn a_billing_crash_mid_stream_loses_no_charge() {
         http().get(format!("{base}/v1/credits")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
     assert_eq!(credits["data"]["total_usage"].as_f64(), Some(cost), "charged once: {credits}");
     drop(billing);
+}
+
+/// Asserts a refusal in OpenAI's shape with `status`, error `code` and a
+/// Retry-After of 1 to 60 s; returns its body.
+async fn refused_with_retry_after(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status(), status);
+    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], code, "{body}");
+    body
 }
