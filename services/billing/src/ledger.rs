@@ -111,13 +111,14 @@ impl BooksCheck {
     }
 }
 
+/// The ledger's schema, for either backend.
+pub(crate) fn migrations() -> Migrations {
+    Migrations { sqlite: sqlx::migrate!("./migrations/sqlite"), postgres: sqlx::migrate!("./migrations/postgres") }
+}
+
 impl Ledger {
     pub async fn open(database_url: &str, options: LedgerOptions) -> Result<Ledger, BillingError> {
         let LedgerOptions { plans, hold_ttl, low_credit_percent, publish_events, write_interval } = options;
-        let migrations = Migrations {
-            sqlite: sqlx::migrate!("./migrations/sqlite"),
-            postgres: sqlx::migrate!("./migrations/postgres"),
-        };
         // Each batch is synced before anyone hears of it: group commit
         // makes that one sync per batch, not per request.
         let options = Options {
@@ -125,7 +126,7 @@ impl Ledger {
             sqlite_synchronous: SqliteSynchronous::Full,
             sqlite_background_checkpoint: true,
         };
-        let pool = Pool::open(database_url, &migrations, options).await?;
+        let pool = Pool::open(database_url, &migrations(), options).await?;
         let outbox_ready = Arc::new(Notify::new());
         let ttl_ms = i64::try_from(hold_ttl.as_millis()).unwrap_or(i64::MAX);
         let plans = Arc::new(plans);
@@ -139,7 +140,10 @@ impl Ledger {
         );
         writer.write_interval = write_interval;
         writer.load_open_holds().await?;
-        let (commands, queue) = mpsc::channel(4096);
+        // Commands waiting for the writer, at most: a saturated gateway
+        // waits here instead of queueing more (each waiting settlement
+        // holds memory); 1,024 keeps the ledger bench's throughput.
+        let (commands, queue) = mpsc::channel(1024);
         tokio::spawn(writer.run(queue));
         Ok(Ledger { pool, commands, outbox_ready, plans })
     }

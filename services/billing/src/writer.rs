@@ -202,6 +202,7 @@ async fn written(writing: &mut Option<Writing>) -> Result<(), String> {
 
 /// One batch's rows as they stood when it was taken to be written, owned,
 /// so the next batch is applied while this one is written.
+#[derive(Default)]
 struct Rows {
     now: i64,
     grants: Vec<GrantRow>,
@@ -655,7 +656,7 @@ impl Writer {
         }
         on_pool!(&self.pool, pool => {
             let mut query = in_list("SELECT idempotency_key FROM grants WHERE idempotency_key IN ", &grant_keys);
-            let rows = query.build().fetch_all(pool).await?;
+            let rows = sized(&mut query, grant_keys.len()).fetch_all(pool).await?;
             rows.iter().map(|row| Ok(row.try_get::<String, _>(0)?)).collect()
         })
     }
@@ -668,7 +669,7 @@ impl Writer {
                  WHERE h.request_id IN ",
                 ids,
             );
-            let rows = query.build().fetch_all(pool).await?;
+            let rows = sized(&mut query, ids.len()).fetch_all(pool).await?;
             rows.iter()
                 .map(|row| {
                     let state: String = row.try_get(4)?;
@@ -711,7 +712,7 @@ impl Writer {
                 "SELECT account_id, granted_nanos, used_nanos, held_nanos FROM credit_accounts WHERE account_id IN ",
                 ids,
             );
-            let rows = query.build().fetch_all(pool).await?;
+            let rows = sized(&mut query, ids.len()).fetch_all(pool).await?;
             rows.iter()
                 .map(|row| {
                     Ok::<_, BillingError>((row.try_get(0)?, AccountBalance {
@@ -725,7 +726,7 @@ impl Writer {
         let plans: Vec<(String, PlanUsage)> = on_pool!(&self.pool, pool => {
             let mut query =
                 in_list("SELECT account_id, plan_id, month, tokens_used FROM account_plans WHERE account_id IN ", ids);
-            let rows = query.build().fetch_all(pool).await?;
+            let rows = sized(&mut query, ids.len()).fetch_all(pool).await?;
             rows.iter()
                 .map(|row| {
                     Ok::<_, BillingError>((row.try_get(0)?, PlanUsage {
@@ -788,7 +789,7 @@ async fn write_rows(pool: Pool, rows: Rows) -> Result<(), BillingError> {
                     .push_bind(grant.reason.clone())
                     .push_bind(now);
             });
-            query.build().execute(&mut *tx).await?;
+            sized(&mut query, grants.len()).execute(&mut *tx).await?;
         }
         if !new_holds.is_empty() {
             let mut query = sqlx::QueryBuilder::new(
@@ -805,7 +806,7 @@ async fn write_rows(pool: Pool, rows: Rows) -> Result<(), BillingError> {
                     .push_bind(hold.expires_at)
                     .push_bind(hold.covered_tokens);
             });
-            query.build().execute(&mut *tx).await?;
+            sized(&mut query, new_holds.len()).execute(&mut *tx).await?;
         }
         for (state, ids) in &changed_holds {
             if ids.is_empty() {
@@ -813,7 +814,7 @@ async fn write_rows(pool: Pool, rows: Rows) -> Result<(), BillingError> {
             }
             // `state` is one of three constants, never input.
             let mut query = in_list(&format!("UPDATE holds SET state = '{state}' WHERE request_id IN "), ids);
-            query.build().execute(&mut *tx).await?;
+            sized(&mut query, ids.len()).execute(&mut *tx).await?;
         }
         if !usage.is_empty() {
             let mut query = sqlx::QueryBuilder::new(
@@ -834,7 +835,7 @@ async fn write_rows(pool: Pool, rows: Rows) -> Result<(), BillingError> {
                     .push_bind(now)
                     .push_bind(s.end_user.clone());
             });
-            query.build().execute(&mut *tx).await?;
+            sized(&mut query, usage.len()).execute(&mut *tx).await?;
         }
         if !outbox.is_empty() {
             let mut query = sqlx::QueryBuilder::new("INSERT INTO outbox (subject, dedupe_id, payload, created_at) ");
@@ -844,7 +845,7 @@ async fn write_rows(pool: Pool, rows: Rows) -> Result<(), BillingError> {
                     .push_bind(event.payload.clone())
                     .push_bind(now);
             });
-            query.build().execute(&mut *tx).await?;
+            sized(&mut query, outbox.len()).execute(&mut *tx).await?;
         }
         if let Some(seq) = published_through {
             sqlx::query("DELETE FROM outbox WHERE seq <= $1").bind(seq).execute(&mut *tx).await?;
@@ -854,7 +855,7 @@ async fn write_rows(pool: Pool, rows: Rows) -> Result<(), BillingError> {
             query.push_values(&journal, |mut row, (movement, book, amount)| {
                 row.push_bind(movement.clone()).push_bind(book.clone()).push_bind(*amount).push_bind(now);
             });
-            query.build().execute(&mut *tx).await?;
+            sized(&mut query, journal.len()).execute(&mut *tx).await?;
         }
         if !plans.is_empty() {
             let mut query =
@@ -869,7 +870,7 @@ async fn write_rows(pool: Pool, rows: Rows) -> Result<(), BillingError> {
                 " ON CONFLICT (account_id) DO UPDATE SET plan_id = excluded.plan_id, month = excluded.month, \
                  tokens_used = excluded.tokens_used",
             );
-            query.build().execute(&mut *tx).await?;
+            sized(&mut query, plans.len()).execute(&mut *tx).await?;
         }
         if !accounts.is_empty() {
             let mut query = sqlx::QueryBuilder::new(
@@ -885,7 +886,7 @@ async fn write_rows(pool: Pool, rows: Rows) -> Result<(), BillingError> {
                 " ON CONFLICT (account_id) DO UPDATE SET granted_nanos = excluded.granted_nanos, \
                  used_nanos = excluded.used_nanos, held_nanos = excluded.held_nanos",
             );
-            query.build().execute(&mut *tx).await?;
+            sized(&mut query, accounts.len()).execute(&mut *tx).await?;
         }
         tx.commit().await?;
     });
@@ -918,6 +919,21 @@ fn compound_entries(entries: &[Entry], now: i64) -> Vec<(String, String, i64)> {
         net.into_iter().filter(|(_, amount)| *amount != 0).map(|(book, amount)| (movement.clone(), book, amount)),
     );
     journal
+}
+
+/// Statements of up to this many rows stay prepared on their connection.
+/// A batch's size is part of its SQL, so every size is a statement of its
+/// own: keeping them all prepared filled sqlx's cache (100 per connection)
+/// with SQLite programs for hundreds of rows, tens of MB that a burst left
+/// behind for good.
+const PREPARED_MAX_ROWS: usize = 16;
+
+/// `query` built to run once, or to stay prepared when it is small.
+fn sized<'q, DB: sqlx::Database + sqlx::database::HasStatementCache>(
+    query: &'q mut sqlx::QueryBuilder<DB>,
+    rows: usize,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments> {
+    query.build().persistent(rows <= PREPARED_MAX_ROWS)
 }
 
 /// `sql` followed by a parenthesised list binding each of `values` (an
@@ -970,5 +986,31 @@ fn refuse(command: Command) -> Answer {
         Command::Expire { reply } => answer(reply, unstarted()),
         Command::Flush { reply } => answer(reply, unstarted()),
         Command::ForgetOutbox { reply, .. } => answer(reply, unstarted()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use infermesh_sql::Options;
+
+    use super::*;
+
+    infermesh_sql::on_sqlite_and_postgres!(batches_of_many_sizes_leave_few_statements_prepared);
+
+    /// A batch's size is part of its SQL, and a busy ledger writes batches
+    /// of hundreds of sizes: keeping each prepared kept tens of MB.
+    async fn batches_of_many_sizes_leave_few_statements_prepared(url: String) {
+        let pool = Pool::open(&url, &crate::ledger::migrations(), Options::default()).await.unwrap();
+        let writer_pool = pool.single_connection().await.unwrap();
+        let sizes = 40..=100;
+        for size in sizes.clone() {
+            let journal = (0..size).map(|i| (format!("batch:{size}"), format!("book:{i}"), 1)).collect();
+            write_rows(writer_pool.clone(), Rows { journal, ..Rows::default() }).await.unwrap();
+        }
+        let prepared = on_pool!(&writer_pool, pool => {
+            let connection = pool.acquire().await.unwrap();
+            sqlx::Connection::cached_statements_size(&*connection)
+        });
+        assert!(prepared < sizes.count() / 4, "{prepared} statements stay prepared");
     }
 }
