@@ -288,7 +288,16 @@ async fn the_keys_cli_changes_the_keys_of_a_running_mesh() {
     let key_id = key_id(&base, &key).await;
     assert_eq!(embed(&base, &key).send().await.unwrap().status(), 200, "the gateway caches the key");
 
-    let shown = keys_cli(&up, &["show", &key_id]).await.unwrap();
+    // The charge is settled just after the response; the operator's CLI
+    // reads the ledger itself, so it sees the charge once that has landed.
+    let mut shown = keys_cli(&up, &["show", &key_id]).await.unwrap();
+    for _ in 0..50 {
+        if shown["data"]["usage"].as_f64().unwrap() > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shown = keys_cli(&up, &["show", &key_id]).await.unwrap();
+    }
     let account = shown["data"]["account_id"].as_str().unwrap().to_owned();
     assert!(shown["data"]["usage"].as_f64().unwrap() > 0.0, "{shown}");
 
