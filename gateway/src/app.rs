@@ -176,6 +176,7 @@ async fn method_not_allowed(request: Request) -> Response {
 }
 
 async fn observe(request: Request, next: Next) -> Response {
+    crate::heap::note_request();
     let route =
         request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let span = tracing::info_span!("http.request", method = %request.method(), route = %route);

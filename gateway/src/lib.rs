@@ -16,6 +16,7 @@ pub mod bench_proxy;
 pub mod bench_ratelimit;
 pub mod cli;
 pub mod error;
+pub mod heap;
 pub mod job_runner;
 pub mod keys_cli;
 pub mod mesh;

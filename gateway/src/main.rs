@@ -2,13 +2,15 @@
 
 use clap::Parser;
 use infermesh_gateway::cli::{Cli, run};
+use infermesh_gateway::heap;
 
 fn main() -> anyhow::Result<()> {
     pin_thread_count();
-    limit_malloc_arenas();
+    heap::limit_arenas();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
         let cli = Cli::parse();
         let _telemetry = infermesh_telemetry::init("infermesh", cli.otlp_endpoint.as_deref())?;
+        heap::trim_after_bursts();
         run(cli).await?;
         Ok(())
     })
@@ -29,24 +31,3 @@ fn pin_thread_count() {
         }
     }
 }
-
-/// glibc gives each thread that allocates its own malloc arena (up to 8
-/// per core), and the engine's scheduler, rayon and tokio threads each
-/// keep freed tensor buffers in theirs: tens of MiB of resident memory
-/// that no other thread can reuse. Two arenas keep allocation contention
-/// low and that memory shared. Set before any thread exists; an explicit
-/// `MALLOC_ARENA_MAX` wins.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn limit_malloc_arenas() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only changes allocator tuning; no other thread
-        // is allocating yet.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn limit_malloc_arenas() {}
