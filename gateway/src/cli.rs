@@ -8,7 +8,7 @@ use infermesh_billing::BillingConfig;
 use infermesh_registry::RegistryConfig;
 use infermesh_service::shutdown_signal;
 use infermesh_worker::WorkerConfig;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::up::UpArgs;
 use crate::{GatewayConfig, PeerAddresses};
@@ -152,8 +152,30 @@ pub enum CliError {
     Service(String),
 }
 
+/// Connections the kernel queues until they are accepted (capped by
+/// `net.core.somaxconn`). With tokio's 1,024, a burst of clients connecting
+/// at once overflowed the queue, and each dropped connect waited a second
+/// for its retry: a timeout instead of an answer or a quick 503.
+const ACCEPT_BACKLOG: u32 = 4096;
+
 pub async fn bind(address: &str) -> Result<TcpListener, CliError> {
-    TcpListener::bind(address).await.map_err(|source| CliError::Bind { address: address.to_owned(), source })
+    let bind_error = |source| CliError::Bind { address: address.to_owned(), source };
+    let mut refused = None;
+    for socket_address in tokio::net::lookup_host(address).await.map_err(bind_error)? {
+        let socket = if socket_address.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
+        let socket = socket.map_err(bind_error)?;
+        // As std and tokio bind: a restarted server reuses its port at once.
+        socket.set_reuseaddr(true).map_err(bind_error)?;
+        match socket.bind(socket_address) {
+            Ok(()) => return socket.listen(ACCEPT_BACKLOG).map_err(bind_error),
+            Err(err) => refused = Some(err),
+        }
+    }
+    Err(bind_error(
+        refused.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "the address resolves to nothing")
+        }),
+    ))
 }
 
 fn service_error(err: impl std::fmt::Display) -> CliError {
@@ -244,4 +266,40 @@ pub fn default_data_dir() -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
         .unwrap_or_else(|| PathBuf::from("."))
         .join("infermesh")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// More clients than tokio's default backlog (1,024) connect at once:
+    /// every handshake completes while the server accepts none of them.
+    #[tokio::test]
+    async fn a_burst_of_connections_is_queued_for_accept_not_dropped() {
+        const CLIENTS: usize = 1500;
+        allow_open_files(CLIENTS + 64);
+        let listener = bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let connects = (0..CLIENTS)
+            .map(|_| tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(address)));
+        let results = futures::future::join_all(connects).await;
+        let connected: Vec<_> = results.into_iter().filter_map(|result| result.ok()?.ok()).collect();
+        assert_eq!(connected.len(), CLIENTS, "connects beyond the backlog wait a second for their retry");
+    }
+
+    /// Raises this process's open-file limit (often 1,024 by default) up to
+    /// `files`, within the hard limit.
+    fn allow_open_files(files: usize) {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit/setrlimit only read and write the struct given.
+        #[allow(unsafe_code)]
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && (limit.rlim_cur as usize) < files {
+                limit.rlim_cur = (files as libc::rlim_t).min(limit.rlim_max);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+        }
+    }
 }
