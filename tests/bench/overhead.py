@@ -367,8 +367,7 @@ def main():
                   f"Non-streaming, {args.overload_rate} RPS offered over {args.overload_connections} connections "
                   f"for {args.seconds} s (more than infermesh's default `--max-concurrent-requests` 1024). "
                   "Refused = answered at once with 503 (infermesh: `Retry-After: 1`, OpenAI's error shape); "
-                  "timeouts = no answer within 1 s (a few come from the 2,048 connections opened at once: "
-                  "the mock alone loses ~100 that way).", "",
+                  "timeouts = no answer within 1 s. RSS here includes a buffer per open connection.", "",
                   "| target | 200 per s | refused (503/429) | timeouts | other errors | p50 ms | p99 ms | RSS MiB |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row in overload:
