@@ -153,9 +153,9 @@ pub enum CliError {
 }
 
 /// Connections the kernel queues until they are accepted (capped by
-/// `net.core.somaxconn`). With tokio's 1,024, a burst of clients connecting
-/// at once overflowed the queue, and each dropped connect waited a second
-/// for its retry: a timeout instead of an answer or a quick 503.
+/// `net.core.somaxconn`). With std's and tokio's 128, a burst of clients
+/// connecting at once overflowed the queue, and each dropped connect waited
+/// a second for its retry: a timeout instead of an answer or a quick 503.
 const ACCEPT_BACKLOG: u32 = 4096;
 
 pub async fn bind(address: &str) -> Result<TcpListener, CliError> {
@@ -274,7 +274,7 @@ mod tests {
 
     use super::*;
 
-    /// More clients than tokio's default backlog (1,024) connect at once:
+    /// More clients than tokio's default backlog (128) connect at once:
     /// every handshake completes while the server accepts none of them.
     #[tokio::test]
     async fn a_burst_of_connections_is_queued_for_accept_not_dropped() {
