@@ -11,10 +11,12 @@
 //! straight over the buffer. A prefill chunk (many queries) runs as
 //! batched matmuls with an additive mask.
 
-// SIMD intrinsics need `unsafe`; it is confined to `score_tile` and `weighted_sum`.
+// SIMD intrinsics need `unsafe`; it is confined to `score_tile` and `weighted_sum`
+// and their AVX-512 and AVX2 kernels.
 #![allow(unsafe_code)]
 
 use candle_core::{DType, Device, Tensor};
+use half::f16;
 
 /// Rotary tables for one segment's positions: `cos` and `sin`, each
 /// `[tokens][head_dim / 2]`.
@@ -74,14 +76,17 @@ pub struct LayerCache {
     /// decode step scores 16 keys per vector, each lane summing its key's
     /// products in order. That is the order of the matmul prefill uses,
     /// and greedy agreement with llama.cpp turned out to depend on it.
-    key_tiles: Vec<f32>,
+    /// Stored as f16, as llama.cpp's default KV cache: half the memory and
+    /// half the bytes a decode step reads, and the numbers are the same
+    /// (they are rounded to f16 before they are stored either way).
+    key_tiles: Vec<f16>,
     /// `[entries][kv_heads * head_dim]`.
-    values: Vec<f32>,
+    values: Vec<f16>,
     /// Entries in the buffers, the dead ones included.
     entries: usize,
     /// Entries before this index have left the window; whole tiles of them
-    /// are dropped once they are half the buffer, so trimming is O(1)
-    /// amortised.
+    /// are dropped once they are a quarter of the buffer, so trimming is
+    /// O(1) amortised and a sliding layer holds at most 4/3 of its window.
     dead: usize,
     /// Absolute position of the first live entry.
     start: usize,
@@ -96,13 +101,15 @@ impl LayerCache {
         let width = key.len();
         let lane = self.entries % TILE;
         if lane == 0 {
-            self.key_tiles.resize(self.key_tiles.len() + width * TILE, 0.0);
+            grow_for(&mut self.key_tiles, width * TILE);
+            self.key_tiles.resize(self.key_tiles.len() + width * TILE, f16::ZERO);
         }
         let tile = self.key_tiles.len() - width * TILE;
         for (i, k) in key.iter().enumerate() {
-            self.key_tiles[tile + i * TILE + lane] = *k;
+            self.key_tiles[tile + i * TILE + lane] = f16::from_f32(*k);
         }
-        self.values.extend_from_slice(value);
+        grow_for(&mut self.values, width);
+        self.values.extend(value.iter().map(|v| f16::from_f32(*v)));
         self.entries += 1;
     }
 
@@ -111,13 +118,14 @@ impl LayerCache {
         let mut keys = Vec::with_capacity(self.len() * width);
         for entry in self.dead..self.entries {
             let (tile, lane) = (entry / TILE, entry % TILE);
-            keys.extend((0..width).map(|i| self.key_tiles[(tile * width + i) * TILE + lane]));
+            keys.extend((0..width).map(|i| self.key_tiles[(tile * width + i) * TILE + lane].to_f32()));
         }
         keys
     }
 
-    fn values(&self, width: usize) -> &[f32] {
-        &self.values[self.dead * width..]
+    /// Live values as `[len][kv_heads * head_dim]`.
+    fn values(&self, width: usize) -> Vec<f32> {
+        self.values[self.dead * width..].iter().map(|v| v.to_f32()).collect()
     }
 
     /// Drops the entries before absolute position `keep_from`.
@@ -129,12 +137,22 @@ impl LayerCache {
         self.dead += drop;
         self.start += drop;
         let dead_tiles = self.dead / TILE;
-        if dead_tiles > 0 && self.dead * 2 >= self.entries {
+        if dead_tiles > 0 && self.dead * 4 >= self.entries {
             self.key_tiles.drain(..dead_tiles * TILE * width);
             self.values.drain(..dead_tiles * TILE * width);
             self.entries -= dead_tiles * TILE;
             self.dead -= dead_tiles * TILE;
         }
+    }
+}
+
+/// Makes room for `additional` more values, growing by a quarter of what
+/// is there (at least what is asked) instead of `Vec`'s doubling: the
+/// caches are most of a busy worker's memory beside the weights, and
+/// doubling left up to half of each one allocated and unused.
+fn grow_for(buffer: &mut Vec<f16>, additional: usize) {
+    if buffer.capacity() - buffer.len() < additional {
+        buffer.reserve_exact(additional.max(buffer.len() / 4));
     }
 }
 
@@ -177,14 +195,8 @@ impl Heads {
         step.rope.rotate(&mut q, self.head_dim, self.interleaved_rope);
         let mut k = step.k.to_vec();
         step.rope.rotate(&mut k, self.head_dim, self.interleaved_rope);
-        // The cache holds f16 precision, as llama.cpp's default KV cache.
-        let to_f16_precision = |x: &mut [f32]| x.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32());
-        to_f16_precision(&mut k);
-        let mut v = step.v.to_vec();
-        to_f16_precision(&mut v);
-
         let cache = cache.get_or_insert_with(|| LayerCache { start: step.position, ..LayerCache::default() });
-        for (key, value) in k.chunks_exact(width).zip(v.chunks_exact(width)) {
+        for (key, value) in k.chunks_exact(width).zip(step.v.chunks_exact(width)) {
             cache.push(key, value);
         }
         // What the first query can see; later queries see no further back.
@@ -205,7 +217,7 @@ impl Heads {
     /// One query over every live entry (all of them visible to it).
     fn decode(&self, q: &[f32], cache: &LayerCache) -> Vec<f32> {
         let (dim, width) = (self.head_dim, self.kv_heads * self.head_dim);
-        let values = cache.values(width);
+        let values = &cache.values[cache.dead * width..];
         let group = self.heads / self.kv_heads;
         let scale = 1.0 / (dim as f32).sqrt();
         let (first_tile, last_tile) = (cache.dead / TILE, cache.entries.div_ceil(TILE));
@@ -255,7 +267,7 @@ impl Heads {
         ))?;
         let per_head = |x: &[f32]| Tensor::from_slice(x, (kv_len, kv_heads, dim), device)?.transpose(0, 1);
         let keys_t = per_head(&keys)?.transpose(1, 2)?.contiguous()?;
-        let values = per_head(values)?.contiguous()?;
+        let values = per_head(&values)?.contiguous()?;
         let scale = 1.0 / (dim as f64).sqrt();
         let scores = (q.matmul(&keys_t)? * scale)?;
         let mask = attention_mask(seq, position, cache.start, kv_len, window, group, device)?;
@@ -310,19 +322,33 @@ fn avx512() -> bool {
     false
 }
 
+/// The kernels' AVX2 variants, for CPUs without AVX-512: the same fused
+/// multiply-add chains, 8 lanes at a time, so the same bits.
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Scores of 16 keys (`keys`: `[head_dim][16]`) against each query in
 /// `queries` (`[n][head_dim]`), into `scores[query][at..at + 16]`
 /// (`scores` holds the same number of values per query). Each lane is a
 /// chain of fused multiply-adds in dimension order.
-fn score_tile(queries: &[f32], keys: &[f32], scores: &mut [f32], at: usize) {
+fn score_tile(queries: &[f32], keys: &[f16], scores: &mut [f32], at: usize) {
     let dim = keys.len() / TILE;
     let per_query = scores.len() / (queries.len() / dim);
     #[cfg(target_arch = "x86_64")]
-    if avx512() {
+    if avx512() || avx2() {
+        let wide = avx512();
         for (n, query) in queries.chunks(4 * dim).enumerate() {
             let mut sums = [[0f32; TILE]; 4];
-            // SAFETY: the CPU has AVX-512F; `keys` holds `dim` rows of 16.
-            unsafe { score_tile_avx512(query, keys, &mut sums) };
+            // SAFETY: the CPU has the kernel's features; `keys` holds `dim` rows of 16.
+            unsafe {
+                if wide { score_tile_avx512(query, keys, &mut sums) } else { score_tile_avx2(query, keys, &mut sums) }
+            };
             for (i, sum) in sums.iter().take(query.len() / dim).enumerate() {
                 scores[(n * 4 + i) * per_query + at..][..TILE].copy_from_slice(sum);
             }
@@ -331,7 +357,7 @@ fn score_tile(queries: &[f32], keys: &[f32], scores: &mut [f32], at: usize) {
     }
     for (i, query) in queries.chunks_exact(dim).enumerate() {
         for lane in 0..TILE {
-            let sum = query.iter().enumerate().fold(0f32, |acc, (d, q)| q.mul_add(keys[d * TILE + lane], acc));
+            let sum = query.iter().enumerate().fold(0f32, |acc, (d, q)| q.mul_add(keys[d * TILE + lane].to_f32(), acc));
             scores[i * per_query + at + lane] = sum;
         }
     }
@@ -340,7 +366,7 @@ fn score_tile(queries: &[f32], keys: &[f32], scores: &mut [f32], at: usize) {
 /// Up to 4 queries at once, so their chains overlap.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn score_tile_avx512(queries: &[f32], keys: &[f32], sums: &mut [[f32; TILE]; 4]) {
+unsafe fn score_tile_avx512(queries: &[f32], keys: &[f16], sums: &mut [[f32; TILE]; 4]) {
     use std::arch::x86_64::*;
     let dim = keys.len() / TILE;
     let n = queries.len() / dim;
@@ -348,7 +374,7 @@ unsafe fn score_tile_avx512(queries: &[f32], keys: &[f32], sums: &mut [[f32; TIL
     unsafe {
         let mut acc = [_mm512_setzero_ps(); 4];
         for d in 0..dim {
-            let row = _mm512_loadu_ps(keys.as_ptr().add(d * TILE));
+            let row = _mm512_cvtph_ps(_mm256_loadu_si256(keys.as_ptr().add(d * TILE).cast()));
             for (i, acc) in acc.iter_mut().enumerate().take(n) {
                 *acc = _mm512_fmadd_ps(_mm512_set1_ps(*queries.get_unchecked(i * dim + d)), row, *acc);
             }
@@ -359,20 +385,51 @@ unsafe fn score_tile_avx512(queries: &[f32], keys: &[f32], sums: &mut [[f32; TIL
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn score_tile_avx2(queries: &[f32], keys: &[f16], sums: &mut [[f32; TILE]; 4]) {
+    use std::arch::x86_64::*;
+    let dim = keys.len() / TILE;
+    let n = queries.len() / dim;
+    // SAFETY: loads stay below `dim * 16` in `keys` and `n * dim` in `queries`.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        for d in 0..dim {
+            let row = keys.as_ptr().add(d * TILE);
+            let low = _mm256_cvtph_ps(_mm_loadu_si128(row.cast()));
+            let high = _mm256_cvtph_ps(_mm_loadu_si128(row.add(8).cast()));
+            for (i, acc) in acc.iter_mut().enumerate().take(n) {
+                let q = _mm256_set1_ps(*queries.get_unchecked(i * dim + d));
+                acc[0] = _mm256_fmadd_ps(q, low, acc[0]);
+                acc[1] = _mm256_fmadd_ps(q, high, acc[1]);
+            }
+        }
+        for (sum, acc) in sums.iter_mut().zip(acc).take(n) {
+            _mm256_storeu_ps(sum.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(sum.as_mut_ptr().add(8), acc[1]);
+        }
+    }
+}
+
 /// `out[d] = Σ_j probs[j] · values[j * stride + d]`, each element a chain
 /// of fused multiply-adds in `j` order (the order of candle's matmul in the
 /// prefill path).
-fn weighted_sum(probs: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+fn weighted_sum(probs: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx512() && out.len().is_multiple_of(128) {
         // SAFETY: the CPU has AVX-512F; row `j` of `values` holds `out.len()`
         // values from `j * stride` for every `j < probs.len()`.
         return unsafe { weighted_sum_avx512(probs, values, stride, out) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if avx2() && out.len().is_multiple_of(64) {
+        // SAFETY: as above, with AVX2, FMA and F16C.
+        return unsafe { weighted_sum_avx2(probs, values, stride, out) };
+    }
     out.iter_mut().for_each(|o| *o = 0.0);
     for (j, p) in probs.iter().enumerate() {
         for (o, v) in out.iter_mut().zip(&values[j * stride..]) {
-            *o = p.mul_add(*v, *o);
+            *o = p.mul_add(v.to_f32(), *o);
         }
     }
 }
@@ -380,7 +437,7 @@ fn weighted_sum(probs: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
 /// 128 outputs at a time held in registers across all the rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn weighted_sum_avx512(probs: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+unsafe fn weighted_sum_avx512(probs: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
     assert!(probs.is_empty() || (probs.len() - 1) * stride + out.len() <= values.len());
     // SAFETY: checked above: every row read stays inside `values`.
@@ -391,11 +448,37 @@ unsafe fn weighted_sum_avx512(probs: &[f32], values: &[f32], stride: usize, out:
                 let p = _mm512_set1_ps(*p);
                 let row = values.as_ptr().add(j * stride + start);
                 for (i, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm512_fmadd_ps(p, _mm512_loadu_ps(row.add(i * 16)), *acc);
+                    let value = _mm512_cvtph_ps(_mm256_loadu_si256(row.add(i * 16).cast()));
+                    *acc = _mm512_fmadd_ps(p, value, *acc);
                 }
             }
             for (i, acc) in acc.iter().enumerate() {
                 _mm512_storeu_ps(out.as_mut_ptr().add(start + i * 16), *acc);
+            }
+        }
+    }
+}
+
+/// 64 outputs at a time held in registers across all the rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum_avx2(probs: &[f32], values: &[f16], stride: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(probs.is_empty() || (probs.len() - 1) * stride + out.len() <= values.len());
+    // SAFETY: checked above: every row read stays inside `values`.
+    unsafe {
+        for start in (0..out.len()).step_by(64) {
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (j, p) in probs.iter().enumerate() {
+                let p = _mm256_set1_ps(*p);
+                let row = values.as_ptr().add(j * stride + start);
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let value = _mm256_cvtph_ps(_mm_loadu_si128(row.add(i * 8).cast()));
+                    *acc = _mm256_fmadd_ps(p, value, *acc);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(start + i * 8), *acc);
             }
         }
     }
@@ -459,6 +542,86 @@ mod tests {
             let expected = expected.transpose(1, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert_eq!(ours, expected, "interleaved: {interleaved}");
         }
+    }
+
+    #[test]
+    fn vector_kernels_give_the_bits_of_the_scalar_chains() {
+        let dim = 256;
+        let f16s = |n: usize, salt: f32| -> Vec<f16> {
+            (0..n).map(|i| f16::from_f32(((i as f32 + salt) * 0.61).sin())).collect()
+        };
+        let keys = f16s(dim * TILE, 1.0);
+        let queries: Vec<f32> = (0..3 * dim).map(|i| (i as f32 * 0.17).cos()).collect();
+        let mut scores = vec![0f32; 3 * 2 * TILE];
+        score_tile(&queries, &keys, &mut scores, TILE);
+        for (i, query) in queries.chunks_exact(dim).enumerate() {
+            for lane in 0..TILE {
+                let sum =
+                    query.iter().enumerate().fold(0f32, |acc, (d, q)| q.mul_add(keys[d * TILE + lane].to_f32(), acc));
+                assert_eq!(scores[i * 2 * TILE + TILE + lane].to_bits(), sum.to_bits(), "query {i} lane {lane}");
+            }
+        }
+        let (rows, stride) = (37, 320);
+        let values = f16s(rows * stride, 2.0);
+        let probs: Vec<f32> = (0..rows).map(|j| 1.0 / (j as f32 + 2.0)).collect();
+        let mut out = vec![0f32; 256];
+        weighted_sum(&probs, &values[64..], stride, &mut out);
+        for (d, o) in out.iter().enumerate() {
+            let sum =
+                probs.iter().enumerate().fold(0f32, |acc, (j, p)| p.mul_add(values[64 + j * stride + d].to_f32(), acc));
+            assert_eq!(o.to_bits(), sum.to_bits(), "output {d}");
+        }
+    }
+
+    /// Allocated entries of a cache: what it costs in memory.
+    fn allocated_entries(cache: &LayerCache, width: usize) -> usize {
+        cache.key_tiles.capacity().max(cache.values.capacity()) / width
+    }
+
+    #[test]
+    fn caches_hold_f16_and_allocate_little_beyond_their_entries() {
+        let heads = Heads { heads: 4, kv_heads: 1, head_dim: 256, interleaved_rope: false };
+        let width = 256;
+        let values = |n: usize, salt: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32 + salt) * 0.37).sin()).collect() };
+        let mut cache = None;
+        // A short prompt, then one token at a time: what a decoding stream does.
+        let prompt = 10;
+        let (q, k, v) = (values(prompt * 4 * width, 1.0), values(prompt * width, 2.0), values(prompt * width, 3.0));
+        let rope = Rope::new(256, 10_000.0, 0, prompt);
+        let step = Step { q: &q, k: &k, v: &v, rope: &rope, position: 0, window: None };
+        heads.attend(step, &mut cache, &Device::Cpu).unwrap();
+        for position in prompt..138 {
+            let (q, k, v) = (values(4 * width, 4.0), values(width, 5.0), values(width, 6.0));
+            let rope = Rope::new(256, 10_000.0, position, 1);
+            let step = Step { q: &q, k: &k, v: &v, rope: &rope, position, window: None };
+            heads.attend(step, &mut cache, &Device::Cpu).unwrap();
+        }
+        let cache = cache.unwrap();
+        assert_eq!(cache.len(), 138);
+        assert_eq!(size_of_val(&cache.values[0]), 2, "values are f16");
+        assert_eq!(size_of_val(&cache.key_tiles[0]), 2, "keys are f16");
+        // Vec's doubling would hold 256 entries here.
+        let allocated = allocated_entries(&cache, width);
+        assert!(allocated * 4 <= 138 * 5 + 4 * TILE, "{allocated} entries allocated for 138");
+    }
+
+    #[test]
+    fn a_sliding_cache_stays_near_its_window() {
+        let heads = Heads { heads: 1, kv_heads: 1, head_dim: 32, interleaved_rope: false };
+        let (width, window) = (32, 512);
+        let row: Vec<f32> = (0..width).map(|i| i as f32 * 0.01).collect();
+        let mut cache = None;
+        for position in 0..3000 {
+            let rope = Rope::new(32, 10_000.0, position, 1);
+            let step = Step { q: &row, k: &row, v: &row, rope: &rope, position, window: Some(window) };
+            heads.attend(step, &mut cache, &Device::Cpu).unwrap();
+        }
+        let cache = cache.unwrap();
+        assert_eq!(cache.len(), window);
+        // Dead entries are dropped at a quarter of the buffer: at most 4/3
+        // of the window, plus a quarter of growth.
+        let allocated = allocated_entries(&cache, width);
+        assert!(allocated <= window * 4 / 3 * 5 / 4 + TILE, "{allocated} entries allocated for a window of {window}");
     }
 
     #[test]

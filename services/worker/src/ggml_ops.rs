@@ -12,7 +12,7 @@
 //! pool waits: element by element through tensors, GELU alone took ~4 ms
 //! of a 30 ms step at 8 streams.
 
-// SIMD intrinsics need `unsafe`; it is confined to the `*_avx512` functions.
+// SIMD intrinsics need `unsafe`; it is confined to the `*_avx512` and `*_avx2` functions.
 #![allow(unsafe_code)]
 
 use std::sync::OnceLock;
@@ -52,6 +52,10 @@ pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
         done = gate.len() / 16 * 16;
         // SAFETY: the CPU has the features; `done` is within both slices.
         unsafe { gelu_mul_avx512(&mut gate[..done], &up[..done], table) };
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+        done = gate.len() / 8 * 8;
+        // SAFETY: as above, 8 at a time.
+        unsafe { gelu_mul_avx2(&mut gate[..done], &up[..done], table) };
     }
     for (g, u) in gate[done..].iter_mut().zip(&up[done..]) {
         *g = gelu(*g, table) * u;
@@ -74,6 +78,25 @@ unsafe fn gelu_mul_avx512(gate: &mut [f32], up: &[f32], table: &[f32]) {
             let below = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(v, low);
             let g = _mm512_maskz_mov_ps(!below, _mm512_mask_mov_ps(looked_up, above, v));
             _mm512_storeu_ps(gate.as_mut_ptr().add(i), _mm512_mul_ps(g, _mm512_loadu_ps(up.as_ptr().add(i))));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn gelu_mul_avx2(gate: &mut [f32], up: &[f32], table: &[f32]) {
+    use std::arch::x86_64::*;
+    // SAFETY: as in `gelu_mul_avx512`, 8 values at a time.
+    unsafe {
+        let (low, high) = (_mm256_set1_ps(-10.0), _mm256_set1_ps(10.0));
+        for i in (0..gate.len()).step_by(8) {
+            let v = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let bits = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            let looked_up = _mm256_i32gather_ps::<4>(table.as_ptr(), _mm256_cvtepu16_epi32(bits));
+            let above = _mm256_cmp_ps::<_CMP_GE_OQ>(v, high);
+            let below = _mm256_cmp_ps::<_CMP_LE_OQ>(v, low);
+            let g = _mm256_andnot_ps(below, _mm256_blendv_ps(looked_up, v, above));
+            _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(g, _mm256_loadu_ps(up.as_ptr().add(i))));
         }
     }
 }

@@ -1,4 +1,4 @@
-//! A Q8_0 matmul for many rows at once (AVX-512 VNNI).
+//! A Q8_0 matmul for many rows at once (AVX-512 VNNI, or AVX2).
 //!
 //! candle runs a Q8_0 weight whose rows are not a multiple of 256 wide (all
 //! of Gemma 3 270M's 640-wide projections, and its 262,144-row output) one
@@ -18,6 +18,13 @@
 //! teacher-forced agreement with it, 117/120 without), and it cost ~4 ms
 //! of a 30 ms step at 8 streams. Every row is computed the same way
 //! whatever else is in the batch.
+//!
+//! CPUs without AVX-512 (AMD before Zen 4, many cloud VMs) run the same
+//! tiles with AVX2, as llama.cpp does there: `vpmaddubsw` of the weights'
+//! magnitudes by the inputs carrying the weights' signs, then `vpmaddwd`
+//! to add four products. The block sums are the same integers, scaled
+//! and accumulated with the same float operations, so both kernels give
+//! the same bits.
 
 // SIMD intrinsics and disjoint writes from the thread pool need `unsafe`;
 // it is confined to this module (the rest of the workspace denies it).
@@ -39,8 +46,9 @@ pub struct PackedQ8_0 {
     /// each block, 8 chunks of 4 inputs for all 16 rows, stored + 128 as u8
     /// (vpdpbusd multiplies unsigned by signed bytes).
     tiles: Vec<u8>,
-    /// `[rows/16][cols/32][16]` block scales.
-    scales: Vec<f32>,
+    /// `[rows/16][cols/32][16]` block scales, f16 as in the file (they
+    /// widen to f32 exactly, in one instruction per 16).
+    scales: Vec<f16>,
 }
 
 struct SharedOut(*mut f32);
@@ -50,14 +58,7 @@ unsafe impl Sync for SharedOut {}
 impl PackedQ8_0 {
     /// Whether this CPU runs the kernel.
     pub fn supported() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+        Kernel::detect().is_some()
     }
 
     /// Packs raw Q8_0 blocks of a `[rows, cols]` weight; `None` when the
@@ -93,14 +94,14 @@ impl PackedQ8_0 {
         }
         let blocks = cols / BLOCK;
         let mut tiles = vec![0u8; rows * cols];
-        let mut scales = vec![0f32; rows * blocks];
+        let mut scales = vec![f16::ZERO; rows * blocks];
         let mut raw = vec![0u8; TILE_COLS * blocks * Q8_0_BYTES];
         for group in 0..rows / TILE_COLS {
             next_group(&mut raw)?;
             for (lane, row) in raw.chunks_exact(blocks * Q8_0_BYTES).enumerate() {
                 for (b, block) in row.chunks_exact(Q8_0_BYTES).enumerate() {
                     let tile = group * blocks + b;
-                    scales[tile * TILE_COLS + lane] = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                    scales[tile * TILE_COLS + lane] = f16::from_le_bytes([block[0], block[1]]);
                     for (i, q) in block[2..].iter().enumerate() {
                         let (chunk, within) = (i / 4, i % 4);
                         tiles[((tile * 8 + chunk) * TILE_COLS + lane) * 4 + within] = q.wrapping_add(128);
@@ -143,7 +144,7 @@ impl PackedQ8_0 {
         let (group, lane) = (row / TILE_COLS, row % TILE_COLS);
         for b in 0..blocks {
             let tile = group * blocks + b;
-            let scale = self.scales[tile * TILE_COLS + lane];
+            let scale = self.scales[tile * TILE_COLS + lane].to_f32();
             for i in 0..BLOCK {
                 let (chunk, within) = (i / 4, i % 4);
                 let q = self.tiles[((tile * 8 + chunk) * TILE_COLS + lane) * 4 + within].wrapping_sub(128) as i8;
@@ -154,33 +155,48 @@ impl PackedQ8_0 {
 
     /// `out[m, rows] = x[m, cols] · weightᵀ`.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let Some(kernel) = Kernel::detect() else { unreachable!("PackedQ8_0::supported() gated construction") };
+        self.matmul_with(kernel, x, m, out);
+    }
+
+    fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
         assert_eq!(x.len(), m * self.cols, "activation shape");
         assert_eq!(out.len(), m * self.rows, "output shape");
         let blocks = self.cols / BLOCK;
         let mut quants = vec![0i8; m * self.cols];
         let mut scales = vec![0f32; m * blocks];
-        // SAFETY: `supported()` gated construction; the slices are sized
-        // for `m * cols` inputs above.
-        unsafe { quantize_rows(x, &mut quants, &mut scales) };
+        // SAFETY: `kernel` runs on this CPU; the slices are sized for
+        // `m * cols` inputs above.
+        unsafe { kernel.quantize_rows(x, &mut quants, &mut scales) };
         // -128 × the sum of each block's inputs, undoing the +128 stored in
-        // the weights.
-        let offsets: Vec<i32> =
-            quants.chunks_exact(BLOCK).map(|block| -128 * block.iter().map(|q| i32::from(*q)).sum::<i32>()).collect();
+        // the weights (VNNI multiplies them unsigned).
+        let offsets: Vec<i32> = match kernel {
+            Kernel::Avx512Vnni => quants
+                .chunks_exact(BLOCK)
+                .map(|block| -128 * block.iter().map(|q| i32::from(*q)).sum::<i32>())
+                .collect(),
+            Kernel::Avx2 => Vec::new(),
+        };
         let out_ptr = SharedOut(out.as_mut_ptr());
         let groups = self.rows / TILE_COLS;
         let activations = Activations { quants: &quants, scales: &scales, offsets: &offsets, m };
         barrier_pool().execute_chunked(groups, |range| {
             let out = &out_ptr;
             for group in range {
-                // SAFETY: `supported()` gated construction; each group
-                // writes only its own 16 columns of every output row.
-                unsafe { self.group(group, &activations, out.0) };
+                // SAFETY: `kernel` runs on this CPU; each group writes only
+                // its own 16 columns of every output row.
+                unsafe {
+                    match kernel {
+                        Kernel::Avx512Vnni => self.group(group, &activations, out.0),
+                        Kernel::Avx2 => self.group_avx2(group, &activations, out.0),
+                    }
+                }
             }
         });
     }
 
     /// Where group `group`'s tiles and block scales start.
-    fn group_weights(&self, group: usize) -> (*const u8, *const f32) {
+    fn group_weights(&self, group: usize) -> (*const u8, *const f16) {
         let blocks = self.cols / BLOCK;
         (
             self.tiles.as_ptr().wrapping_add(group * blocks * BLOCK * TILE_COLS),
@@ -190,7 +206,7 @@ impl PackedQ8_0 {
 
     /// Bytes of one group's tiles and of its block scales.
     fn group_bytes(&self) -> (usize, usize) {
-        (self.cols * TILE_COLS, self.cols / BLOCK * TILE_COLS * 4)
+        (self.cols * TILE_COLS, self.cols / BLOCK * TILE_COLS * size_of::<f16>())
     }
 
     /// Pulls the next group's tiles and scales into cache while the first
@@ -212,7 +228,7 @@ impl PackedQ8_0 {
             let address = if byte < tile_bytes {
                 self.tiles.as_ptr().wrapping_add(next * tile_bytes + byte)
             } else {
-                self.scales.as_ptr().wrapping_add((next * scale_bytes + byte - tile_bytes) / 4) as *const u8
+                self.scales.as_ptr().cast::<u8>().wrapping_add(next * scale_bytes + byte - tile_bytes)
             };
             // SAFETY: a prefetch of an address inside our own buffers.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(address as *const i8) };
@@ -254,7 +270,7 @@ impl PackedQ8_0 {
         group: usize,
         first: usize,
         tiles: *const u8,
-        weight_scales: *const f32,
+        weight_scales: *const f16,
         x: &Activations<'_>,
         out: *mut f32,
     ) {
@@ -275,7 +291,7 @@ impl PackedQ8_0 {
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..blocks {
                 self.prefetch_next_group(group, b, prefetch_per_block);
-                let weight_scale = _mm512_loadu_ps(weight_scales.add(b * TILE_COLS));
+                let weight_scale = _mm512_cvtph_ps(_mm256_loadu_si256(weight_scales.add(b * TILE_COLS).cast()));
                 let mut even: [__m512i; R] =
                     std::array::from_fn(|i| _mm512_set1_epi32(*x.offsets.get_unchecked((first + i) * blocks + b)));
                 let mut odd = [_mm512_setzero_si512(); R];
@@ -311,14 +327,142 @@ impl PackedQ8_0 {
         }
     }
 
+    /// [`PackedQ8_0::group`] with AVX2: each half of a tile (8 columns)
+    /// in turn, up to four rows at once (16 registers).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group_avx2(&self, group: usize, x: &Activations<'_>, out: *mut f32) {
+        // SAFETY: as in `group`.
+        unsafe {
+            let (tiles, weight_scales) = self.group_weights(group);
+            let mut r = 0;
+            while r < x.m {
+                let step = (x.m - r).min(4);
+                match step {
+                    4 => self.rows_of_group_avx2::<4>(group, r, tiles, weight_scales, x, out),
+                    3 => self.rows_of_group_avx2::<3>(group, r, tiles, weight_scales, x, out),
+                    2 => self.rows_of_group_avx2::<2>(group, r, tiles, weight_scales, x, out),
+                    _ => self.rows_of_group_avx2::<1>(group, r, tiles, weight_scales, x, out),
+                }
+                r += step;
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_of_group_avx2<const R: usize>(
+        &self,
+        group: usize,
+        first: usize,
+        tiles: *const u8,
+        weight_scales: *const f16,
+        x: &Activations<'_>,
+        out: *mut f32,
+    ) {
+        use std::arch::x86_64::*;
+        let blocks = self.cols / BLOCK;
+        let prefetch_per_block = match first {
+            0 => {
+                let (tile_bytes, scale_bytes) = self.group_bytes();
+                (tile_bytes + scale_bytes).div_ceil(CACHE_LINE * blocks)
+            }
+            _ => 0,
+        };
+        // SAFETY: as in `rows_of_group`.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let offset = _mm256_set1_epi8(-128);
+            for half in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..blocks {
+                    if half == 0 {
+                        self.prefetch_next_group(group, b, prefetch_per_block);
+                    }
+                    let weight_scale =
+                        _mm256_cvtph_ps(_mm_loadu_si128(weight_scales.add(b * TILE_COLS + half * 8).cast()));
+                    let mut sums = [_mm256_setzero_si256(); R];
+                    for chunk in 0..8 {
+                        let stored = _mm256_loadu_si256(tiles.add((b * 8 + chunk) * 64 + half * 32).cast());
+                        // Stored + 128: flipping the top bit gives the signed weight.
+                        let weights = _mm256_xor_si256(stored, offset);
+                        let magnitudes = _mm256_sign_epi8(weights, weights);
+                        for (row, sum) in sums.iter_mut().enumerate() {
+                            let at = x.quants.as_ptr().add((first + row) * self.cols + b * BLOCK + chunk * 4);
+                            let input = _mm256_set1_epi32(std::ptr::read_unaligned(at as *const i32));
+                            // |w| · (x · sign w): pairs stay within i16 (2 × 128 × 127).
+                            let pairs = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(input, weights));
+                            *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                        }
+                    }
+                    for (row, (acc, sum)) in acc.iter_mut().zip(sums).enumerate() {
+                        let scale = _mm256_mul_ps(
+                            weight_scale,
+                            _mm256_set1_ps(*x.scales.get_unchecked((first + row) * blocks + b)),
+                        );
+                        *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sum), *acc);
+                    }
+                }
+                for (row, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.add((first + row) * self.rows + group * TILE_COLS + half * 8), *acc);
+                }
+            }
+        }
+    }
+
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn group(&self, _group: usize, _x: &Activations<'_>, _out: *mut f32) {
         unreachable!("PackedQ8_0::supported() is false off x86_64")
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn group(&self, _group: usize, _x: &Activations<'_>, _out: *mut f32) {
+    unsafe fn group_avx2(&self, _group: usize, _x: &Activations<'_>, _out: *mut f32) {
         unreachable!("PackedQ8_0::supported() is false off x86_64")
+    }
+}
+
+/// The instruction set a matmul runs with, the widest this CPU has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Avx512Vnni,
+    Avx2,
+}
+
+impl Kernel {
+    fn detect() -> Option<Kernel> {
+        static DETECTED: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| Kernel::available().first().copied())
+    }
+
+    /// Every kernel this CPU runs, widest first.
+    fn available() -> Vec<Kernel> {
+        let mut kernels = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                kernels.push(Kernel::Avx512Vnni);
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                kernels.push(Kernel::Avx2);
+            }
+        }
+        kernels
+    }
+
+    /// # Safety
+    /// The CPU runs `self`; `quants` holds `x.len()` values and `scales`
+    /// one per 32.
+    unsafe fn quantize_rows(self, x: &[f32], quants: &mut [i8], scales: &mut [f32]) {
+        // SAFETY: the caller's.
+        unsafe {
+            match self {
+                Kernel::Avx512Vnni => quantize_rows(x, quants, scales),
+                Kernel::Avx2 => quantize_rows_avx2(x, quants, scales),
+            }
+        }
     }
 }
 
@@ -348,8 +492,41 @@ unsafe fn quantize_rows(x: &[f32], quants: &mut [i8], scales: &mut [f32]) {
     }
 }
 
+/// [`quantize_rows`] with AVX2, as llama.cpp's AVX2 `quantize_row_q8_0`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_rows_avx2(x: &[f32], quants: &mut [i8], scales: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for ((values, out), scale) in x.chunks_exact(BLOCK).zip(quants.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()) {
+        // SAFETY: each chunk holds exactly 32 values / 32 bytes.
+        unsafe {
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(values.as_ptr().add(i * 8)));
+            let sign = _mm256_set1_ps(-0.0);
+            let abs = |v: __m256| _mm256_andnot_ps(sign, v);
+            let max = _mm256_max_ps(_mm256_max_ps(abs(v[0]), abs(v[1])), _mm256_max_ps(abs(v[2]), abs(v[3])));
+            let max = _mm_max_ps(_mm256_extractf128_ps::<1>(max), _mm256_castps256_ps128(max));
+            let max = _mm_max_ps(max, _mm_movehl_ps(max, max));
+            let amax = _mm_cvtss_f32(_mm_max_ss(max, _mm_movehdup_ps(max)));
+            let inverse = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            *scale = f16::from_f32(amax / 127.0).to_f32();
+            let inverse = _mm256_set1_ps(inverse);
+            // The default MXCSR rounding is to nearest, ties to even.
+            let ints: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse)));
+            // The packs work per 128-bit lane; the permute puts the bytes back in order.
+            let bytes = _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3]));
+            let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, bytes);
+        }
+    }
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn quantize_rows(_x: &[f32], _quants: &mut [i8], _scales: &mut [f32]) {
+    unreachable!("PackedQ8_0::supported() is false off x86_64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn quantize_rows_avx2(_x: &[f32], _quants: &mut [i8], _scales: &mut [f32]) {
     unreachable!("PackedQ8_0::supported() is false off x86_64")
 }
 
@@ -367,24 +544,23 @@ mod tests {
 
     #[test]
     fn activations_quantize_as_llama_cpp_ties_to_even() {
-        if !PackedQ8_0::supported() {
-            return;
-        }
         // amax 127 makes the multiplier exactly 1, so the halves are ties.
-        let mut x: Vec<f32> = (0..64).map(|i| (i as f32 - 31.5) * 0.77).collect();
+        let mut x: Vec<f32> = (0..96).map(|i| (i as f32 - 31.5) * 0.77).collect();
         x[..8].copy_from_slice(&[127.0, 2.5, -3.5, 0.5, -0.5, 1.5, 126.5, -2.5]);
-        x[40..].iter_mut().for_each(|v| *v = 0.0);
-        let (mut quants, mut scales) = (vec![0i8; 64], vec![0f32; 2]);
-        // SAFETY: the CPU supports the kernel (checked above).
-        unsafe { quantize_rows(&x, &mut quants, &mut scales) };
-        for (b, values) in x.chunks_exact(BLOCK).enumerate() {
-            let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let inverse = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            assert_eq!(scales[b], f16::from_f32(amax / 127.0).to_f32());
-            let expected: Vec<i8> = values.iter().map(|v| (v * inverse).round_ties_even() as i8).collect();
-            assert_eq!(quants[b * BLOCK..(b + 1) * BLOCK], expected[..], "block {b}");
+        x[40..64].iter_mut().for_each(|v| *v = 0.0);
+        for kernel in Kernel::available() {
+            let (mut quants, mut scales) = (vec![0i8; 96], vec![0f32; 3]);
+            // SAFETY: the CPU runs every available kernel.
+            unsafe { kernel.quantize_rows(&x, &mut quants, &mut scales) };
+            for (b, values) in x.chunks_exact(BLOCK).enumerate() {
+                let amax = values.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let inverse = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+                assert_eq!(scales[b], f16::from_f32(amax / 127.0).to_f32(), "{kernel:?}");
+                let expected: Vec<i8> = values.iter().map(|v| (v * inverse).round_ties_even() as i8).collect();
+                assert_eq!(quants[b * BLOCK..(b + 1) * BLOCK], expected[..], "{kernel:?} block {b}");
+            }
+            assert_eq!(quants[..8], [127, 2, -4, 0, 0, 2, 126, -2], "{kernel:?}");
         }
-        assert_eq!(quants[..8], [127, 2, -4, 0, 0, 2, 126, -2]);
     }
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::{Device, Module, Tensor};
@@ -395,7 +571,9 @@ mod tests {
             return;
         }
         let (rows, cols) = (48, 96);
-        let weights: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 300.0).collect();
+        let mut weights: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 300.0).collect();
+        // Zeros and the extremes of a block (±127 after quantization).
+        weights[..4].copy_from_slice(&[0.0, 1.7, -1.7, 0.0]);
         let weight =
             QTensor::quantize(&Tensor::from_vec(weights, (rows, cols), &Device::Cpu).unwrap(), GgmlDType::Q8_0)
                 .unwrap();
@@ -404,7 +582,7 @@ mod tests {
             PackedQ8_0::read(&mut std::io::Cursor::new(weight.data().unwrap()), rows, cols).unwrap().unwrap();
         assert_eq!((streamed.tiles.clone(), streamed.scales.clone()), (packed.tiles.clone(), packed.scales.clone()));
         let reference = QMatMul::from_qtensor(weight).unwrap();
-        for m in [1usize, 3, 8, 13] {
+        for m in [1usize, 3, 5, 8, 13] {
             let x: Vec<f32> = (0..m * cols).map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 111.0).collect();
             let expected = reference
                 .forward(&Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap())
@@ -413,15 +591,20 @@ mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            let mut out = vec![0f32; m * rows];
-            packed.matmul(&x, m, &mut out);
-            for (a, b) in out.iter().zip(&expected) {
-                assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "m={m}: {a} vs {b}");
+            let mut by_kernel = Vec::new();
+            for kernel in Kernel::available() {
+                let mut out = vec![0f32; m * rows];
+                packed.matmul_with(kernel, &x, m, &mut out);
+                for (a, b) in out.iter().zip(&expected) {
+                    assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{kernel:?} m={m}: {a} vs {b}");
+                }
+                // Row 0 is the same alone as in a batch.
+                let mut alone = vec![0f32; rows];
+                packed.matmul_with(kernel, &x[..cols], 1, &mut alone);
+                assert_eq!(alone[..], out[..rows], "{kernel:?}");
+                by_kernel.push(out);
             }
-            // Row 0 is the same alone as in a batch.
-            let mut alone = vec![0f32; rows];
-            packed.matmul(&x[..cols], 1, &mut alone);
-            assert_eq!(alone[..], out[..rows]);
+            assert!(by_kernel.windows(2).all(|pair| pair[0] == pair[1]), "every kernel gives the same bits");
         }
         let mut row = Vec::new();
         packed.dequantize_row(5, &mut row);
