@@ -296,7 +296,11 @@ def main():
         theirs_server.process.terminate()
         theirs_server.process.wait(timeout=30)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    meta = (f"Gemma 3 270M Q4_K_M, {args.threads} threads, {os.cpu_count()} cores ({cpu}); "
+    # The kernels differ by instruction set (AVX-512 VNNI or AVX2), and the
+    # same model name covers both.
+    flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
+    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
+    meta = (f"Gemma 3 270M Q4_K_M, {args.threads} threads, {os.cpu_count()} cores ({cpu}, {isa}); "
             f"llama-cpp-python server, extra buffer types off; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     write_results(args.out, ours, theirs, meta, levels)
     print(open(os.path.join(args.out, "engine.md")).read())

@@ -440,6 +440,9 @@ fn step(model: &ChatModel, groups: &mut [Group]) {
         let mut segments = [segment];
         match forward(&mut segments) {
             Ok(more) => {
+                // Exactly: the rows are a MiB each, and doubling the buffer
+                // for one more would hold up to a full batch of them twice.
+                rows.reserve_exact(more.len());
                 rows.extend(more);
                 slots.push(slot);
             }

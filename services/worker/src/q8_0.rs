@@ -121,7 +121,12 @@ impl PackedQ8_0 {
         if parts.iter().any(|p| p.cols != cols) {
             return None;
         }
-        let mut stacked = PackedQ8_0 { rows: 0, cols, tiles: Vec::new(), scales: Vec::new() };
+        let mut stacked = PackedQ8_0 {
+            rows: 0,
+            cols,
+            tiles: Vec::with_capacity(parts.iter().map(|p| p.tiles.len()).sum()),
+            scales: Vec::with_capacity(parts.iter().map(|p| p.scales.len()).sum()),
+        };
         for part in parts {
             stacked.rows += part.rows;
             stacked.tiles.extend_from_slice(&part.tiles);
@@ -337,8 +342,12 @@ impl PackedQ8_0 {
             let (tiles, weight_scales) = self.group_weights(group);
             let mut r = 0;
             while r < x.m {
-                let step = (x.m - r).min(4);
+                let step = match x.m - r {
+                    left if left >= 8 => 8,
+                    left => left.min(4),
+                };
                 match step {
+                    8 => self.rows_of_group_avx2::<8>(group, r, tiles, weight_scales, x, out),
                     4 => self.rows_of_group_avx2::<4>(group, r, tiles, weight_scales, x, out),
                     3 => self.rows_of_group_avx2::<3>(group, r, tiles, weight_scales, x, out),
                     2 => self.rows_of_group_avx2::<2>(group, r, tiles, weight_scales, x, out),
