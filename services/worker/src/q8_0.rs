@@ -214,6 +214,16 @@ impl PackedQ8_0 {
         (self.cols * TILE_COLS, self.cols / BLOCK * TILE_COLS * size_of::<f16>())
     }
 
+    /// Cache lines of the next group to prefetch per block: all of them
+    /// while the group's first rows run (`first` 0), none after.
+    fn prefetch_per_block(&self, first: usize) -> usize {
+        let (tile_bytes, scale_bytes) = self.group_bytes();
+        match first {
+            0 => (tile_bytes + scale_bytes).div_ceil(CACHE_LINE * (self.cols / BLOCK)),
+            _ => 0,
+        }
+    }
+
     /// Pulls the next group's tiles and scales into cache while the first
     /// rows of this group compute, `per_block` cache lines per block.
     /// Without it the weights stream in while the first rows run and the
@@ -247,14 +257,7 @@ impl PackedQ8_0 {
         // inside the rows of `x` and `out` (checked by `matmul`).
         unsafe {
             let (tiles, weight_scales) = self.group_weights(group);
-            let mut r = 0;
-            while r < x.m {
-                // Up to eight rows at once share each weight load and give
-                // the core independent chains.
-                let step = match x.m - r {
-                    left if left >= 8 => 8,
-                    left => left.min(4),
-                };
+            for (r, step) in row_runs(x.m) {
                 match step {
                     8 => self.rows_of_group::<8>(group, r, tiles, weight_scales, x, out),
                     4 => self.rows_of_group::<4>(group, r, tiles, weight_scales, x, out),
@@ -262,7 +265,6 @@ impl PackedQ8_0 {
                     2 => self.rows_of_group::<2>(group, r, tiles, weight_scales, x, out),
                     _ => self.rows_of_group::<1>(group, r, tiles, weight_scales, x, out),
                 }
-                r += step;
             }
         }
     }
@@ -285,13 +287,7 @@ impl PackedQ8_0 {
         // Fewer than four rows give the core too few independent chains, so
         // each row then sums even and odd chunks apart.
         let split = R < 4;
-        let prefetch_per_block = match first {
-            0 => {
-                let (tile_bytes, scale_bytes) = self.group_bytes();
-                (tile_bytes + scale_bytes).div_ceil(CACHE_LINE * blocks)
-            }
-            _ => 0,
-        };
+        let prefetch_per_block = self.prefetch_per_block(first);
         unsafe {
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..blocks {
@@ -333,19 +329,14 @@ impl PackedQ8_0 {
     }
 
     /// [`PackedQ8_0::group`] with AVX2: each half of a tile (8 columns)
-    /// in turn, up to four rows at once (16 registers).
+    /// in turn.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn group_avx2(&self, group: usize, x: &Activations<'_>, out: *mut f32) {
         // SAFETY: as in `group`.
         unsafe {
             let (tiles, weight_scales) = self.group_weights(group);
-            let mut r = 0;
-            while r < x.m {
-                let step = match x.m - r {
-                    left if left >= 8 => 8,
-                    left => left.min(4),
-                };
+            for (r, step) in row_runs(x.m) {
                 match step {
                     8 => self.rows_of_group_avx2::<8>(group, r, tiles, weight_scales, x, out),
                     4 => self.rows_of_group_avx2::<4>(group, r, tiles, weight_scales, x, out),
@@ -353,7 +344,6 @@ impl PackedQ8_0 {
                     2 => self.rows_of_group_avx2::<2>(group, r, tiles, weight_scales, x, out),
                     _ => self.rows_of_group_avx2::<1>(group, r, tiles, weight_scales, x, out),
                 }
-                r += step;
             }
         }
     }
@@ -371,13 +361,7 @@ impl PackedQ8_0 {
     ) {
         use std::arch::x86_64::*;
         let blocks = self.cols / BLOCK;
-        let prefetch_per_block = match first {
-            0 => {
-                let (tile_bytes, scale_bytes) = self.group_bytes();
-                (tile_bytes + scale_bytes).div_ceil(CACHE_LINE * blocks)
-            }
-            _ => 0,
-        };
+        let prefetch_per_block = self.prefetch_per_block(first);
         // SAFETY: as in `rows_of_group`.
         unsafe {
             let ones = _mm256_set1_epi16(1);
@@ -428,6 +412,19 @@ impl PackedQ8_0 {
     unsafe fn group_avx2(&self, _group: usize, _x: &Activations<'_>, _out: *mut f32) {
         unreachable!("PackedQ8_0::supported() is false off x86_64")
     }
+}
+
+/// Rows as `(first, count)` runs that share each weight load: eights
+/// while they last (each row an independent chain for the core), then at
+/// most four.
+fn row_runs(m: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut first = 0;
+    std::iter::from_fn(move || {
+        let left = m.checked_sub(first).filter(|left| *left > 0)?;
+        let count = if left >= 8 { 8 } else { left.min(4) };
+        first += count;
+        Some((first - count, count))
+    })
 }
 
 /// The instruction set a matmul runs with, the widest this CPU has.
