@@ -267,8 +267,47 @@ pub async fn bench(args: BenchArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// When each token of one stream arrived, in seconds from an arbitrary origin.
+fn token_arrivals(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<
+        Result<infermesh_worker::engine::Event, infermesh_worker::WorkerError>,
+    >,
+) -> Result<Vec<f64>, infermesh_worker::WorkerError> {
+    use infermesh_worker::engine::Event;
+    let origin = bench_origin();
+    let mut arrivals = Vec::new();
+    while let Some(event) = events.blocking_recv() {
+        match event? {
+            Event::Delta { token_ids, .. } => {
+                let at = origin.elapsed().as_secs_f64();
+                arrivals.extend(std::iter::repeat_n(at, token_ids.len()));
+            }
+            Event::Finished { .. } => break,
+        }
+    }
+    Ok(arrivals)
+}
+
+fn bench_origin() -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// Aggregate decode rate while every stream is decoding: tokens that
+/// arrived after the last stream's first token and up to the first
+/// stream's last one, over that window. Prefills (each stream's first
+/// token) fall outside it, as they do for one stream's decode rate, which
+/// is this with one stream. `None` without such a window.
+fn steady_decode_rate(arrivals: &[Vec<f64>]) -> Option<f64> {
+    let all_decoding = arrivals.iter().map(|a| a.first().copied()).collect::<Option<Vec<f64>>>()?;
+    let from = all_decoding.into_iter().fold(f64::NEG_INFINITY, f64::max);
+    let until = arrivals.iter().filter_map(|a| a.last().copied()).fold(f64::INFINITY, f64::min);
+    let tokens = arrivals.iter().flatten().filter(|t| **t > from && **t <= until).count();
+    (until > from).then(|| tokens as f64 / (until - from))
+}
+
 fn bench_engine(args: &BenchArgs) -> Result<String, infermesh_worker::WorkerError> {
-    use infermesh_worker::engine::{BatchLimits, Batcher, Event, GenerationParams, Job, Load, PREFILL_CHUNK};
+    use infermesh_worker::engine::{BatchLimits, Batcher, GenerationParams, Job, Load, PREFILL_CHUNK};
     let (chat_path, _) = infermesh_worker::prepare_models(&args.worker)?;
     let device = infermesh_worker::engine::device();
     let load_started = Instant::now();
@@ -302,29 +341,47 @@ fn bench_engine(args: &BenchArgs) -> Result<String, infermesh_worker::WorkerErro
     let batcher = Batcher::start(chat.clone(), limits, std::sync::Arc::new(Load::default()));
     for &streams in &args.streams {
         let started = Instant::now();
-        let mut receivers = Vec::new();
+        let mut listeners = Vec::new();
         for i in 0..streams {
             let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
             let params = GenerationParams { max_tokens: args.tokens, ignore_eos: true, ..GenerationParams::default() };
             let prompt = chat.text_prompt(&format!("Story {i}: once upon a time"))?;
             batcher.submit(Job { prompt, params, events })?;
-            receivers.push(receiver);
+            listeners.push(std::thread::spawn(move || token_arrivals(receiver)));
         }
-        let mut generated = 0usize;
-        for mut receiver in receivers {
-            while let Some(event) = receiver.blocking_recv() {
-                if let Event::Finished { completion_tokens, .. } = event? {
-                    generated += completion_tokens;
-                    break;
-                }
-            }
+        let mut arrivals = Vec::with_capacity(streams);
+        for listener in listeners {
+            let stream =
+                listener.join().map_err(|_| infermesh_worker::WorkerError::Model("listener panicked".into()))?;
+            arrivals.push(stream?);
         }
         let elapsed = started.elapsed().as_secs_f64();
+        let generated: usize = arrivals.iter().map(Vec::len).sum();
+        let steady = steady_decode_rate(&arrivals).unwrap_or(f64::NAN);
         report += &format!(
-            "{streams:>2} streams: {generated} tokens in {elapsed:.2} s = {:.1} tokens/s aggregate, {:.1} ms per token per stream\n",
+            "{streams:>2} streams: {generated} tokens in {elapsed:.2} s = {:.1} tokens/s with prefill; \
+             {steady:.1} tokens/s decoding, {:.1} ms per token per stream\n",
             generated as f64 / elapsed,
-            elapsed * 1000.0 / args.tokens as f64
+            streams as f64 * 1000.0 / steady,
         );
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::steady_decode_rate;
+
+    #[test]
+    fn steady_rate_counts_only_while_every_stream_decodes() {
+        // The second stream's prefill ends at 1.0 and the first stream
+        // finishes at 3.0: between them, 4 + 4 tokens in 2 s.
+        let first = vec![0.1, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0];
+        let second = vec![1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0];
+        assert_eq!(steady_decode_rate(&[first.clone(), second]), Some(4.0));
+        // One stream: its tokens after the first, over first to last.
+        assert_eq!(steady_decode_rate(&[first]), Some(6.0 / 2.9));
+        assert_eq!(steady_decode_rate(&[vec![1.0], vec![2.0]]), None);
+        assert_eq!(steady_decode_rate(&[vec![], vec![2.0, 3.0]]), None);
+    }
 }

@@ -186,15 +186,17 @@ impl PackedQ8_0 {
         }
     }
 
-    /// `out[m, rows] = x[m, cols] · weightᵀ`.
-    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+    /// `x[m, cols] · weightᵀ`, `[m, rows]`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let Some(kernel) = Kernel::detect() else { unreachable!("PackedQ8_0::supported() gated construction") };
-        self.matmul_with(kernel, x, m, out);
+        self.matmul_with(kernel, x, m)
     }
 
-    fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) {
+    fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.cols, "activation shape");
-        assert_eq!(out.len(), m * self.rows, "output shape");
+        // Not zeroed first: every value is written below, and zeroing the
+        // 8 MiB of logits for 8 rows cost as much as sampling them.
+        let mut out = Vec::with_capacity(m * self.rows);
         let blocks = self.cols / BLOCK;
         let mut quants = vec![0i8; m * self.cols];
         let mut scales = vec![0f32; m * blocks];
@@ -214,7 +216,7 @@ impl PackedQ8_0 {
                     .collect()
             }
         };
-        let out_ptr = SharedOut(out.as_mut_ptr());
+        let out_ptr = SharedOut(out.spare_capacity_mut().as_mut_ptr().cast::<f32>());
         let groups = self.rows / TILE_COLS;
         let activations = Activations { quants: &quants, scales: &scales, offsets: &offsets, m };
         barrier_pool().execute_chunked(groups, |range| {
@@ -230,6 +232,10 @@ impl PackedQ8_0 {
                 }
             }
         });
+        // SAFETY: the groups cover every one of the `rows` columns of each
+        // of the `m` rows, and each wrote all 16 of its columns.
+        unsafe { out.set_len(m * self.rows) };
+        out
     }
 
     /// Where group `group`'s tiles and block scales start.
@@ -742,14 +748,12 @@ mod tests {
             let mut by_kernel = Vec::new();
             for kernel in Kernel::available() {
                 for weights in [&packed, &restored] {
-                    let mut out = vec![0f32; m * rows];
-                    weights.matmul_with(kernel, &x, m, &mut out);
+                    let out = weights.matmul_with(kernel, &x, m);
                     for (a, b) in out.iter().zip(&expected) {
                         assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{kernel:?} m={m}: {a} vs {b}");
                     }
                     // Row 0 is the same alone as in a batch.
-                    let mut alone = vec![0f32; rows];
-                    weights.matmul_with(kernel, &x[..cols], 1, &mut alone);
+                    let alone = weights.matmul_with(kernel, &x[..cols], 1);
                     assert_eq!(alone[..], out[..rows], "{kernel:?}");
                     by_kernel.push(out);
                 }

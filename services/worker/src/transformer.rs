@@ -211,9 +211,7 @@ impl Linear {
 fn packed_matmul(packed: &PackedQ8_0, x: &Tensor) -> candle_core::Result<Vec<f32>> {
     let rows = x.elem_count() / x.dim(D::Minus1)?;
     let input = x.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; rows * packed.rows()];
-    packed.matmul(&input, rows, &mut out);
-    Ok(out)
+    Ok(packed.matmul(&input, rows))
 }
 
 /// Projections of one input (q/k/v, gate/up). Where every part is a
