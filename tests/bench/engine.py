@@ -273,7 +273,7 @@ def write_results(out_dir, ours, theirs, meta, levels):
         left.plot(levels, [data["concurrency"][s]["aggregate_tps"] for s in levels], marker="o", label=name)
         right.plot(levels, [data["concurrency"][s]["latency_s_mean"] for s in levels], marker="o", label=name)
     left.set(xlabel="concurrent streams", ylabel="aggregate decode tokens/s", title="Throughput")
-    right.set(xlabel="concurrent streams", ylabel="mean request latency, 64 tokens (s)", title="Latency per request")
+    right.set(xlabel="concurrent streams", ylabel=f"mean request latency, {CONCURRENT_TOKENS} tokens (s)", title="Latency per request")
     for ax in (left, right):
         ax.set_xticks(levels)
         ax.grid(alpha=0.3)
