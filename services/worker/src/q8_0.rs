@@ -112,7 +112,7 @@ impl PackedQ8_0 {
                     scales[tile * TILE_COLS + lane] = f16::from_le_bytes([block[0], block[1]]);
                     for (i, q) in block[2..].iter().enumerate() {
                         let (chunk, within) = (i / 4, i % 4);
-                        narrow &= WeightRange::NARROW.contains(&(*q as i8));
+                        narrow &= WeightRange::NARROW_VALUES.contains(&(*q as i8));
                         tiles[((tile * 8 + chunk) * TILE_COLS + lane) * 4 + within] =
                             q.wrapping_add(WeightRange::Full.offset());
                     }
@@ -630,7 +630,7 @@ enum WeightRange {
 }
 
 impl WeightRange {
-    const NARROW: std::ops::RangeInclusive<i8> = -16..=15;
+    const NARROW_VALUES: std::ops::RangeInclusive<i8> = -16..=15;
 
     fn offset(self) -> u8 {
         match self {
@@ -700,7 +700,7 @@ mod tests {
                 raw.extend((0..BLOCK).map(|i| match row {
                     0 => 15,
                     1 => -16i8 as u8,
-                    _ => ((row * 31 + block * 7 + i * 13) % 32) as u8 - 16,
+                    _ => (((row * 31 + block * 7 + i * 13) % 32) as i8 - 16) as u8,
                 }));
             }
         }
