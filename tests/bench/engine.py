@@ -36,9 +36,9 @@ import time
 import urllib.request
 
 MODEL_ID = "infermesh/gemma-3-270m"
-# Gemma's end-of-generation tokens: banned so every stream runs to max_tokens.
 # Tokens each concurrent stream asks for, as many as the single-stream decode run.
 CONCURRENT_TOKENS = 128
+# Gemma's end-of-generation tokens: banned so every stream runs to max_tokens.
 BAN_EOS = {"1": -100, "106": -100}
 FILLER = (
     "The history of the city begins with a small settlement on an island in the river, where fishermen "
