@@ -267,14 +267,14 @@ pub async fn bench(args: BenchArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-/// When each token of one stream arrived, in seconds from an arbitrary origin.
+/// When each token of one stream arrived, in seconds after `origin`.
 fn token_arrivals(
+    origin: Instant,
     mut events: tokio::sync::mpsc::UnboundedReceiver<
         Result<infermesh_worker::engine::Event, infermesh_worker::WorkerError>,
     >,
 ) -> Result<Vec<f64>, infermesh_worker::WorkerError> {
     use infermesh_worker::engine::Event;
-    let origin = bench_origin();
     let mut arrivals = Vec::new();
     while let Some(event) = events.blocking_recv() {
         match event? {
@@ -286,11 +286,6 @@ fn token_arrivals(
         }
     }
     Ok(arrivals)
-}
-
-fn bench_origin() -> Instant {
-    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *ORIGIN.get_or_init(Instant::now)
 }
 
 /// Aggregate decode rate while every stream is decoding: tokens that
@@ -347,7 +342,7 @@ fn bench_engine(args: &BenchArgs) -> Result<String, infermesh_worker::WorkerErro
             let params = GenerationParams { max_tokens: args.tokens, ignore_eos: true, ..GenerationParams::default() };
             let prompt = chat.text_prompt(&format!("Story {i}: once upon a time"))?;
             batcher.submit(Job { prompt, params, events })?;
-            listeners.push(std::thread::spawn(move || token_arrivals(receiver)));
+            listeners.push(std::thread::spawn(move || token_arrivals(started, receiver)));
         }
         let mut arrivals = Vec::with_capacity(streams);
         for listener in listeners {
