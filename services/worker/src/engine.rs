@@ -208,13 +208,19 @@ impl Choice {
     /// Samples the next token from this choice's logits and turns it into
     /// events.
     fn advance(&mut self, logits: &mut [f32], model: &ChatModel, params: &GenerationParams) -> Vec<Event> {
-        let raw = params.logprobs.map(|top| (logits.to_vec(), top));
-        let next = self.sampler.sample(logits);
+        let (next, logprob) = pick(&mut self.sampler, logits, params.logprobs);
+        self.accept(next, logprob, model, params)
+    }
+
+    /// Turns the token sampled for this choice into events.
+    fn accept(
+        &mut self,
+        next: u32,
+        logprob: Option<TokenLogprob>,
+        model: &ChatModel,
+        params: &GenerationParams,
+    ) -> Vec<Event> {
         self.generated += 1;
-        let logprob = raw.map(|(raw, top)| {
-            let (chosen, top) = logprobs(&raw, next, top);
-            TokenLogprob { chosen, top }
-        });
         let mut events = Vec::new();
         if !params.ignore_eos && model.tokenizer.end_of_generation().contains(&next) {
             self.pending_logprobs.extend(logprob);
@@ -242,6 +248,42 @@ impl Choice {
         self.last = next;
         events
     }
+}
+
+/// The next token from `logits`, with its log-probability and `top`
+/// alternatives when asked for (computed before sampling adjusts them).
+fn pick(sampler: &mut Sampler, logits: &mut [f32], top: Option<usize>) -> (u32, Option<TokenLogprob>) {
+    let raw = top.map(|top| (logits.to_vec(), top));
+    let next = sampler.sample(logits);
+    let logprob = raw.map(|(raw, top)| {
+        let (chosen, top) = logprobs(&raw, next, top);
+        TokenLogprob { chosen, top }
+    });
+    (next, logprob)
+}
+
+/// [`pick`] for every decoding choice at once, across the thread pool:
+/// a pass over 262,144 logits (and the exponentials of a temperature
+/// draw) per sequence would otherwise run on this thread alone while the
+/// pool waits. `rows` holds their logits in the order of `choices`.
+fn pick_all(choices: Vec<(&mut Sampler, Option<usize>)>, rows: &mut [f32]) -> Vec<(u32, Option<TokenLogprob>)> {
+    if choices.is_empty() {
+        return Vec::new();
+    }
+    let vocab = rows.len() / choices.len();
+    let work: Vec<_> = choices
+        .into_iter()
+        .zip(rows.chunks_exact_mut(vocab))
+        .map(|((sampler, top), logits)| std::sync::Mutex::new((sampler, logits, top, None)))
+        .collect();
+    candle_core::utils::barrier_pool().execute_chunked(work.len(), |range| {
+        for item in &work[range] {
+            let mut item = item.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (sampler, logits, top, picked) = &mut *item;
+            *picked = Some(pick(sampler, logits, *top));
+        }
+    });
+    work.into_iter().filter_map(|item| item.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner).3).collect()
 }
 
 pub type EventSender = UnboundedSender<Result<Event, WorkerError>>;
@@ -464,6 +506,18 @@ fn step(model: &ChatModel, groups: &mut [Group]) {
     };
     // The output projection's width, which may exceed the tokenizer's.
     let vocab = rows.len() / slots.len().max(1);
+    let decoding = slots.iter().filter(|slot| matches!(slot, Slot::Decode(..))).count();
+    // Decode slots come first, in the order of `groups` and their choices.
+    let samplers = groups
+        .iter_mut()
+        .filter_map(|group| match &mut group.phase {
+            Phase::Decode(choices) => Some((choices, group.job.params.logprobs)),
+            Phase::Prefill { .. } => None,
+        })
+        .flat_map(|(choices, top)| choices.iter_mut().filter(|c| !c.done).map(move |c| (&mut c.sampler, top)))
+        .take(decoding)
+        .collect();
+    let mut picks = pick_all(samplers, &mut rows[..decoding * vocab]).into_iter();
     for (slot, logits) in slots.into_iter().zip(rows.chunks_exact_mut(vocab)) {
         match slot {
             Slot::Prefill(g, end) => {
@@ -491,7 +545,8 @@ fn step(model: &ChatModel, groups: &mut [Group]) {
             Slot::Decode(g, c) => {
                 let group = &mut groups[g];
                 let Phase::Decode(choices) = &mut group.phase else { continue };
-                let events = choices[c].advance(logits, model, &group.job.params);
+                let Some((next, logprob)) = picks.next() else { continue };
+                let events = choices[c].accept(next, logprob, model, &group.job.params);
                 group.send(events);
             }
         }
