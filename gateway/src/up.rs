@@ -246,9 +246,15 @@ pub struct BenchArgs {
     /// Prompt tokens for the prefill measurement.
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
-    /// Tokens each stream decodes (greedy, EOS ignored).
+    /// Tokens each stream decodes (EOS ignored).
     #[arg(long, default_value_t = 128)]
     pub tokens: usize,
+    /// Sampling temperature of every stream; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling's top_p of every stream; 1 is off.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
     /// Concurrent streams to measure, comma-separated.
     #[arg(long, default_value = "1,4,8,16", value_delimiter = ',')]
     pub streams: Vec<usize>,
@@ -303,6 +309,7 @@ fn steady_decode_rate(arrivals: &[Vec<f64>]) -> Option<f64> {
 
 fn bench_engine(args: &BenchArgs) -> Result<String, infermesh_worker::WorkerError> {
     use infermesh_worker::engine::{BatchLimits, Batcher, GenerationParams, Job, Load, PREFILL_CHUNK};
+    use infermesh_worker::sampling::SamplingParams;
     let (chat_path, _) = infermesh_worker::prepare_models(&args.worker)?;
     let device = infermesh_worker::engine::device();
     let load_started = Instant::now();
@@ -339,7 +346,14 @@ fn bench_engine(args: &BenchArgs) -> Result<String, infermesh_worker::WorkerErro
         let mut listeners = Vec::new();
         for i in 0..streams {
             let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
-            let params = GenerationParams { max_tokens: args.tokens, ignore_eos: true, ..GenerationParams::default() };
+            let sampling = SamplingParams {
+                temperature: args.temperature,
+                top_p: args.top_p,
+                seed: i as u64,
+                ..SamplingParams::default()
+            };
+            let params =
+                GenerationParams { max_tokens: args.tokens, ignore_eos: true, sampling, ..GenerationParams::default() };
             let prompt = chat.text_prompt(&format!("Story {i}: once upon a time"))?;
             batcher.submit(Job { prompt, params, events })?;
             listeners.push(std::thread::spawn(move || token_arrivals(started, receiver)));
