@@ -16,6 +16,8 @@ Each server is measured alone (they never share the cores):
   prefill stays out, as it does from one stream's decode rate, which is the
   same measure with one stream. Tokens over the whole run, prefills and
   queueing included, are reported beside it as throughput;
+- the same at 8 streams with temperature 0.7 and top_p 0.9 (sampled from
+  all 262,144 logits: llama.cpp's own top_k, min_p and repeat penalty off);
 - peak RSS of the serving process (VmHWM).
 
 Writes tests/bench/results/engine.md (a markdown table) and engine.png.
@@ -40,6 +42,9 @@ MODEL_ID = "infermesh/gemma-3-270m"
 CONCURRENT_TOKENS = 128
 # Gemma's end-of-generation tokens: banned so every stream runs to max_tokens.
 BAN_EOS = {"1": -100, "106": -100}
+# The sampled run: what chat clients commonly send.
+SAMPLED = {"temperature": 0.7, "top_p": 0.9}
+SAMPLED_STREAMS = 8
 FILLER = (
     "The history of the city begins with a small settlement on an island in the river, where fishermen "
     "and traders built wooden houses and a market. Over the centuries walls were raised, bridges crossed "
@@ -83,15 +88,20 @@ def peak_rss_mib(pid):
 
 
 class Server:
-    def __init__(self, name, base, model, key, process):
+    def __init__(self, name, base, model, key, process, sampling_defaults_off=None):
         self.name, self.base, self.model, self.key, self.process = name, base, model, key, process
+        # Request fields that turn off a server's own sampling defaults.
+        self.sampling_defaults_off = sampling_defaults_off or {}
 
-    def stream(self, prompt, max_tokens):
-        """Streams one completion; returns (start, chunk arrival times, completion tokens)."""
+    def stream(self, prompt, max_tokens, sampling=None):
+        """Streams one completion (greedy unless `sampling` says otherwise);
+        returns (start, chunk arrival times, completion tokens)."""
         body = {
             "model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, "logit_bias": BAN_EOS,
         }
+        if sampling:
+            body.update(self.sampling_defaults_off, **sampling)
         started = time.perf_counter()
         arrivals, tokens = [], None
         with request(f"{self.base}/v1/completions", body, self.key) as response:
@@ -138,7 +148,10 @@ def start_llama(python, gguf, threads, shim_dir):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     wait_for(f"{base}/v1/models")
-    return Server("llama.cpp", base, "gemma", None, process)
+    # llama-cpp-python's completions default to top_k 40, min_p 0.05 and a
+    # 1.1 repeat penalty; OpenAI's (and ours) to none of them.
+    return Server("llama.cpp", base, "gemma", None, process,
+                  sampling_defaults_off={"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0})
 
 
 def long_prompt(server_tokenize, run):
@@ -173,42 +186,46 @@ def measure(server, long_prompts, levels):
         decode_rates.append((tokens - 1) / (arrivals[-1] - arrivals[0]))
     result["decode_tps"] = statistics.median(decode_rates)
 
-    result["concurrency"] = {}
-    for streams in levels:
-        outcomes = [None] * streams
-
-        def one(i):
-            outcomes[i] = server.stream(f"Story {i} of {streams}: once upon a time", CONCURRENT_TOKENS)
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        begin = min(o[0] for o in outcomes)
-        end = max(o[1][-1] for o in outcomes)
-        total = sum(o[2] for o in outcomes)
-        short = [o[2] for o in outcomes if o[2] != CONCURRENT_TOKENS]
-        if short:
-            raise RuntimeError(f"{server.name}: {len(short)} of {streams} streams stopped early: {short}")
-        itls = [(o[1][-1] - o[1][0]) / max(o[2] - 1, 1) * 1000 for o in outcomes]
-        # Every stream decoding: after the last first token, up to the first last token.
-        window = (max(o[1][0] for o in outcomes), min(o[1][-1] for o in outcomes))
-        in_window = sum(1 for o in outcomes for t in o[1] if window[0] < t <= window[1])
-        # A server that queues requests never has them all decoding; then
-        # throughput is all there is to say.
-        together = window[1] > window[0]
-        result["concurrency"][streams] = {
-            "aggregate_tps": in_window / (window[1] - window[0]) if together else total / (end - begin),
-            "all_decoding": together,
-            "throughput_tps": total / (end - begin),
-            "itl_ms_mean": statistics.mean(itls),
-            "itl_ms_max": max(itls),
-            # Request start to last token: what a client waits, queueing included.
-            "latency_s_mean": statistics.mean(o[1][-1] - o[0] for o in outcomes),
-        }
+    result["concurrency"] = {streams: concurrent(server, streams) for streams in levels}
+    result["sampled"] = concurrent(server, SAMPLED_STREAMS, SAMPLED)
     result["peak_rss_mib"] = peak_rss_mib(server.process.pid)
     return result
+
+
+def concurrent(server, streams, sampling=None):
+    """`streams` completions at once, CONCURRENT_TOKENS each."""
+    outcomes = [None] * streams
+
+    def one(i):
+        outcomes[i] = server.stream(f"Story {i} of {streams}: once upon a time", CONCURRENT_TOKENS, sampling)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    begin = min(o[0] for o in outcomes)
+    end = max(o[1][-1] for o in outcomes)
+    total = sum(o[2] for o in outcomes)
+    short = [o[2] for o in outcomes if o[2] != CONCURRENT_TOKENS]
+    if short:
+        raise RuntimeError(f"{server.name}: {len(short)} of {streams} streams stopped early: {short}")
+    itls = [(o[1][-1] - o[1][0]) / max(o[2] - 1, 1) * 1000 for o in outcomes]
+    # Every stream decoding: after the last first token, up to the first last token.
+    window = (max(o[1][0] for o in outcomes), min(o[1][-1] for o in outcomes))
+    in_window = sum(1 for o in outcomes for t in o[1] if window[0] < t <= window[1])
+    # A server that queues requests never has them all decoding; then
+    # throughput is all there is to say.
+    together = window[1] > window[0]
+    return {
+        "aggregate_tps": in_window / (window[1] - window[0]) if together else total / (end - begin),
+        "all_decoding": together,
+        "throughput_tps": total / (end - begin),
+        "itl_ms_mean": statistics.mean(itls),
+        "itl_ms_max": max(itls),
+        # Request start to last token: what a client waits, queueing included.
+        "latency_s_mean": statistics.mean(o[1][-1] - o[0] for o in outcomes),
+    }
 
 
 def write_results(out_dir, ours, theirs, meta, levels):
@@ -230,9 +247,9 @@ def write_results(out_dir, ours, theirs, meta, levels):
     for label, field, fmt in rows:
         a, b = ours[field], theirs[field]
         lines.append(f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f}x |")
+    mark = lambda r: "" if r["all_decoding"] else " †"
     for streams in levels:
         a, b = ours["concurrency"][streams], theirs["concurrency"][streams]
-        mark = lambda r: "" if r["all_decoding"] else " †"
         lines.append(f"| {streams} streams: aggregate decode (tokens/s) | {a['aggregate_tps']:.1f}{mark(a)} | "
                      f"{b['aggregate_tps']:.1f}{mark(b)} | {a['aggregate_tps'] / b['aggregate_tps']:.2f}x |")
         lines.append(f"| {streams} streams: throughput, prefills included (tokens/s) | {a['throughput_tps']:.1f} | "
@@ -241,6 +258,10 @@ def write_results(out_dir, ours, theirs, meta, levels):
                      f"{b['itl_ms_mean']:.1f} | {a['itl_ms_mean'] / b['itl_ms_mean']:.2f}x |")
         lines.append(f"| {streams} streams: request latency, mean (s) | {a['latency_s_mean']:.2f} | "
                      f"{b['latency_s_mean']:.2f} | {a['latency_s_mean'] / b['latency_s_mean']:.2f}x |")
+    a, b = ours["sampled"], theirs["sampled"]
+    sampled = f"{SAMPLED_STREAMS} streams, temperature {SAMPLED['temperature']}, top_p {SAMPLED['top_p']}"
+    lines.append(f"| {sampled}: aggregate decode (tokens/s) | {a['aggregate_tps']:.1f}{mark(a)} | "
+                 f"{b['aggregate_tps']:.1f}{mark(b)} | {a['aggregate_tps'] / b['aggregate_tps']:.2f}x |")
     scaling = ours["concurrency"][levels[-1] if 8 not in levels else 8]["aggregate_tps"] / ours["decode_tps"]
     lines += [
         "",
