@@ -124,48 +124,97 @@ impl Sampler {
         let params = &self.params;
         let inv_t = 1.0 / params.temperature;
         let max = max_of(logits);
-        // Unnormalised probabilities; the likeliest token's is exp(0) = 1.
-        let weights: Vec<f32> = logits.iter().map(|logit| exp_nonpositive((logit - max) * inv_t)).collect();
-        let chosen = if params.min_p <= 0.0 && params.top_k == 0 && params.top_p >= 1.0 {
-            // Every token stays a candidate, in id order: no list to build.
-            self.choose(weights.iter().enumerate().map(|(id, p)| (id as u32, *p)))
-        } else {
-            // Candidates likeliest first where an ordering is needed.
-            let mut candidates: Vec<(u32, f32)> =
-                weights.into_iter().enumerate().filter(|(_, p)| *p > 0.0).map(|(id, p)| (id as u32, p)).collect();
-            if params.min_p > 0.0 {
-                candidates.retain(|(_, p)| *p >= params.min_p);
-            }
-            let by_weight = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-            if params.top_k > 0 && params.top_k < candidates.len() {
+        // Unnormalised probabilities (the likeliest token's is exp(0) = 1),
+        // 0 for the tokens min_p rules out.
+        let weights: Vec<f32> = logits
+            .iter()
+            .map(|logit| {
+                let p = exp_nonpositive((logit - max) * inv_t);
+                if p >= params.min_p { p } else { 0.0 }
+            })
+            .collect();
+        let listed = |floor: f32| -> Vec<(u32, f32)> {
+            let above = weights.iter().enumerate().filter(|(_, p)| **p > 0.0 && **p >= floor);
+            above.map(|(id, p)| (id as u32, *p)).collect()
+        };
+        let by_weight = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let chosen = if params.top_k > 0 {
+            let mut candidates = listed(0.0);
+            if params.top_k < candidates.len() {
                 candidates.select_nth_unstable_by(params.top_k - 1, by_weight);
                 candidates.truncate(params.top_k);
             }
             if params.top_p < 1.0 {
-                let total: f32 = candidates.iter().map(|c| c.1).sum();
+                let total = candidates.iter().map(|c| c.1).sum::<f32>();
                 let keep = nucleus(&mut candidates, params.top_p * total, by_weight);
                 candidates.truncate(keep);
             }
-            self.choose(candidates.into_iter())
+            self.choose(&candidates)
+        } else if params.top_p < 1.0 {
+            let total = sum_of(&weights);
+            // Tokens below this weigh less than 1 - top_p of the total even
+            // all together, so the nucleus lies above them: only those
+            // above are listed (usually a few hundred of 262,144).
+            let mut candidates = listed((1.0 - params.top_p) * total / weights.len() as f32);
+            let keep = nucleus(&mut candidates, params.top_p * total, by_weight);
+            candidates.truncate(keep);
+            self.choose(&candidates)
+        } else {
+            self.choose_in_order(&weights)
         };
         chosen.unwrap_or_else(|| argmax(logits))
     }
 
     /// One of `candidates` drawn in proportion to its weight; `None` when
     /// none has any.
-    fn choose(&mut self, candidates: impl Iterator<Item = (u32, f32)> + Clone) -> Option<u32> {
-        let total: f32 = candidates.clone().map(|c| c.1).sum();
-        let mut target = self.rng.random::<f32>() * total;
-        let mut last = None;
-        for (id, weight) in candidates.filter(|c| c.1 > 0.0) {
-            if target < weight {
-                return Some(id);
-            }
-            target -= weight;
-            last = Some(id);
-        }
-        last
+    fn choose(&mut self, candidates: &[(u32, f32)]) -> Option<u32> {
+        let target = self.rng.random::<f32>() * candidates.iter().map(|c| c.1).sum::<f32>();
+        let at = first_to_exceed(candidates.iter().map(|c| c.1), target).unwrap_or(usize::MAX);
+        candidates.get(at).or_else(|| candidates.iter().rfind(|c| c.1 > 0.0)).map(|c| c.0)
     }
+
+    /// [`Sampler::choose`] among every token, `weights` in id order: a
+    /// block of 256 is walked only where the draw falls.
+    fn choose_in_order(&mut self, weights: &[f32]) -> Option<u32> {
+        const BLOCK: usize = 256;
+        let mut target = self.rng.random::<f32>() * sum_of(weights);
+        for (b, block) in weights.chunks(BLOCK).enumerate() {
+            let mass = sum_of(block);
+            // Rounding may leave the draw just short inside the block; it
+            // then goes on to the next token with any weight.
+            if target < mass
+                && let Some(at) = first_to_exceed(block.iter().copied(), target)
+            {
+                return Some((b * BLOCK + at) as u32);
+            }
+            target -= mass;
+        }
+        weights.iter().rposition(|p| *p > 0.0).map(|id| id as u32)
+    }
+}
+
+/// Where `weights` (walked in order, subtracting each) first exceed `target`.
+fn first_to_exceed(weights: impl Iterator<Item = f32>, mut target: f32) -> Option<usize> {
+    for (at, weight) in weights.enumerate().filter(|(_, w)| *w > 0.0) {
+        if target < weight {
+            return Some(at);
+        }
+        target -= weight;
+    }
+    None
+}
+
+/// The sum over 16 lanes, a form that vectorizes.
+fn sum_of(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = values.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (lane, v) in lanes.iter_mut().zip(chunk) {
+            *lane += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// `e^x` for `x ≤ 0` within a couple of ulp (Cephes' `expf` polynomial),
@@ -261,6 +310,36 @@ pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> (Scored, Vec<Scored>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn draws_follow_the_softmax_and_stay_in_the_nucleus() {
+        // 1,000 tokens (blocks of 256 walked in order), four likely ones.
+        let mut logits = vec![-12.0f32; 1000];
+        let likely = [(3, 2.0), (777, 1.5), (300, 1.0), (999, 0.5)];
+        for (id, logit) in likely {
+            logits[id] = logit;
+        }
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        // top_p 0.8 keeps the first three (0.455 + 0.276 + 0.167 of the mass).
+        for (top_p, kept) in [(1.0, 4), (0.8, 3)] {
+            let mut sampler = Sampler::new(SamplingParams { top_p, ..params(1.0) }, &[]);
+            let mut counts = HashMap::new();
+            let draws = 20_000;
+            for _ in 0..draws {
+                *counts.entry(sampler.sample(&mut logits.clone())).or_insert(0) += 1;
+            }
+            let nucleus: f32 = likely[..kept].iter().map(|(_, l)| l.exp() / z).sum();
+            let tail = if kept == 4 { 1.0 - nucleus } else { 0.0 };
+            for (id, logit) in &likely[..kept] {
+                let expected = logit.exp() / z / (nucleus + tail);
+                let seen = *counts.get(&(*id as u32)).unwrap_or(&0) as f32 / draws as f32;
+                assert!((seen - expected).abs() < 0.015, "top_p {top_p}, token {id}: {seen} vs {expected}");
+            }
+            let outside =
+                draws - likely[..kept].iter().map(|(id, _)| counts.get(&(*id as u32)).unwrap_or(&0)).sum::<i32>();
+            assert!(outside as f32 / draws as f32 <= tail + 0.002, "top_p {top_p}: {outside} draws outside");
+        }
+    }
 
     #[test]
     fn the_nucleus_is_the_prefix_a_full_sort_gives() {
