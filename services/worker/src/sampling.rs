@@ -154,7 +154,7 @@ impl Sampler {
             let total = sum_of(&weights);
             // Tokens below this weigh less than 1 - top_p of the total even
             // all together, so the nucleus lies above them: only those
-            // above are listed (usually a few hundred of 262,144).
+            // above are listed.
             let mut candidates = listed((1.0 - params.top_p) * total / weights.len() as f32);
             let keep = nucleus(&mut candidates, params.top_p * total, by_weight);
             candidates.truncate(keep);
@@ -238,9 +238,9 @@ fn exp_nonpositive(x: f32) -> f32 {
 
 /// How many of the likeliest `candidates` first reach `mass`, with those
 /// moved to the front in order (all of them if none do). Sorting all
-/// 262,144 of Gemma's candidates took ~19 ms a token; a nucleus is usually
-/// a few hundred, so the likeliest are selected first and only they are
-/// sorted, widening the selection until it holds the nucleus.
+/// 262,144 of Gemma's candidates took ~19 ms a token, and a nucleus is
+/// usually far smaller: the likeliest 256 are selected first and only they
+/// are sorted, the selection widening until it holds the nucleus.
 fn nucleus(
     candidates: &mut [(u32, f32)],
     mass: f32,
