@@ -169,8 +169,10 @@ impl Sampler {
     /// none has any.
     fn choose(&mut self, candidates: &[(u32, f32)]) -> Option<u32> {
         let target = self.rng.random::<f32>() * candidates.iter().map(|c| c.1).sum::<f32>();
-        let at = first_to_exceed(candidates.iter().map(|c| c.1), target).unwrap_or(usize::MAX);
-        candidates.get(at).or_else(|| candidates.iter().rfind(|c| c.1 > 0.0)).map(|c| c.0)
+        match first_to_exceed(candidates.iter().map(|c| c.1), target) {
+            Some(at) => Some(candidates[at].0),
+            None => candidates.iter().rfind(|c| c.1 > 0.0).map(|c| c.0),
+        }
     }
 
     /// [`Sampler::choose`] among every token, `weights` in id order: a
