@@ -444,6 +444,8 @@ fn step(model: &ChatModel, groups: &mut [Group]) {
     let mut prefill = None;
     let mut decode_slots = Vec::new();
     let mut decode_segments = Vec::new();
+    // Each decode slot's sampler and logprobs request, in slot order.
+    let mut decode_samplers = Vec::new();
     let mut involved = Vec::new();
     for (g, group) in groups.iter_mut().enumerate() {
         match &mut group.phase {
@@ -462,6 +464,7 @@ fn step(model: &ChatModel, groups: &mut [Group]) {
                     decode_segments
                         .push(Segment { tokens: std::slice::from_ref(&choice.last), cache: &mut choice.cache });
                     decode_slots.push(Slot::Decode(g, c));
+                    decode_samplers.push((&mut choice.sampler, group.job.params.logprobs));
                 }
             }
         }
@@ -506,18 +509,9 @@ fn step(model: &ChatModel, groups: &mut [Group]) {
     };
     // The output projection's width, which may exceed the tokenizer's.
     let vocab = rows.len() / slots.len().max(1);
-    let decoding = slots.iter().filter(|slot| matches!(slot, Slot::Decode(..))).count();
-    // Decode slots come first, in the order of `groups` and their choices.
-    let samplers = groups
-        .iter_mut()
-        .filter_map(|group| match &mut group.phase {
-            Phase::Decode(choices) => Some((choices, group.job.params.logprobs)),
-            Phase::Prefill { .. } => None,
-        })
-        .flat_map(|(choices, top)| choices.iter_mut().filter(|c| !c.done).map(move |c| (&mut c.sampler, top)))
-        .take(decoding)
-        .collect();
-    let mut picks = pick_all(samplers, &mut rows[..decoding * vocab]).into_iter();
+    // The decode slots' rows come first.
+    let decoding = decode_samplers.len() * vocab;
+    let mut picks = pick_all(decode_samplers, &mut rows[..decoding]).into_iter();
     for (slot, logits) in slots.into_iter().zip(rows.chunks_exact_mut(vocab)) {
         match slot {
             Slot::Prefill(g, end) => {
